@@ -1,0 +1,129 @@
+"""Compute model: roofline time of the layer's kernels on one GPU.
+
+A kernel takes ``max(FLOPs / (peak x efficiency), bytes / (HBM x efficiency))``.
+Expert GEMMs are grouped: each local expert's rows are padded to the kernel's row
+alignment, experts that received no token cost nothing, and the time follows the
+tokens each GPU's experts actually received, so routing imbalance becomes time.
+
+Backward passes cost twice the forward GEMM work (input and weight gradients) and
+2.5x the forward attention core (FlashAttention's backward runs five matmuls to the
+forward's two).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moesim.config.hardware import HardwareSpec
+from moesim.config.model import ModelShape
+
+BACKWARD_GEMM = 2.0
+BACKWARD_ATTENTION_CORE = 2.5
+ACT_BYTES = 2  # activations and gradients travel in BF16
+
+
+def dtype_bytes(dtype: str) -> int:
+    return 1 if dtype == "fp8" else 2
+
+
+def _roofline(flops, nbytes, peak: float, eff: float, hw: HardwareSpec):
+    return np.maximum(flops / (peak * eff), nbytes / (hw.hbm_GBps * 1e9 * hw.memory_efficiency))
+
+
+def attention_projection_params(m: ModelShape) -> int:
+    """Weights of the attention projections (Q, K, V, O or MLA's low-rank factors)."""
+    h = m.hidden_size
+    if m.attention == "mla":
+        qk_dim = m.qk_nope_head_dim + m.qk_rope_head_dim
+        q = h * m.q_lora_rank + m.q_lora_rank * m.num_heads * qk_dim if m.q_lora_rank \
+            else h * m.num_heads * qk_dim
+        kv = h * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank * m.num_heads * (
+            m.qk_nope_head_dim + m.v_head_dim)
+        return q + kv + m.num_heads * m.v_head_dim * h
+    kv_heads = m.num_kv_heads if m.attention == "gqa" else m.num_heads
+    return h * m.head_dim * (2 * m.num_heads + 2 * kv_heads)
+
+
+def _qk_v_dims(m: ModelShape) -> tuple[int, int]:
+    if m.attention == "mla":
+        return m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim
+    return m.head_dim, m.head_dim
+
+
+def attention_core_flops(m: ModelShape, tokens: int, seq_len: int) -> float:
+    """Causal attention scores and values: each token sees (seq_len + 1) / 2 keys."""
+    qk, v = _qk_v_dims(m)
+    context = (seq_len + 1) / 2
+    return 2.0 * tokens * context * m.num_heads * (qk + v)
+
+
+def attention_seconds(
+    m: ModelShape, hw: HardwareSpec, *, tokens: int, seq_len: int, backward: bool = False
+) -> float:
+    params = attention_projection_params(m)
+    proj_flops = 2.0 * tokens * params
+    proj_bytes = params * dtype_bytes(m.gemm_dtype) + tokens * m.hidden_size * 2 * ACT_BYTES
+    core_flops = attention_core_flops(m, tokens, seq_len)
+    qk, v = _qk_v_dims(m)
+    core_bytes = tokens * m.num_heads * (2 * qk + 2 * v) * ACT_BYTES
+    gemm_x = BACKWARD_GEMM if backward else 1.0
+    core_x = BACKWARD_ATTENTION_CORE if backward else 1.0
+    proj = _roofline(gemm_x * proj_flops, gemm_x * proj_bytes, hw.peak_flops(m.gemm_dtype),
+                     hw.gemm_efficiency, hw)
+    core = _roofline(core_x * core_flops, core_x * core_bytes, hw.peak_flops("bf16"),
+                     hw.attention_efficiency, hw)
+    return float(proj + core)
+
+
+def ffn_flops(m: ModelShape, tokens, intermediate: int):
+    """SwiGLU FFN: gate, up and down projections."""
+    return 2.0 * 3 * tokens * m.hidden_size * intermediate
+
+
+def _ffn_bytes(m: ModelShape, rows, intermediate: int, active_experts):
+    wb = dtype_bytes(m.gemm_dtype)
+    weights = 3 * m.hidden_size * intermediate * wb * active_experts
+    acts = rows * (m.hidden_size * (wb + ACT_BYTES) + intermediate * (2 * ACT_BYTES + wb))
+    return weights + acts
+
+
+def ffn_seconds(
+    m: ModelShape, hw: HardwareSpec, *, tokens: int, intermediate: int, backward: bool = False
+) -> float:
+    """A dense SwiGLU FFN (dense layers, shared experts) on ``tokens`` tokens."""
+    if tokens == 0 or intermediate == 0:
+        return 0.0
+    x = BACKWARD_GEMM if backward else 1.0
+    return float(_roofline(x * ffn_flops(m, tokens, intermediate),
+                           x * _ffn_bytes(m, tokens, intermediate, 1),
+                           hw.peak_flops(m.gemm_dtype), hw.gemm_efficiency, hw))
+
+
+def grouped_expert_seconds(
+    m: ModelShape, hw: HardwareSpec, tokens_ge: np.ndarray, *, backward: bool = False
+) -> np.ndarray:
+    """Grouped-GEMM time per GPU [G] for ``tokens_ge`` [G, local experts] assignments."""
+    align = hw.grouped_gemm_align
+    rows_ge = -(-tokens_ge // align) * align
+    rows_g = rows_ge.sum(axis=1)
+    active_g = (tokens_ge > 0).sum(axis=1)
+    x = BACKWARD_GEMM if backward else 1.0
+    flops = x * ffn_flops(m, rows_g, m.moe_intermediate_size)
+    nbytes = x * _ffn_bytes(m, rows_g, m.moe_intermediate_size, active_g)
+    return _roofline(flops, nbytes, hw.peak_flops(m.gemm_dtype), hw.gemm_efficiency, hw)
+
+
+def lm_head_seconds(m: ModelShape, hw: HardwareSpec, *, tokens: int, backward: bool = False):
+    x = BACKWARD_GEMM if backward else 1.0
+    flops = x * 2.0 * tokens * m.hidden_size * m.vocab_size
+    nbytes = x * (m.hidden_size * m.vocab_size * 2 + tokens * (m.hidden_size + m.vocab_size) * 2)
+    return float(_roofline(flops, nbytes, hw.peak_flops("bf16"), hw.gemm_efficiency, hw))
+
+
+def model_flops_per_token(m: ModelShape, seq_len: int) -> float:
+    """Useful forward FLOPs of one token through the whole model (no padding)."""
+    attn = 2.0 * attention_projection_params(m) + attention_core_flops(m, 1, seq_len)
+    dense = ffn_flops(m, 1, m.dense_intermediate_size)
+    moe = ffn_flops(m, 1, m.moe_intermediate_size) * (m.top_k + m.shared_experts)
+    head = 2.0 * m.hidden_size * m.vocab_size
+    return m.num_layers * attn + m.first_dense_layers * dense + m.moe_layers * moe + head

@@ -1,0 +1,39 @@
+"""HardwareSpec: one GPU's compute and memory. Interconnects live in the topology."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+
+from moesim.config._base import STRICT
+
+Fraction = Field(gt=0.0, le=1.0)
+
+
+@dataclass(frozen=True, kw_only=True, config=STRICT)
+class HardwareSpec:
+    """Peak rates of one GPU and the fractions of them that real kernels reach.
+
+    Peaks are dense (no sparsity) tensor-core rates. The efficiencies turn the
+    roofline into time; until `moesim calibrate` fits them they are the published
+    figures named in the preset's ``source``.
+    """
+
+    name: str
+    source: str = ""
+    bf16_tflops: float = Field(gt=0)
+    fp8_tflops: float = Field(gt=0)
+    hbm_GBps: float = Field(gt=0)
+    hbm_GB: float = Field(gt=0)
+    sms: int = Field(gt=0)
+    gemm_efficiency: float = Fraction
+    attention_efficiency: float = Fraction
+    memory_efficiency: float = Fraction
+    grouped_gemm_align: int = Field(default=128, gt=0)
+    comm_overhead_us: float = Field(default=10.0, ge=0)
+
+    def peak_flops(self, dtype: Literal["bf16", "fp8"]) -> float:
+        """Dense peak in FLOP/s for GEMMs in ``dtype``."""
+        return (self.fp8_tflops if dtype == "fp8" else self.bf16_tflops) * 1e12

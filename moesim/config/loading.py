@@ -1,0 +1,291 @@
+"""Scenario files, presets and `--set` overrides -> a validated :class:`Scenario`.
+
+A scenario file may name presets (``model: deepseek-v3``) or give mappings that
+start from a preset and override any of its fields::
+
+    model: {preset: deepseek-v3, num_layers: 8}
+
+Overrides ``FIELD.PATH=VALUE`` (values parsed as YAML) apply on top, in order.
+Every mistake becomes one :class:`InputError` naming the file (or ``--set``), the
+field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Mapping, Sequence
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import TypeAdapter, ValidationError
+
+from moesim.config.hardware import HardwareSpec
+from moesim.config.model import ModelShape
+from moesim.config.parallel import ParallelConfig
+from moesim.config.routing import RoutingPolicy
+from moesim.config.scenario import SCHEMA, Scenario
+from moesim.errors import InputError
+
+DEFAULT_SCENARIO = "default-scenario.yaml"
+_PRESET_SECTIONS = {"model": "models.yaml", "hardware": "hardware.yaml"}
+_SECTION_TYPES: dict[str, type] = {
+    "model": ModelShape,
+    "hardware": HardwareSpec,
+    "parallel": ParallelConfig,
+    "routing": RoutingPolicy,
+}
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file; a missing or broken file becomes an InputError naming it."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise InputError(f"cannot read file ({err.strerror})", source=str(path)) from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "not valid YAML"
+        raise InputError(f"broken YAML{where}: {problem}", source=str(path)) from None
+
+
+@cache
+def _preset_table(filename: str) -> dict[str, dict]:
+    text = resources.files("moesim.config.presets").joinpath(filename).read_text("utf-8")
+    return yaml.safe_load(text)
+
+
+def preset_names(section: str) -> list[str]:
+    """Names of the shipped presets for ``model`` or ``hardware``."""
+    return sorted(_preset_table(_PRESET_SECTIONS[section]))
+
+
+def _preset(section: str, name: Any, field: str) -> dict:
+    table = _preset_table(_PRESET_SECTIONS[section])
+    if not isinstance(name, str) or name not in table:
+        raise InputError(
+            f"unknown {section} preset {name!r}", field=field, allowed=", ".join(sorted(table))
+        )
+    return {"name": name, **copy.deepcopy(table[name])}
+
+
+def model_preset(name: str) -> ModelShape:
+    data = _preset("model", name, "model")
+    data.pop("default_routing", None)
+    return ModelShape(**data)
+
+
+def hardware_preset(name: str) -> HardwareSpec:
+    return HardwareSpec(**_preset("hardware", name, "hardware"))
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"parallel.ep=64"`` -> (["parallel", "ep"], 64); the value is parsed as YAML."""
+    key, sep, raw = text.partition("=")
+    path = [part.strip() for part in key.split(".")]
+    if not sep or not all(path):
+        raise InputError(
+            f"override {text!r} is not FIELD=VALUE", field=key or text, source="--set",
+            allowed="e.g. parallel.ep=64, routing.max_devices=4, model=deepseek-v2",
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return path, value
+
+
+def _section_fields(section: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(_SECTION_TYPES[section])]
+
+
+def _scenario_fields() -> list[str]:
+    return [f.name for f in dataclasses.fields(Scenario)]
+
+
+def _apply_override(data: dict, path: list[str], value: Any) -> None:
+    dotted = ".".join(path)
+    top = path[0]
+    if top not in _scenario_fields():
+        raise InputError(
+            "unknown field", field=dotted, source="--set", allowed=", ".join(_scenario_fields())
+        )
+    if len(path) == 1:
+        data[top] = value
+        return
+    if top not in _SECTION_TYPES:
+        raise InputError(f"{top!r} has no sub-fields", field=dotted, source="--set")
+    allowed = _section_fields(top) + (["preset"] if top in _PRESET_SECTIONS else [])
+    if len(path) != 2 or path[1] not in allowed:
+        raise InputError(
+            f"unknown field of {top}", field=dotted, source="--set", allowed=", ".join(allowed)
+        )
+    section = data.get(top)
+    if isinstance(section, str):
+        section = {"preset": section}
+    if not isinstance(section, dict):
+        section = {}
+    section[path[1]] = value
+    data[top] = section
+
+
+# ---------------------------------------------------------------- resolution
+
+
+def _expand(data: dict, section: str) -> tuple[dict, dict]:
+    """Preset name or {preset: name, ...overrides} -> full mapping, plus preset routing."""
+    value = data.get(section)
+    if isinstance(value, str):
+        value = {"preset": value}
+    if value is None:
+        return {}, {}
+    if not isinstance(value, dict):
+        raise InputError(
+            f"expected a preset name or a mapping, got {type(value).__name__}",
+            field=section, allowed=", ".join(preset_names(section)),
+        )
+    value = dict(value)
+    routing = {}
+    if "preset" in value:
+        base = _preset(section, value.pop("preset"), f"{section}.preset")
+        routing = base.pop("default_routing", {}) or {}
+        base.update(value)
+        value = base
+    return value, routing
+
+
+def _hardware_of_topology(topology: Any) -> str:
+    from moesim.topologies import load_topology  # networkx stays off the import path
+
+    if not isinstance(topology, str):
+        raise InputError("expected a topology preset name or file path", field="topology")
+    return load_topology(topology).gpu
+
+
+def scenario_from_dict(
+    data: Mapping[str, Any] | None,
+    *,
+    source: str = "<scenario>",
+    overrides: Sequence[str] = (),
+) -> Scenario:
+    """Validate a scenario mapping (as read from YAML) with overrides applied."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise InputError(
+            f"a scenario is a mapping of fields, got {type(data).__name__}", source=source
+        )
+    data = copy.deepcopy(dict(data))
+    schema = data.pop("schema", SCHEMA)
+    if schema != SCHEMA:
+        raise InputError(
+            f"unknown schema {schema!r}", field="schema", allowed=SCHEMA, source=source
+        )
+
+    overridden: set[str] = set()
+    for text in overrides:
+        path, value = parse_override(text)
+        _apply_override(data, path, value)
+        overridden.add(".".join(path))
+
+    def blame(err: InputError) -> InputError:
+        hit = err.field and any(
+            err.field == key or err.field.startswith(key + ".") or key.startswith(err.field + ".")
+            for key in overridden
+        )
+        return err.with_source("--set" if hit else source)
+
+    try:
+        model, routing_base = _expand(data, "model")
+        hardware, _ = _expand(data, "hardware")
+        routing_user = data.get("routing") or {}
+        if not isinstance(routing_user, dict):
+            raise InputError("expected a mapping", field="routing")
+        data["model"] = model
+        data["routing"] = {**routing_base, **routing_user}
+        if not hardware and "topology" in data:
+            hardware = _preset("hardware", _hardware_of_topology(data["topology"]), "hardware")
+        if hardware:
+            data["hardware"] = hardware
+        scenario = _validate(data)
+    except InputError as err:
+        raise blame(err) from None
+    return scenario
+
+
+def _validate(data: dict) -> Scenario:
+    try:
+        return TypeAdapter(Scenario).validate_python(data)
+    except ValidationError as err:
+        raise _translate(err) from None
+
+
+def _translate(err: ValidationError) -> InputError:
+    """The first pydantic error as an InputError naming the field and what is allowed."""
+    errors = err.errors(include_url=False)
+    first = errors[0]
+    field = ".".join(str(part) for part in first["loc"])
+    kind = first["type"]
+    allowed = None
+    if kind == "unexpected_keyword_argument":
+        problem = "unknown field"
+        parent = first["loc"][0] if len(first["loc"]) > 1 else None
+        if parent in _SECTION_TYPES:
+            allowed = ", ".join(_section_fields(str(parent)))
+        elif parent is None:
+            allowed = ", ".join(_scenario_fields())
+    elif kind == "missing":
+        problem = "missing required field"
+    elif kind == "literal_error":
+        problem = f"invalid value {first.get('input')!r}"
+        allowed = first.get("ctx", {}).get("expected")
+    else:
+        problem = f"{first['msg'].lower()} (got {first.get('input')!r})"
+        allowed = _allowed_from_type(first["loc"])
+    if len(errors) > 1:
+        problem += f"; {len(errors) - 1} more problem(s) after this one"
+    return InputError(problem, field=field, allowed=allowed)
+
+
+def _allowed_from_type(loc: tuple) -> str | None:
+    if len(loc) != 2 or loc[0] not in _SECTION_TYPES:
+        return None
+    for f in dataclasses.fields(_SECTION_TYPES[str(loc[0])]):
+        if f.name == loc[1]:
+            return str(f.type).replace("typing.", "")
+    return None
+
+
+def load_scenario(path: str | Path | None = None, *, overrides: Sequence[str] = ()) -> Scenario:
+    """Load a scenario YAML file (``None``: the embedded default) and apply overrides.
+
+    The scenario is checked against its topology too (EP size, GPUs, ``M``), so an
+    impossible setup fails here with the file's name rather than deep in a run.
+    """
+    from moesim.feasibility import check_feasible
+
+    if path is None:
+        source = f"<default scenario {DEFAULT_SCENARIO}>"
+        text = resources.files("moesim.config.presets").joinpath(DEFAULT_SCENARIO).read_text()
+        data = yaml.safe_load(text)
+    else:
+        source = str(path)
+        data = read_yaml(path)
+    scenario = scenario_from_dict(data, source=source, overrides=overrides)
+    try:
+        check_feasible(scenario)
+    except InputError as err:
+        overridden = {".".join(parse_override(o)[0]) for o in overrides}
+        raise err.with_source("--set" if err.field in overridden else source) from None
+    return scenario
+

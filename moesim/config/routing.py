@@ -1,0 +1,40 @@
+"""RoutingPolicy: how tokens choose experts and what happens when experts overflow."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+
+from moesim.config._base import STRICT
+
+GateKind = Literal["softmax-topk", "device-limited", "group-limited-sigmoid"]
+
+
+@dataclass(frozen=True, kw_only=True, config=STRICT)
+class RoutingPolicy:
+    """Gate kind, device limit, capacity and the synthetic assignment model.
+
+    ``max_devices`` is ``M``: a token's experts lie on at most ``M`` nodes
+    (``limit_scope: node``, DeepSeek-V3) or GPUs (``limit_scope: device``,
+    DeepSeek-V2); ``None`` means no limit. ``capacity_factor`` bounds the
+    (token, expert) assignments each GPU takes per micro-batch to
+    ``ceil(cf * assignments / ep)``; the rest are dropped by ``drop_policy``
+    (``probs``: lowest gate weight first; ``position``: latest tokens first).
+
+    Until captured traces are replayed, assignments are drawn per MoE layer:
+    ``uniform`` or ``zipf`` expert popularity (exponent ``zipf_exponent``, hot experts
+    placed at random per layer). ``layer_samples`` independent layer draws are made
+    and cycled through the MoE layers; the expected step time does not depend on it,
+    only the run-to-run spread (``None`` draws every MoE layer afresh).
+    """
+
+    gate: GateKind = "softmax-topk"
+    max_devices: int | None = Field(default=None, gt=0)
+    limit_scope: Literal["node", "device"] = "node"
+    capacity_factor: float | None = Field(default=None, gt=0)
+    drop_policy: Literal["probs", "position"] = "probs"
+    assignment: Literal["uniform", "zipf"] = "uniform"
+    zipf_exponent: float = Field(default=1.0, ge=0)
+    layer_samples: int | None = Field(default=8, gt=0)

@@ -1,0 +1,39 @@
+"""Scenario: everything one simulation needs, fully resolved (no preset names left)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from pydantic import Field
+from pydantic.dataclasses import dataclass
+
+from moesim.config._base import STRICT
+from moesim.config.hardware import HardwareSpec
+from moesim.config.model import ModelShape
+from moesim.config.parallel import ParallelConfig
+from moesim.config.routing import RoutingPolicy
+
+SCHEMA = "moesim.scenario/1"
+
+
+@dataclass(frozen=True, kw_only=True, config=STRICT)
+class Scenario:
+    """A model on a cluster with a parallel layout and a routing policy.
+
+    ``mode: train`` simulates forward and backward of one step; ``inference``
+    the forward pass only. ``topology`` is a preset name or a YAML path.
+    """
+
+    name: str = "scenario"
+    mode: Literal["train", "inference"] = "train"
+    seed: int = Field(default=0, ge=0)
+    model: ModelShape
+    hardware: HardwareSpec
+    topology: str
+    parallel: ParallelConfig
+    routing: RoutingPolicy
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (YAML/JSON ready) that loads back to an equal scenario."""
+        return {"schema": SCHEMA, **dataclasses.asdict(self)}

@@ -1,0 +1,120 @@
+"""Checks that a scenario can run on its topology, each naming the field at fault."""
+
+from __future__ import annotations
+
+from moesim.config.scenario import Scenario
+from moesim.errors import InputError
+
+
+def _divisors(n: int) -> str:
+    divs = [d for d in range(1, n + 1) if n % d == 0]
+    return ", ".join(map(str, divs))
+
+
+def check_model(scenario: Scenario) -> None:
+    m = scenario.model
+    if m.first_dense_layers >= m.num_layers:
+        raise InputError(
+            f"{m.first_dense_layers} dense layers leave no MoE layer of {m.num_layers}",
+            field="model.first_dense_layers", allowed=f"0..{m.num_layers - 1}",
+        )
+    if m.top_k > m.routed_experts:
+        raise InputError(
+            f"top_k {m.top_k} exceeds the {m.routed_experts} routed experts",
+            field="model.top_k", allowed=f"1..{m.routed_experts}",
+        )
+    if m.first_dense_layers and not m.dense_intermediate_size:
+        raise InputError(
+            "dense layers need a dense FFN width", field="model.dense_intermediate_size",
+            allowed="a positive integer",
+        )
+    needed = {
+        "mla": ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"),
+        "gqa": ("num_kv_heads", "head_dim"),
+        "mha": ("head_dim",),
+    }[m.attention]
+    for name in needed:
+        if getattr(m, name) is None:
+            raise InputError(
+                f"{m.attention} attention needs {name}", field=f"model.{name}",
+                allowed="a positive integer",
+            )
+
+
+def check_feasible(scenario: Scenario, topology=None) -> None:
+    """Raise InputError when the scenario is impossible; return None otherwise.
+
+    ``topology`` may be passed when already built (its GPU count must match).
+    """
+    from moesim.topologies import load_topology
+
+    check_model(scenario)
+    m, p, r = scenario.model, scenario.parallel, scenario.routing
+    E = m.routed_experts
+    if E % p.ep:
+        raise InputError(
+            f"EP size {p.ep} does not divide the {E} routed experts",
+            field="parallel.ep", allowed=_divisors(E),
+        )
+    if p.total_gpus % p.ep:
+        raise InputError(
+            f"{p.total_gpus} GPUs are not a whole number of EP groups of {p.ep}",
+            field="parallel.gpus", allowed=f"multiples of {p.ep}",
+        )
+    if p.tokens_per_gpu % p.micro_batches:
+        raise InputError(
+            f"{p.tokens_per_gpu} tokens per GPU do not split into {p.micro_batches} "
+            "equal micro-batches",
+            field="parallel.micro_batches", allowed=f"divisors of {p.tokens_per_gpu}",
+        )
+    if p.comm_sms >= scenario.hardware.sms:
+        raise InputError(
+            f"{p.comm_sms} communication SMs leave none of {scenario.hardware.sms} for compute",
+            field="parallel.comm_sms", allowed=f"0..{scenario.hardware.sms - 1}",
+        )
+    if topology is None:
+        try:
+            topology = load_topology(scenario.topology, gpus=p.total_gpus)
+        except InputError as err:
+            if err.field == "gpus":
+                raise InputError(err.problem, field="parallel.gpus", allowed=err.allowed) from None
+            if err.field is None or err.source == scenario.topology:
+                raise InputError(str(err), field="topology") from None
+            raise
+    per_domain = topology.gpus_per_domain
+    if p.ep % per_domain and per_domain % p.ep:
+        raise InputError(
+            f"an EP group of {p.ep} GPUs would split a {per_domain}-GPU NVLink domain unevenly",
+            field="parallel.ep",
+            allowed=f"divisors or multiples of {per_domain} that divide {E}",
+        )
+    if r.gate == "device-limited" and r.max_devices is None:
+        raise InputError(
+            "the device-limited gate needs M", field="routing.max_devices",
+            allowed="a positive integer",
+        )
+    if r.max_devices is not None:
+        units, per_unit = limit_units(scenario, per_domain)
+        if r.max_devices > units:
+            raise InputError(
+                f"M = {r.max_devices} is larger than the {units} "
+                f"{r.limit_scope}s of an EP group of {p.ep} GPUs",
+                field="routing.max_devices", allowed=f"1..{units}",
+            )
+        if r.max_devices * per_unit < m.top_k:
+            raise InputError(
+                f"M = {r.max_devices} {r.limit_scope}s hold {r.max_devices * per_unit} experts, "
+                f"fewer than top_k = {m.top_k}",
+                field="routing.max_devices",
+                allowed=f"{-(-m.top_k // per_unit)}..{units}",
+            )
+
+
+def limit_units(scenario: Scenario, gpus_per_domain: int) -> tuple[int, int]:
+    """(units per EP group, experts per unit) for the device limit's scope."""
+    p = scenario.parallel
+    experts_per_gpu = scenario.model.routed_experts // p.ep
+    if scenario.routing.limit_scope == "device":
+        return p.ep, experts_per_gpu
+    gpus_per_node = min(p.ep, gpus_per_domain)
+    return p.ep // gpus_per_node, experts_per_gpu * gpus_per_node

@@ -1,0 +1,137 @@
+"""The summary of one simulated step (definitions in docs/metrics.md)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+
+from moesim import compute
+from moesim.config.scenario import Scenario
+from moesim.engine.program import COMM, COMPUTE, Op
+from moesim.engine.simpy_engine import Timeline
+from moesim.routing.synthetic_layers import draw_of
+
+
+def _overlap_with(intervals_start, intervals_end, starts, ends) -> np.ndarray:
+    """Length of each [starts, ends) covered by the sorted, disjoint intervals."""
+    busy = np.concatenate(([0.0], np.cumsum(intervals_end - intervals_start)))
+
+    def covered_until(t):
+        i = np.searchsorted(intervals_start, t, side="right")  # intervals started by t
+        inside = np.clip(t - intervals_start[np.maximum(i - 1, 0)], 0,
+                         (intervals_end - intervals_start)[np.maximum(i - 1, 0)])
+        return busy[np.maximum(i - 1, 0)] + np.where(i > 0, inside, 0.0)
+
+    return covered_until(ends) - covered_until(starts)
+
+
+def exposed_comm_seconds(ops: list[Op], timeline: Timeline) -> np.ndarray:
+    """Per GPU: time the communication stream is busy while the compute stream is idle."""
+    comm = np.array([op.stream == COMM for op in ops])
+    calc = np.array([op.stream == COMPUTE for op in ops])
+    n_gpus = timeline.start_og.shape[1]
+    exposed = np.zeros(n_gpus)
+    for g in range(n_gpus):
+        cs, ce = timeline.start_og[calc, g], timeline.end_og[calc, g]
+        order = np.argsort(cs, kind="stable")
+        ms, me = timeline.start_og[comm, g], timeline.end_og[comm, g]
+        hidden = _overlap_with(cs[order], ce[order], ms, me)
+        exposed[g] = float((me - ms).sum() - hidden.sum())
+    return exposed
+
+
+def _per_gpu_sum(ops, timeline, predicate) -> np.ndarray:
+    rows = np.array([predicate(op) for op in ops])
+    if not rows.any():
+        return np.zeros(timeline.start_og.shape[1])
+    return (timeline.end_og[rows] - timeline.start_og[rows]).sum(axis=0)
+
+
+def _load_imbalance(scenario: Scenario, costs) -> float:
+    """Mean over MoE layers and EP groups of max/mean assignments per GPU."""
+    p, m = scenario.parallel, scenario.model
+    ratios = []
+    for li in range(m.moe_layers):
+        tokens_g = sum(t.sum(axis=1) for t in costs[li % len(costs)].tokens_ge)
+        for group in range(p.ep_groups):
+            g = tokens_g[group * p.ep:(group + 1) * p.ep]
+            if g.mean() > 0:
+                ratios.append(g.max() / g.mean())
+    return float(np.mean(ratios)) if ratios else 1.0
+
+
+def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, counts,
+              links: pd.DataFrame) -> dict:
+    m, p, hw = scenario.model, scenario.parallel, scenario.hardware
+    step = float(timeline.end_og.max())
+    tokens = p.total_gpus * p.tokens_per_gpu
+    train = scenario.mode == "train"
+
+    dispatched = computed = dropped = 0
+    n_draws = len(counts)
+    for li in range(m.moe_layers):
+        for group in range(p.ep_groups):
+            for c in counts[draw_of(li, group, n_draws)]:
+                dispatched += c.routed
+                dropped += int(c.dropped_e.sum())
+        computed += int(sum(t.sum() for t in costs[li % len(costs)].tokens_ge))
+
+    flops = compute.model_flops_per_token(m, p.seq_len) * tokens * (3 if train else 1)
+    mean = {
+        name: float(_per_gpu_sum(ops, timeline, lambda op, n=name: op.phase == n).mean())
+        for name in ("dispatch", "combine", "attention", "shared", "dense_ffn", "lm_head")
+    }
+    experts_g = _per_gpu_sum(ops, timeline, lambda op: op.phase == "experts")
+    comm_wait_g = _per_gpu_sum_wait(ops, timeline)
+    exposed_g = exposed_comm_seconds(ops, timeline)
+    bottlenecks = Counter(
+        costs[(op.layer - m.first_dense_layers) % len(costs)]
+        .exchanges[op.microbatch, op.phase, op.backward].time.bottleneck
+        for op in ops if op.collective
+    )
+    # Every byte is counted once, on the link it leaves from.
+    nvlink_sent = float(links.loc[links["src"].str.startswith("gpu") & (links["kind"] == "nvlink"),
+                                  "bytes"].sum())
+    rdma_sent = float(links.loc[links["src"].str.startswith("gpu") & (links["kind"] == "nic"),
+                                "bytes"].sum())
+    return {
+        "scenario": scenario.name,
+        "mode": scenario.mode,
+        "gpus": p.total_gpus,
+        "ep": p.ep,
+        "ep_groups": p.ep_groups,
+        "nodes": int(topology.n_domains),
+        "dispatch_kernel": p.dispatch_kernel,
+        "routing_draws": n_draws,
+        "step_time_s": step,
+        "tokens_per_step": tokens,
+        "tokens_per_s": tokens / step,
+        "dispatch_time_s": mean["dispatch"],
+        "combine_time_s": mean["combine"],
+        "expert_compute_time_s": float(experts_g.mean()),
+        "expert_compute_max_time_s": float(experts_g.max()),
+        "attention_time_s": mean["attention"],
+        "shared_expert_time_s": mean["shared"],
+        "dense_ffn_time_s": mean["dense_ffn"],
+        "lm_head_time_s": mean["lm_head"],
+        "comm_exposed_time_s": float(exposed_g.mean()),
+        "comm_wait_time_s": float(comm_wait_g.mean()),
+        "mfu": flops / (step * p.total_gpus * hw.peak_flops("bf16")),
+        "nvlink_bytes": nvlink_sent,
+        "rdma_bytes": rdma_sent,
+        "bottleneck_link": bottlenecks.most_common(1)[0][0] if bottlenecks else "none",
+        "max_over_mean_gpu_load": _load_imbalance(scenario, costs),
+        "dropped_token_fraction": dropped / dispatched if dispatched else 0.0,
+        "tokens_dispatched": dispatched,
+        "tokens_computed": computed,
+        "tokens_dropped": dropped,
+    }
+
+
+def _per_gpu_sum_wait(ops, timeline) -> np.ndarray:
+    rows = np.array([op.collective for op in ops])
+    if not rows.any():
+        return np.zeros(timeline.start_og.shape[1])
+    return (timeline.start_og[rows] - timeline.arrive_og[rows]).sum(axis=0)

@@ -1,0 +1,29 @@
+"""SimResult: what one simulation returns."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from moesim.config.scenario import Scenario
+
+
+@dataclass(frozen=True, kw_only=True)
+class SimResult:
+    """The summary of one step plus its tables (see docs/metrics.md).
+
+    * ``spans``: gpu, ep_group, layer, microbatch, phase, stream, backward, arrive_s,
+      start_s, end_s (one row per op and GPU; ``start_s - arrive_s`` is time spent
+      waiting for slower peers in a collective)
+    * ``links``: link, src, dst, kind, bytes, busy_s, utilization (per directed link)
+    * ``experts``: layer, expert, tokens, dropped (forward assignments per MoE layer)
+    """
+
+    scenario: Scenario
+    summary: dict[str, Any]
+    spans: pd.DataFrame
+    links: pd.DataFrame
+    experts: pd.DataFrame

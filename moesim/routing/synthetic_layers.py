@@ -1,0 +1,66 @@
+"""Synthetic routing for a scenario: independent layer draws per micro-batch.
+
+Draw ``s`` of micro-batch ``m`` routes ``ep x tokens_per_microbatch`` tokens of one EP
+group. MoE layer ``l`` of EP group ``g`` uses draw ``(l + g) mod S``: every group sees
+a different draw in the same layer, and layers cycle through the ``S`` draws.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from moesim.config.scenario import Scenario
+from moesim.feasibility import limit_units
+from moesim.routing.batch import RoutedBatch
+from moesim.routing.capacity import apply_capacity
+from moesim.routing.synthetic import expert_popularity, sample_topk
+
+
+def layer_draws(scenario: Scenario) -> int:
+    """How many independent layer draws the scenario makes (``S``)."""
+    moe_layers = scenario.model.moe_layers
+    wanted = scenario.routing.layer_samples
+    return moe_layers if wanted is None else min(wanted, moe_layers)
+
+
+def draw_of(layer_index: int, group: int, n_draws: int) -> int:
+    """Draw used by MoE layer ``layer_index`` (0 = first MoE layer) in EP group ``group``."""
+    return (layer_index + group) % n_draws
+
+
+def synthetic_batches(
+    scenario: Scenario, *, gpus_per_domain: int, rng: np.random.Generator
+) -> Iterator[tuple[int, int, RoutedBatch]]:
+    """Yield ``(draw, microbatch, batch)`` one batch at a time, so memory stays bounded."""
+    m, p, r = scenario.model, scenario.parallel, scenario.routing
+    tokens_per_mb = p.tokens_per_gpu // p.micro_batches
+    n_tokens = p.ep * tokens_per_mb
+    unit_size = max_units = None
+    if r.max_devices is not None:
+        _, unit_size = limit_units(scenario, gpus_per_domain)
+        max_units = r.max_devices
+    for draw in range(layer_draws(scenario)):
+        popularity_e = expert_popularity(
+            m.routed_experts, assignment=r.assignment, zipf_exponent=r.zipf_exponent, rng=rng
+        )
+        for mb in range(p.micro_batches):
+            ids_tk = sample_topk(popularity_e, n_tokens=n_tokens, top_k=m.top_k, rng=rng,
+                                 unit_size=unit_size, max_units=max_units)
+            if r.capacity_factor is None:
+                kept_tk = np.ones(ids_tk.shape, dtype=bool)
+            else:
+                if r.drop_policy == "probs":
+                    # Synthetic tokens carry no affinities: their gate weights are
+                    # exchangeable, so the lowest-weight assignments are a random set.
+                    priority_tk = rng.random(ids_tk.shape)
+                else:
+                    position_t = np.arange(n_tokens) % tokens_per_mb
+                    priority_tk = -np.repeat(position_t[:, None], m.top_k, axis=1)
+                kept_tk = apply_capacity(
+                    ids_tk, experts_per_device=m.routed_experts // p.ep, n_devices=p.ep,
+                    capacity_factor=r.capacity_factor, priority_tk=priority_tk,
+                )
+            yield draw, mb, RoutedBatch(ids_tk=ids_tk, kept_tk=kept_tk,
+                                        tokens_per_rank=tokens_per_mb)

@@ -1,0 +1,160 @@
+"""simulate(scenario) -> SimResult: routing -> traffic and compute costs -> engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from moesim import compute
+from moesim.config.scenario import Scenario
+from moesim.engine.program import COMM, Op, build_program
+from moesim.engine.simpy_engine import run_program
+from moesim.feasibility import check_feasible
+from moesim.network.analytical import ExchangeTime, exchange_time
+from moesim.result import SimResult
+from moesim.routing.batch import BatchCounts, count_batch
+from moesim.routing.synthetic_layers import draw_of, layer_draws, synthetic_batches
+from moesim.traffic import LinkLoads, bytes_per_copy, dispatch_loads
+
+
+@dataclass(frozen=True, kw_only=True)
+class Exchange:
+    """One dispatch or combine of one layer situation: bytes per link and duration."""
+
+    loads: LinkLoads  # bytes
+    time: ExchangeTime
+
+
+@dataclass(frozen=True, kw_only=True)
+class LayerCosts:
+    """Costs of MoE layers whose index is ``residue`` modulo the number of draws."""
+
+    exchanges: dict[tuple[int, str, bool], Exchange]  # (microbatch, phase, backward)
+    expert_s: dict[tuple[int, bool], np.ndarray]  # (microbatch, backward) -> [gpus]
+    tokens_ge: list[np.ndarray]  # per microbatch: [gpus, local experts] kept assignments
+
+
+def _group_gpus_per_node(scenario: Scenario, topology) -> int:
+    return min(scenario.parallel.ep, topology.gpus_per_domain)
+
+
+def _layer_costs(scenario: Scenario, topology, counts) -> list[LayerCosts]:
+    """Costs for each residue of MoE layer index modulo the number of draws."""
+    m, p, hw = scenario.model, scenario.parallel, scenario.hardware
+    n_draws = len(counts)
+    per_node = _group_gpus_per_node(scenario, topology)
+    overhead = hw.comm_overhead_us * 1e-6
+    kernel = p.dispatch_kernel
+    size = {
+        ("dispatch", False): bytes_per_copy(kernel, hidden=m.hidden_size,
+                                            dtype=p.dispatch_dtype, dispatch=True),
+        ("combine", False): bytes_per_copy(kernel, hidden=m.hidden_size,
+                                           dtype=p.combine_dtype, dispatch=False),
+        # Backward: combine's gradient goes out like a dispatch, dispatch's comes back
+        # like a combine, both in BF16.
+        ("combine", True): bytes_per_copy(kernel, hidden=m.hidden_size, dtype="bf16",
+                                          dispatch=True),
+        ("dispatch", True): bytes_per_copy(kernel, hidden=m.hidden_size, dtype="bf16",
+                                           dispatch=False),
+    }
+    out_direction = {("dispatch", False), ("combine", True)}
+    backward_flags = (False, True) if scenario.mode == "train" else (False,)
+    costs = []
+    for residue in range(n_draws):
+        exchanges, expert_s, tokens_ge = {}, {}, []
+        for mb in range(p.micro_batches):
+            copies = None
+            group_tokens = []
+            for group in range(p.ep_groups):
+                c: BatchCounts = counts[draw_of(residue, group, n_draws)][mb]
+                loads = dispatch_loads(c, kernel=kernel, topology=topology,
+                                       first_gpu=group * p.ep, gpus_per_node=per_node)
+                copies = loads if copies is None else copies + loads
+                group_tokens.append(c.kept_e.reshape(p.ep, -1))
+            tokens = np.concatenate(group_tokens)
+            tokens_ge.append(tokens)
+            for (phase, backward), nbytes in size.items():
+                if backward not in backward_flags:
+                    continue
+                direction = copies if (phase, backward) in out_direction else copies.reversed()
+                loads = direction.scaled(nbytes)
+                exchanges[mb, phase, backward] = Exchange(
+                    loads=loads, time=exchange_time(loads, topology, overhead_s=overhead))
+            for backward in backward_flags:
+                expert_s[mb, backward] = compute.grouped_expert_seconds(
+                    m, hw, tokens, backward=backward)
+        costs.append(LayerCosts(exchanges=exchanges, expert_s=expert_s, tokens_ge=tokens_ge))
+    return costs
+
+
+def _durations(scenario: Scenario, ops: list[Op], costs: list[LayerCosts], n_gpus: int):
+    """[ops, gpus] durations of every op on every GPU."""
+    m, p, hw = scenario.model, scenario.parallel, scenario.hardware
+    tokens = p.tokens_per_gpu // p.micro_batches
+    # SMs that run communication kernels are lost to compute for the whole step.
+    slowdown = hw.sms / (hw.sms - p.comm_sms)
+    n_draws = len(costs)
+    fixed: dict[tuple[str, bool], float] = {}
+    for backward in (False, True):
+        fixed["attention", backward] = compute.attention_seconds(
+            m, hw, tokens=tokens, seq_len=p.seq_len, backward=backward)
+        fixed["shared", backward] = compute.ffn_seconds(
+            m, hw, tokens=tokens, intermediate=m.shared_experts * m.moe_intermediate_size,
+            backward=backward)
+        fixed["dense_ffn", backward] = compute.ffn_seconds(
+            m, hw, tokens=tokens, intermediate=m.dense_intermediate_size, backward=backward)
+        fixed["lm_head", backward] = compute.lm_head_seconds(
+            m, hw, tokens=tokens, backward=backward)
+    duration = np.zeros((len(ops), n_gpus))
+    for op in ops:
+        if (op.phase, op.backward) in fixed:
+            duration[op.index] = fixed[op.phase, op.backward] * slowdown
+            continue
+        layer_costs = costs[(op.layer - m.first_dense_layers) % n_draws]
+        if op.phase == "experts":
+            duration[op.index] = layer_costs.expert_s[op.microbatch, op.backward] * slowdown
+        else:
+            assert op.stream == COMM
+            ex = layer_costs.exchanges[op.microbatch, op.phase, op.backward]
+            duration[op.index] = ex.time.seconds
+    return duration
+
+
+def simulate(scenario: Scenario) -> SimResult:
+    """Simulate one step of ``scenario``; deterministic for a given ``scenario.seed``."""
+    from moesim.metrics import summarize
+    from moesim.tables import experts_table, links_table, spans_table
+    from moesim.topologies import load_topology
+
+    p = scenario.parallel
+    topology = load_topology(scenario.topology, gpus=p.total_gpus)
+    check_feasible(scenario, topology)
+    rng = np.random.default_rng(scenario.seed)
+
+    n_draws = layer_draws(scenario)
+    counts: list[list[BatchCounts | None]] = [[None] * p.micro_batches for _ in range(n_draws)]
+    for draw, mb, batch in synthetic_batches(
+        scenario, gpus_per_domain=topology.gpus_per_domain, rng=rng
+    ):
+        counts[draw][mb] = count_batch(batch, n_experts=scenario.model.routed_experts,
+                                       ep=p.ep, gpus_per_node=_group_gpus_per_node(
+                                           scenario, topology))
+    costs = _layer_costs(scenario, topology, counts)
+    ops = build_program(
+        num_layers=scenario.model.num_layers,
+        first_dense_layers=scenario.model.first_dense_layers,
+        micro_batches=p.micro_batches,
+        train=scenario.mode == "train",
+    )
+    duration_og = _durations(scenario, ops, costs, p.total_gpus)
+    timeline = run_program(ops, duration_og, ep=p.ep)
+
+    spans = spans_table(ops, timeline, ep=p.ep)
+    links = links_table(scenario, topology, ops, costs)
+    experts = experts_table(scenario, counts)
+    summary = summarize(scenario, topology, ops, timeline, costs, counts, links)
+    if not links.empty:
+        links["utilization"] = links["busy_s"] / summary["step_time_s"]
+    return SimResult(scenario=scenario, summary=summary, spans=spans, links=links,
+                     experts=experts)

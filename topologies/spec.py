@@ -1,0 +1,258 @@
+"""The topology file schema (``moesim.topology/1``) and how a preset or file becomes a spec.
+
+pydantic checks shapes and types; the cross-field rules pydantic cannot express (which
+fabric fields belong to which kind, whole domains) are checked here by hand so that every
+mistake still names its field.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from moesim.errors import InputError
+
+SCHEMA = "moesim.topology/1"
+FABRIC_KINDS = ("none", "rail-optimized", "multi-plane")
+_PACKAGE = "moesim.topologies"
+
+
+class _Strict(BaseModel):
+    # strict: a quoted "8" in YAML is a mistake, not a number.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class LinkSpec(_Strict):
+    """One link class: nominal bandwidth per direction, achievable fraction, per-hop latency."""
+
+    bandwidth_GBps: float = Field(gt=0, description="nominal, per direction, 1 GB = 1e9 bytes")
+    efficiency: float = Field(gt=0, le=1, description="achievable fraction of nominal")
+    latency_us: float = Field(ge=0, description="per hop, microseconds")
+
+
+class UplinkSpec(_Strict):
+    """Leaf-spine links: their bandwidth follows from the leaf's downlinks and oversubscription."""
+
+    efficiency: float = Field(gt=0, le=1)
+    latency_us: float = Field(ge=0)
+
+
+class LinksSpec(_Strict):
+    nvlink: LinkSpec
+    nic: LinkSpec | None = None
+    uplink: UplinkSpec | None = None
+
+
+class FabricSpec(_Strict):
+    kind: Literal["none", "rail-optimized", "multi-plane"]
+    rails: int = Field(default=1, ge=1, description="NIC rails per domain (= planes)")
+    domains_per_leaf: int | None = Field(default=None, ge=1)
+    spines: int | None = Field(default=None, ge=1, description="rail-optimized only")
+    spines_per_plane: int | None = Field(default=None, ge=1, description="multi-plane only")
+    oversubscription: float = Field(default=1.0, gt=0, description="leaf down / leaf up bw")
+
+
+class TopologySpec(_Strict):
+    schema_: Literal["moesim.topology/1"] = Field(alias="schema")
+    name: str = Field(min_length=1)
+    description: str = ""
+    source: str
+    gpu: str = Field(min_length=1, description="GPU hardware preset name")
+    gpus_per_domain: int = Field(ge=1)
+    default_gpus: int = Field(ge=1)
+    max_gpus: int = Field(ge=1)
+    links: LinksSpec
+    fabric: FabricSpec
+
+
+def preset_names() -> list[str]:
+    """Sorted names of the topology presets shipped with moesim."""
+    folder = resources.files(_PACKAGE)
+    return sorted(
+        entry.name[: -len(".yaml")] for entry in folder.iterdir() if entry.name.endswith(".yaml")
+    )
+
+
+def read_spec(name_or_path: str | os.PathLike[str]) -> tuple[TopologySpec, str]:
+    """The checked spec of a preset name or YAML file, and the source to name in errors."""
+    name_or_path = os.fspath(name_or_path)
+    names = preset_names()
+    if name_or_path in names:
+        source = name_or_path
+        text = resources.files(_PACKAGE).joinpath(f"{name_or_path}.yaml").read_text("utf-8")
+    elif _looks_like_path(name_or_path):
+        source = name_or_path
+        try:
+            text = Path(name_or_path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise InputError(
+                "no such topology file",
+                source=source,
+                allowed="a YAML file or a preset: " + ", ".join(names),
+            ) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InputError(f"cannot read the file: {exc}", source=source) from None
+    else:
+        raise InputError(
+            f"unknown topology preset {name_or_path!r}", field="topology", allowed=", ".join(names)
+        )
+    return parse_spec(text, source=source), source
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.endswith((".yaml", ".yml")) or os.sep in text or "/" in text or Path(text).exists()
+
+
+def parse_spec(text: str, *, source: str) -> TopologySpec:
+    """Parse and check YAML text; every problem becomes an :class:`InputError`."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise InputError(f"not valid YAML{where}: {problem}", source=source) from None
+    if not isinstance(data, dict):
+        raise InputError(
+            "a topology file holds a YAML mapping of fields",
+            source=source,
+            allowed=", ".join(_field_names(TopologySpec)),
+        )
+    try:
+        spec = TopologySpec.model_validate(data)
+    except ValidationError as exc:
+        raise _translate(exc, source) from None
+    _check(spec, source)
+    return spec
+
+
+def _translate(exc: ValidationError, source: str) -> InputError:
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = tuple(str(part) for part in first["loc"])
+    field = ".".join(loc) or None
+    problem = {"extra_forbidden": "unknown field", "missing": "missing field"}.get(
+        first["type"], first["msg"]
+    )
+    if first["type"] not in ("missing", "extra_forbidden"):
+        problem += f", got {first.get('input')!r}"
+    allowed = None
+    if first["type"] == "extra_forbidden":
+        model = _model_at(loc[:-1])
+        allowed = ", ".join(_field_names(model)) if model else None
+    elif first["type"] == "literal_error":
+        allowed = first.get("ctx", {}).get("expected")
+    if len(errors) > 1:
+        problem += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
+    return InputError(problem, field=field, allowed=allowed, source=source)
+
+
+def _field_names(model: type[BaseModel]) -> list[str]:
+    return [info.alias or name for name, info in model.model_fields.items()]
+
+
+def _model_at(loc: tuple[str, ...]) -> type[BaseModel] | None:
+    """The model class that the dotted path ``loc`` leads to, to list its allowed keys."""
+    model: type[BaseModel] = TopologySpec
+    for part in loc:
+        found = None
+        for name, info in model.model_fields.items():
+            if part in (name, info.alias):
+                found = _unwrap_model(info.annotation)
+        if found is None:
+            return None
+        model = found
+    return model
+
+
+def _unwrap_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if isinstance(arg, type) and issubclass(arg, BaseModel):
+                return arg
+    return None
+
+
+def _check(spec: TopologySpec, source: str) -> None:
+    def fail(problem: str, field: str, allowed: str | None = None) -> None:
+        raise InputError(problem, field=field, allowed=allowed, source=source)
+
+    fabric, gpd = spec.fabric, spec.gpus_per_domain
+    if fabric.kind == "none":
+        for name in sorted(fabric.model_fields_set - {"kind"}):
+            fail("has no meaning when fabric kind is 'none'", f"fabric.{name}", "kind")
+        for name in ("nic", "uplink"):
+            if getattr(spec.links, name) is not None:
+                fail("fabric kind 'none' has no network; remove this link class", f"links.{name}")
+        if spec.max_gpus > gpd:
+            fail("without a fabric a topology is a single domain", "max_gpus", f"1..{gpd}")
+    else:
+        for name in ("nic", "uplink"):
+            if getattr(spec.links, name) is None:
+                fail(f"fabric kind {fabric.kind!r} needs this link class", f"links.{name}")
+        if fabric.domains_per_leaf is None:
+            fail(f"fabric kind {fabric.kind!r} needs it", "fabric.domains_per_leaf")
+        if gpd % fabric.rails:
+            divisors = [d for d in range(1, gpd + 1) if gpd % d == 0]
+            fail(
+                f"every rail needs the same number of GPUs of each {gpd}-GPU domain",
+                "fabric.rails",
+                ", ".join(map(str, divisors)),
+            )
+        needed, other = (
+            ("spines", "spines_per_plane")
+            if fabric.kind == "rail-optimized"
+            else ("spines_per_plane", "spines")
+        )
+        if getattr(fabric, needed) is None:
+            fail(f"fabric kind {fabric.kind!r} needs it", f"fabric.{needed}")
+        if getattr(fabric, other) is not None:
+            fail(f"not used by fabric kind {fabric.kind!r}", f"fabric.{other}", needed)
+    if spec.max_gpus > gpd and spec.max_gpus % gpd:
+        fail(
+            f"more than one domain must be whole domains of {gpd} GPUs",
+            "max_gpus",
+            f"1..{gpd} or a multiple of {gpd}",
+        )
+    domains_for(spec, spec.default_gpus, source=source, field="default_gpus")
+
+
+def domains_for(spec: TopologySpec, gpus: Any, *, source: str | None, field: str = "gpus") -> int:
+    """How many domains ``gpus`` GPUs take; an InputError when the topology cannot hold them."""
+    gpd, most = spec.gpus_per_domain, spec.max_gpus
+    allowed = f"1..{most}" if most <= gpd else f"1..{gpd} or a multiple of {gpd} up to {most}"
+    if isinstance(gpus, bool) or not isinstance(gpus, typing.SupportsIndex):
+        raise InputError(
+            f"must be a whole number, got {gpus!r}", field=field, allowed=allowed, source=source
+        )
+    gpus = int(gpus)
+    if gpus < 1:
+        raise InputError(
+            f"must be at least 1, got {gpus}", field=field, allowed=allowed, source=source
+        )
+    if gpus > most:
+        raise InputError(
+            f"{gpus} GPUs is more than the topology has ({most})",
+            field=field,
+            allowed=f"1..{most}",
+            source=source,
+        )
+    n_domains = -(-gpus // gpd)
+    if n_domains > 1 and gpus % gpd:
+        raise InputError(
+            f"{gpus} GPUs would leave a partial domain ({gpus % gpd} of {gpd} GPUs); "
+            "more than one domain needs whole domains",
+            field=field,
+            allowed=allowed,
+            source=source,
+        )
+    return n_domains
