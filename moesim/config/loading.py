@@ -206,6 +206,13 @@ def scenario_from_dict(
         return err.with_source("--set" if hit else source)
 
     try:
+        # Without a hardware preset or full spec, the GPU is the topology's own; fields
+        # given alone then override that preset.
+        hardware = data.get("hardware")
+        if (hardware is None or (isinstance(hardware, dict) and not {"preset", "name"} & set(
+                hardware))) and "topology" in data:
+            data["hardware"] = {"preset": _hardware_of_topology(data["topology"]),
+                                **(hardware or {})}
         model, routing_base = _expand(data, "model")
         hardware, _ = _expand(data, "hardware")
         routing_user = data.get("routing") or {}
@@ -213,8 +220,6 @@ def scenario_from_dict(
             raise InputError("expected a mapping", field="routing")
         data["model"] = model
         data["routing"] = {**routing_base, **routing_user}
-        if not hardware and "topology" in data:
-            hardware = _preset("hardware", _hardware_of_topology(data["topology"]), "hardware")
         if hardware:
             data["hardware"] = hardware
         scenario = _validate(data)
@@ -228,6 +233,14 @@ def _validate(data: dict) -> Scenario:
         return TypeAdapter(Scenario).validate_python(data)
     except ValidationError as err:
         raise _translate(err) from None
+
+
+_BOUNDS = {
+    "greater_than": (("gt", ">"),),
+    "greater_than_equal": (("ge", ">="),),
+    "less_than": (("lt", "<"),),
+    "less_than_equal": (("le", "<="),),
+}
 
 
 def _translate(err: ValidationError) -> InputError:
@@ -249,6 +262,9 @@ def _translate(err: ValidationError) -> InputError:
     elif kind == "literal_error":
         problem = f"invalid value {first.get('input')!r}"
         allowed = first.get("ctx", {}).get("expected")
+    elif kind in _BOUNDS:
+        problem = f"{first['msg'].lower()} (got {first.get('input')!r})"
+        allowed = " and ".join(f"{op} {first['ctx'][key]}" for key, op in _BOUNDS[kind])
     else:
         problem = f"{first['msg'].lower()} (got {first.get('input')!r})"
         allowed = _allowed_from_type(first["loc"])

@@ -1,0 +1,74 @@
+"""The report of one simulation (plus optional what-if variants): blocks and figures."""
+
+from __future__ import annotations
+
+from moesim.reports import figures
+from moesim.reports.document import Block, Figure, Heading, Paragraph, Table
+from moesim.reports.text import breakdown_rows, headline, nbytes, seconds
+
+_COMPARE = [
+    ("step time", "step_time_s", seconds),
+    ("tokens/s", "tokens_per_s", lambda v: f"{v:,.0f}"),
+    ("MFU", "mfu", lambda v: f"{v:.1%}"),
+    ("dispatch", "dispatch_time_s", seconds),
+    ("combine", "combine_time_s", seconds),
+    ("exposed comm", "comm_exposed_time_s", seconds),
+    ("RDMA bytes", "rdma_bytes", nbytes),
+    ("NVLink bytes", "nvlink_bytes", nbytes),
+]
+
+
+def build_report(result, variants: list[tuple[str, object]] = ()) -> tuple[list[Block], dict]:
+    """Blocks of the report and its figures ``{file name: matplotlib Figure}``.
+
+    ``variants`` are (label, SimResult) pairs of what-if runs beside the baseline.
+    """
+    sc, s = result.scenario, result.summary
+    blocks: list[Block] = [
+        Heading(f"moesim report: {sc.name}", 1),
+        Paragraph(headline(s, sc.topology) + "."),
+        Paragraph(
+            f"Model {sc.model.name} ({sc.model.num_layers} layers, {sc.model.moe_layers} MoE, "
+            f"{sc.model.routed_experts} routed + {sc.model.shared_experts} shared experts, "
+            f"top-{sc.model.top_k}); GPU {sc.hardware.name}; "
+            f"{sc.parallel.tokens_per_gpu} tokens per GPU in {sc.parallel.micro_batches} "
+            f"micro-batch(es); routing {sc.routing.gate}, M = {sc.routing.max_devices} "
+            f"{sc.routing.limit_scope}s, {sc.routing.assignment} assignment, capacity factor "
+            f"{sc.routing.capacity_factor}."
+        ),
+        Heading("Step breakdown"),
+        Table(("quantity", "value"), tuple(breakdown_rows(s))),
+        Figure("figures/step_breakdown.png", "Where the mean GPU's step goes"),
+    ]
+    if variants:
+        names = ["baseline"] + [label for label, _ in variants]
+        results = [result] + [r for _, r in variants]
+        rows = tuple(
+            (label, *(fmt(r.summary[key]) for r in results)) for label, key, fmt in _COMPARE
+        )
+        blocks += [Heading("What if"), Table(("quantity", *names), rows)]
+    blocks += [
+        Heading("Imbalance and links"),
+        Figure("figures/expert_time.png", "Forward expert GEMM time per GPU and MoE layer"),
+        Figure("figures/expert_load.png", "Assignments per expert relative to the layer mean"),
+        Figure("figures/link_utilization.png", "Busy share of each directed link"),
+        Heading("Files"),
+        Paragraph("summary.json (all summary keys), scenario.yaml (the resolved scenario), "
+                  "spans.parquet, links.parquet, experts.parquet (tables), timeline.json "
+                  "(Chrome trace; open in https://ui.perfetto.dev)."),
+        Heading("What the model includes"),
+        Paragraph(
+            "One training step (forward and backward) or one forward pass of every layer on "
+            "every GPU, attention data-parallel, routed experts expert-parallel; analytical "
+            "network (latency plus the busiest link); roofline compute with the efficiencies "
+            "of the hardware preset. Not modelled yet: pipeline parallelism, data-parallel "
+            "gradient reduction, optimizer step, recomputation, multi-token prediction."
+        ),
+    ]
+    figs = {
+        "step_breakdown.png": figures.step_breakdown(s),
+        "expert_time.png": figures.expert_time_heatmap(result.spans),
+        "expert_load.png": figures.expert_load(result.experts),
+        "link_utilization.png": figures.link_utilization(result.links),
+    }
+    return blocks, figs

@@ -1,0 +1,57 @@
+"""Human-readable numbers and the terminal breakdown of a simulated step."""
+
+from __future__ import annotations
+
+
+def seconds(value: float) -> str:
+    if value >= 1:
+        return f"{value:.3f} s"
+    if value >= 1e-3:
+        return f"{value * 1e3:.2f} ms"
+    return f"{value * 1e6:.1f} us"
+
+
+def nbytes(value: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.2f} {unit}"
+    return f"{value:.0f} B"
+
+
+def breakdown_rows(s: dict) -> list[tuple[str, str]]:
+    """(label, value) rows shared by the terminal output and the report."""
+    return [
+        ("step time", seconds(s["step_time_s"])),
+        ("tokens/s", f"{s['tokens_per_s']:,.0f} ({s['tokens_per_s'] / s['gpus']:,.0f} per GPU)"),
+        ("MFU (vs BF16 peak)", f"{s['mfu']:.1%}"),
+        ("attention", seconds(s["attention_time_s"])),
+        ("expert GEMMs", f"{seconds(s['expert_compute_time_s'])} "
+                         f"(slowest GPU {seconds(s['expert_compute_max_time_s'])})"),
+        ("shared experts", seconds(s["shared_expert_time_s"])),
+        ("dense FFN + LM head", seconds(s["dense_ffn_time_s"] + s["lm_head_time_s"])),
+        ("dispatch", seconds(s["dispatch_time_s"])),
+        ("combine", seconds(s["combine_time_s"])),
+        ("exposed communication", seconds(s["comm_exposed_time_s"])),
+        ("waiting for slower peers", seconds(s["comm_wait_time_s"])),
+        ("NVLink bytes", nbytes(s["nvlink_bytes"])),
+        ("RDMA bytes", nbytes(s["rdma_bytes"])),
+        ("busiest link class", s["bottleneck_link"]),
+        ("GPU load max/mean", f"{s['max_over_mean_gpu_load']:.3f}"),
+        ("dropped assignments", f"{s['tokens_dropped']:,} ({s['dropped_token_fraction']:.2%})"),
+    ]
+
+
+def headline(s: dict, topology: str) -> str:
+    return (f"{s['scenario']}: {s['mode']} step on {s['gpus']} GPUs "
+            f"({s['ep_groups']} x EP{s['ep']}, {s['nodes']} nodes of {topology}), "
+            f"{s['dispatch_kernel']}")
+
+
+def format_summary(s: dict, topology: str) -> str:
+    rows = breakdown_rows(s)
+    width = max(len(label) for label, _ in rows)
+    lines = [headline(s, topology)]
+    lines += [f"  {label:<{width}}  {value}" for label, value in rows]
+    lines.append("  (times are per GPU and per step, summed over layers, micro-batches and "
+                 "forward+backward; see docs/metrics.md)")
+    return "\n".join(lines)
