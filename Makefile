@@ -14,7 +14,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/moesim simulate --out reports/out/demo --report
+	$(VENV)/bin/moesim simulate --out reports/out/demo --report \
+		--what-if routing.max_devices=8 --what-if parallel.dispatch_kernel=nccl-alltoall
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,1 @@
+"""moesim.cli: the `moesim` command line."""

@@ -97,7 +97,9 @@ def simulate(
 
       moesim simulate --set parallel.ep=32 --set routing.max_devices=2 --json
 
-      moesim simulate my-scenario.yaml --out runs/a --report --what-if routing.max_devices=8
+      moesim simulate examples/v2-device-limited.yaml --out runs/v2 --report
+
+      moesim simulate --out runs/m8 --report --what-if routing.max_devices=8
     """
     from moesim import load_scenario
     from moesim.simulation import simulate as run

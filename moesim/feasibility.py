@@ -82,7 +82,8 @@ def check_feasible(scenario: Scenario, topology=None) -> None:
                 raise InputError(str(err), field="topology") from None
             raise
     per_domain = topology.gpus_per_domain
-    if p.ep % per_domain and per_domain % p.ep:
+    # EP groups may not straddle NVLink domains unevenly (one partial domain is fine).
+    if p.total_gpus > per_domain and p.ep % per_domain and per_domain % p.ep:
         raise InputError(
             f"an EP group of {p.ep} GPUs would split a {per_domain}-GPU NVLink domain unevenly",
             field="parallel.ep",

@@ -10,7 +10,8 @@ Kernels (``../shared/ROUTING.md`` section 7):
 * ``deepep-normal``: a token goes once per destination *node* over RDMA, to the GPU
   with the same local index there, which forwards it over NVLink to every GPU of
   that node holding one of its experts; inside its own node it goes over NVLink.
-* ``deepep-low-latency``: one copy per (token, expert) straight over RDMA.
+* ``deepep-low-latency``: one copy per (token, expert), straight to the expert's GPU:
+  over NVLink when that GPU shares the source's NVLink domain, over RDMA otherwise.
 * ``nccl-alltoall``: one copy per (token, destination GPU): NVLink inside the node,
   the NIC between nodes.
 
@@ -135,7 +136,10 @@ def dispatch_loads(
     acc = _Accumulator(topology)
 
     if kernel == "deepep-low-latency":
-        s, g, c = _pairs(counts.pairs_sg, not_self)
+        # NVLink-reachable peers get a P2P copy, the others an RDMA put.
+        s, g, c = _pairs(counts.pairs_sg, not_self & same_node)
+        acc.nvlink(gpu[s], gpu[g], c)
+        s, g, c = _pairs(counts.pairs_sg, ~same_node)
         acc.network(gpu[s], gpu[g], c)
     elif kernel == "nccl-alltoall":
         s, g, c = _pairs(counts.reach_gpu_sg, not_self & same_node)

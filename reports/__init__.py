@@ -1,0 +1,1 @@
+"""moesim.reports: report documents and figures (matplotlib is imported lazily)."""

@@ -60,7 +60,7 @@ def link_utilization(links: pd.DataFrame):
     fig, ax = plt.subplots(figsize=(8, 3))
     kinds = [k for k in ("nvlink", "nic", "uplink") if (links["kind"] == k).any()]
     data = [links.loc[links["kind"] == k, "utilization"].to_numpy() * 100 for k in kinds]
-    ax.boxplot(data, vert=False)
+    ax.boxplot(data, orientation="horizontal")
     ax.set_yticks(range(1, len(kinds) + 1), kinds)
     ax.set_xlabel("busy share of the step (%)")
     ax.set_title("Link utilization (each directed link)")

@@ -23,7 +23,7 @@ def breakdown_rows(s: dict) -> list[tuple[str, str]]:
     return [
         ("step time", seconds(s["step_time_s"])),
         ("tokens/s", f"{s['tokens_per_s']:,.0f} ({s['tokens_per_s'] / s['gpus']:,.0f} per GPU)"),
-        ("MFU (vs BF16 peak)", f"{s['mfu']:.1%}"),
+        ("MFU", f"{s['mfu']:.1%} ({s['model_tflops_per_gpu']:.0f} model TFLOP/s per GPU)"),
         ("attention", seconds(s["attention_time_s"])),
         ("expert GEMMs", f"{seconds(s['expert_compute_time_s'])} "
                          f"(slowest GPU {seconds(s['expert_compute_max_time_s'])})"),
@@ -43,7 +43,7 @@ def breakdown_rows(s: dict) -> list[tuple[str, str]]:
 
 def headline(s: dict, topology: str) -> str:
     return (f"{s['scenario']}: {s['mode']} step on {s['gpus']} GPUs "
-            f"({s['ep_groups']} x EP{s['ep']}, {s['nodes']} nodes of {topology}), "
+            f"({s['ep_groups']} x EP{s['ep']}, {s['nodes']} node(s) of {topology}), "
             f"{s['dispatch_kernel']}")
 
 
