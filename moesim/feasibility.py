@@ -77,7 +77,8 @@ def check_feasible(scenario: Scenario, topology=None) -> None:
             topology = load_topology(scenario.topology, gpus=p.total_gpus)
         except InputError as err:
             if err.field == "gpus":
-                raise InputError(err.problem, field="parallel.gpus", allowed=err.allowed) from None
+                field = "parallel.gpus" if p.gpus is not None else "parallel.ep"
+                raise InputError(err.problem, field=field, allowed=err.allowed) from None
             if err.field is None or err.source == scenario.topology:
                 raise InputError(str(err), field="topology") from None
             raise
@@ -96,18 +97,18 @@ def check_feasible(scenario: Scenario, topology=None) -> None:
         )
     if r.max_devices is not None:
         units, per_unit = limit_units(scenario, per_domain)
+        allowed = f"{max(1, -(-m.top_k // per_unit))}..{units}"
         if r.max_devices > units:
             raise InputError(
                 f"M = {r.max_devices} is larger than the {units} "
                 f"{r.limit_scope}s of an EP group of {p.ep} GPUs",
-                field="routing.max_devices", allowed=f"1..{units}",
+                field="routing.max_devices", allowed=allowed,
             )
         if r.max_devices * per_unit < m.top_k:
             raise InputError(
                 f"M = {r.max_devices} {r.limit_scope}s hold {r.max_devices * per_unit} experts, "
                 f"fewer than top_k = {m.top_k}",
-                field="routing.max_devices",
-                allowed=f"{-(-m.top_k // per_unit)}..{units}",
+                field="routing.max_devices", allowed=allowed,
             )
 
 

@@ -192,18 +192,12 @@ def scenario_from_dict(
             f"unknown schema {schema!r}", field="schema", allowed=SCHEMA, source=source
         )
 
-    overridden: set[str] = set()
     for text in overrides:
         path, value = parse_override(text)
         _apply_override(data, path, value)
-        overridden.add(".".join(path))
 
     def blame(err: InputError) -> InputError:
-        hit = err.field and any(
-            err.field == key or err.field.startswith(key + ".") or key.startswith(err.field + ".")
-            for key in overridden
-        )
-        return err.with_source("--set" if hit else source)
+        return _attribute(err, source, overrides)
 
     try:
         # Without a hardware preset or full spec, the GPU is the topology's own; fields
@@ -301,7 +295,18 @@ def load_scenario(path: str | Path | None = None, *, overrides: Sequence[str] = 
     try:
         check_feasible(scenario)
     except InputError as err:
-        overridden = {".".join(parse_override(o)[0]) for o in overrides}
-        raise err.with_source("--set" if err.field in overridden else source) from None
+        raise _attribute(err, source, overrides) from None
     return scenario
+
+
+def _attribute(err: InputError, source: str, overrides: Sequence[str]) -> InputError:
+    """Blame ``--set`` when an override wrote the faulty field (or a section holding
+    it, or a field inside it), the scenario's source otherwise."""
+    overridden = {".".join(parse_override(text)[0]) for text in overrides}
+    field = err.field or ""
+    hit = field and any(
+        field == key or field.startswith(key + ".") or key.startswith(field + ".")
+        for key in overridden
+    )
+    return err.with_source("--set" if hit else source)
 

@@ -16,6 +16,10 @@ GateKind = Literal["softmax-topk", "device-limited", "group-limited-sigmoid"]
 class RoutingPolicy:
     """Gate kind, device limit, capacity and the synthetic assignment model.
 
+    ``gate`` names the model's score function (DeepSeek V1 softmax top-k, V2
+    device-limited, V3 group-limited sigmoid); it decides how captured scores are
+    re-routed. Synthetic assignments have no scores and honour only ``max_devices``.
+
     ``max_devices`` is ``M``: a token's experts lie on at most ``M`` nodes
     (``limit_scope: node``, DeepSeek-V3) or GPUs (``limit_scope: device``,
     DeepSeek-V2); ``None`` means no limit. ``capacity_factor`` bounds the
