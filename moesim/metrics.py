@@ -87,9 +87,10 @@ def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, coun
     comm_wait_g = _per_gpu_sum_wait(ops, timeline)
     exposed_g = exposed_comm_seconds(ops, timeline)
     bottlenecks = Counter(
-        costs[(op.layer - m.first_dense_layers) % len(costs)]
-        .exchanges[op.microbatch, op.phase, op.backward].time.bottleneck
+        t.bottleneck
         for op in ops if op.collective
+        for t in costs[(op.layer - m.first_dense_layers) % len(costs)]
+        .exchanges[op.microbatch, op.phase, op.backward].times
     )
     # Every byte is counted once, on the link it leaves from.
     nvlink_sent = float(links.loc[links["src"].str.startswith("gpu") & (links["kind"] == "nvlink"),

@@ -20,10 +20,14 @@ from moesim.traffic import LinkLoads, bytes_per_copy, dispatch_loads
 
 @dataclass(frozen=True, kw_only=True)
 class Exchange:
-    """One dispatch or combine of one layer situation: bytes per link and duration."""
+    """One dispatch or combine of all EP groups at once: bytes per link, and the
+    duration each group sees."""
 
-    loads: LinkLoads  # bytes
-    time: ExchangeTime
+    loads: LinkLoads  # bytes, all groups
+    times: list[ExchangeTime]  # per EP group
+
+    def seconds_per_gpu(self, ep: int) -> np.ndarray:
+        return np.repeat([t.seconds for t in self.times], ep)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,23 +68,28 @@ def _layer_costs(scenario: Scenario, topology, counts) -> list[LayerCosts]:
     for residue in range(n_draws):
         exchanges, expert_s, tokens_ge = {}, {}, []
         for mb in range(p.micro_batches):
-            copies = None
-            group_tokens = []
+            group_copies, group_tokens = [], []
             for group in range(p.ep_groups):
                 c: BatchCounts = counts[draw_of(residue, group, n_draws)][mb]
-                loads = dispatch_loads(c, kernel=kernel, topology=topology,
-                                       first_gpu=group * p.ep, gpus_per_node=per_node)
-                copies = loads if copies is None else copies + loads
+                group_copies.append(dispatch_loads(
+                    c, kernel=kernel, topology=topology, first_gpu=group * p.ep,
+                    gpus_per_node=per_node))
                 group_tokens.append(c.kept_e.reshape(p.ep, -1))
+            copies = sum(group_copies[1:], group_copies[0])
             tokens = np.concatenate(group_tokens)
             tokens_ge.append(tokens)
             for (phase, backward), nbytes in size.items():
                 if backward not in backward_flags:
                     continue
-                direction = copies if (phase, backward) in out_direction else copies.reversed()
-                loads = direction.scaled(nbytes)
-                exchanges[mb, phase, backward] = Exchange(
-                    loads=loads, time=exchange_time(loads, topology, overhead_s=overhead))
+                outward = (phase, backward) in out_direction
+
+                def as_bytes(c, outward=outward, nbytes=nbytes):
+                    return (c if outward else c.reversed()).scaled(nbytes)
+
+                loads = as_bytes(copies)
+                times = [exchange_time(loads, topology, overhead_s=overhead, own=as_bytes(g))
+                         for g in group_copies]
+                exchanges[mb, phase, backward] = Exchange(loads=loads, times=times)
             for backward in backward_flags:
                 expert_s[mb, backward] = compute.grouped_expert_seconds(
                     m, hw, tokens, backward=backward)
@@ -92,8 +101,9 @@ def _durations(scenario: Scenario, ops: list[Op], costs: list[LayerCosts], n_gpu
     """[ops, gpus] durations of every op on every GPU."""
     m, p, hw = scenario.model, scenario.parallel, scenario.hardware
     tokens = p.tokens_per_gpu // p.micro_batches
-    # SMs that run communication kernels are lost to compute for the whole step.
-    slowdown = hw.sms / (hw.sms - p.comm_sms)
+    # With overlapped micro-batches a communication kernel runs beside compute all step
+    # long, so its SMs are lost to compute; one micro-batch mostly alternates the two.
+    slowdown = hw.sms / (hw.sms - p.comm_sms) if p.micro_batches > 1 else 1.0
     n_draws = len(costs)
     fixed: dict[tuple[str, bool], float] = {}
     for backward in (False, True):
@@ -117,7 +127,7 @@ def _durations(scenario: Scenario, ops: list[Op], costs: list[LayerCosts], n_gpu
         else:
             assert op.stream == COMM
             ex = layer_costs.exchanges[op.microbatch, op.phase, op.backward]
-            duration[op.index] = ex.time.seconds
+            duration[op.index] = ex.seconds_per_gpu(p.ep)
     return duration
 
 

@@ -13,10 +13,11 @@ Kernels (``../shared/ROUTING.md`` section 7):
 * ``deepep-low-latency``: one copy per (token, expert), straight to the expert's GPU:
   over NVLink when that GPU shares the source's NVLink domain, over RDMA otherwise.
 * ``nccl-alltoall``: one copy per (token, destination GPU): NVLink inside the node,
-  the NIC between nodes.
+  the NIC between nodes, crossing NVLink first to the node's GPU on the destination's
+  rail (NCCL's PXN) so that it stays on one rail.
 
-On a multi-plane fabric a NIC reaches only GPUs of its own plane; a copy for another
-plane first crosses NVLink to the GPU of its node on that plane (as NCCL's PXN does).
+On a multi-plane fabric a NIC reaches only GPUs of its own plane, so every kernel's
+copies for another plane first cross NVLink to the GPU of its node on that plane.
 """
 
 from __future__ import annotations
@@ -88,11 +89,18 @@ class _Accumulator:
         self.nvl_out += np.bincount(src, weights=copies, minlength=self.n)
         self.nvl_in += np.bincount(dst, weights=copies, minlength=self.n)
 
-    def network(self, src: np.ndarray, dst: np.ndarray, copies: np.ndarray) -> None:
-        """Copies from GPU ``src`` to GPU ``dst`` over the scale-out fabric."""
+    def network(
+        self, src: np.ndarray, dst: np.ndarray, copies: np.ndarray, *, pxn: bool = False
+    ) -> None:
+        """Copies from GPU ``src`` to GPU ``dst`` over the scale-out fabric.
+
+        With ``pxn`` (NCCL's default) a copy for another rail first crosses NVLink to
+        the source node's GPU on the destination's rail; a multi-plane fabric has no
+        other way.
+        """
         topo = self.topo
-        if topo.multi_plane:
-            # Another plane is reached through the node's GPU on that plane.
+        if topo.multi_plane or (pxn and topo.rails > 1):
+            # Another rail (plane) is reached through the node's GPU on that rail.
             local = topo.local_of[src]
             proxy_local = local - local % topo.rails + topo.rail_of[dst]
             proxy = topo.domain_of[src] * topo.gpus_per_domain + proxy_local
@@ -145,7 +153,7 @@ def dispatch_loads(
         s, g, c = _pairs(counts.reach_gpu_sg, not_self & same_node)
         acc.nvlink(gpu[s], gpu[g], c)
         s, g, c = _pairs(counts.reach_gpu_sg, ~same_node)
-        acc.network(gpu[s], gpu[g], c)
+        acc.network(gpu[s], gpu[g], c, pxn=True)
     elif kernel == "deepep-normal":
         local = rank % gpus_per_node
         # Inside the source's node: straight over NVLink.

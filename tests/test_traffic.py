@@ -234,15 +234,35 @@ def test_exchange_time_latency_counts_each_link_class_used():
 
 def test_crossing_the_spines_adds_two_uplink_hops():
     """On the rail-optimized SuperPOD another rail is reached leaf -> spine -> leaf:
-    nccl-alltoall across nodes pays overhead + NVLink + NIC + 2 x 0.25 us uplink hops."""
+    DeepEP low-latency (one RDMA put per expert, straight from the source's NIC) across
+    nodes pays overhead + NVLink (same-node peers) + NIC + 2 x 0.25 us uplink hops."""
+    topo = load_topology("dgx-h100-superpod", gpus=16)
+    counts = count_batch(uniform_batch(n_experts=64, top_k=6, ep=16, tokens_per_rank=64,
+                                       seed=5), n_experts=64, ep=16, gpus_per_node=8)
+    loads = dispatch_loads(counts, kernel="deepep-low-latency", topology=topo, first_gpu=0,
+                           gpus_per_node=8)
+    assert loads.spine_total > 0
+    t = exchange_time(loads.scaled(1000), topo, overhead_s=5e-6)
+    assert t.latency_s == pytest.approx(5e-6 + 0.5e-6 + 1.0e-6 + 2 * 0.25e-6)
+
+
+def test_nccl_pxn_keeps_cross_node_traffic_on_one_rail():
+    """NCCL's PXN moves a copy over NVLink to the source node's GPU on the destination's
+    rail first, so two nodes under the same rail leaves never touch a spine, and every
+    NIC copy has the extra NVLink hop unless the rails already match."""
     topo = load_topology("dgx-h100-superpod", gpus=16)
     counts = count_batch(uniform_batch(n_experts=64, top_k=6, ep=16, tokens_per_rank=64,
                                        seed=5), n_experts=64, ep=16, gpus_per_node=8)
     loads = dispatch_loads(counts, kernel="nccl-alltoall", topology=topo, first_gpu=0,
                            gpus_per_node=8)
-    assert loads.spine_total > 0
-    t = exchange_time(loads.scaled(1000), topo, overhead_s=5e-6)
-    assert t.latency_s == pytest.approx(5e-6 + 0.5e-6 + 1.0e-6 + 2 * 0.25e-6)
+    assert loads.spine_total == 0
+    cross_node = counts.reach_gpu_sg[:8, 8:].sum() + counts.reach_gpu_sg[8:, :8].sum()
+    same_rail = sum(counts.reach_gpu_sg[i, 8 + i] + counts.reach_gpu_sg[8 + i, i]
+                    for i in range(8))
+    same_node = counts.reach_gpu_sg[:8, :8].sum() + counts.reach_gpu_sg[8:, 8:].sum() - (
+        np.trace(counts.reach_gpu_sg))
+    assert loads.nic_total == cross_node
+    assert loads.nvlink_total == same_node + cross_node - same_rail
 
 
 # ---------------------------------------------------------------- conservation
@@ -263,9 +283,10 @@ def test_bytes_sent_equal_bytes_received_per_link_class(kernel, topology, gpus):
     assert loads.nvl_out.sum() == loads.nvl_in.sum() > 0
     assert loads.nic_out.sum() == loads.nic_in.sum()
     assert loads.up.sum() == loads.down.sum()
-    if topology == "dgx-h100-superpod" and kernel != "deepep-normal":
-        # Rail-optimized: another rail is reached through the spines.
-        assert loads.up.sum() > 0
+    if topology == "dgx-h100-superpod":
+        # Rail-optimized: another rail is reached through the spines, unless the kernel
+        # stays on one rail (DeepEP normal by design, NCCL through PXN).
+        assert (loads.up.sum() > 0) == (kernel == "deepep-low-latency")
     if topology == "h800-node":
         assert loads.nic_out.sum() == 0  # one node: NVLink only, for every kernel
 

@@ -43,18 +43,27 @@ _CLASS = {"nvl_out": "nvlink", "nvl_in": "nvlink", "nic_out": "nic", "nic_in": "
           "up": "uplink", "down": "uplink"}
 
 
-def exchange_time(loads_bytes: LinkLoads, topology, *, overhead_s: float) -> ExchangeTime:
-    """Duration of one exchange whose bytes per link are ``loads_bytes``."""
+def exchange_time(
+    loads_bytes: LinkLoads, topology, *, overhead_s: float, own: LinkLoads | None = None
+) -> ExchangeTime:
+    """Duration of one exchange whose bytes per link are ``loads_bytes``.
+
+    With ``own`` (the bytes of one EP group within ``loads_bytes``, the exchange of all
+    groups), only the links that group uses count, each at the load of all groups: a
+    group is slowed by the others only where they share links.
+    """
+    own = loads_bytes if own is None else own
     busy = link_seconds(loads_bytes, topology)
     worst, bottleneck = 0.0, "none"
     for name, seconds in busy.items():
-        if seconds.size and seconds.max() > worst:
-            worst, bottleneck = float(seconds.max()), _CLASS[name]
+        used = getattr(own, name) > 0
+        if used.any() and seconds[used].max() > worst:
+            worst, bottleneck = float(seconds[used].max()), _CLASS[name]
     latency = overhead_s
-    if loads_bytes.nic_total > 0:
+    if own.nic_total > 0:
         latency += topology.nic_latency
-        if loads_bytes.spine_total > 0:
+        if own.spine_total > 0:
             latency += 2 * topology.uplink_latency
-    if loads_bytes.nvlink_total > 0:
+    if own.nvlink_total > 0:
         latency += topology.nvlink_latency
     return ExchangeTime(seconds=latency + worst, latency_s=latency, bottleneck=bottleneck)
