@@ -81,7 +81,8 @@ def simulate(
         help="Write summary, resolved scenario, tables (Parquet) and a Chrome trace here.")]
     = None,
     report: Annotated[bool, typer.Option(
-        help="Also write report.md / report.html with figures (needs --out).")] = False,
+        "--report", help="Also write report.md / report.html with figures (needs --out).")]
+    = False,
     what_if: Annotated[list[str], typer.Option(
         "--what-if", metavar="FIELD=VALUE",
         help="Also run a variant with this override and compare it in the report "

@@ -88,6 +88,30 @@ def _not_chosen(n: int, chosen_rs: np.ndarray) -> np.ndarray:
     return allowed_rx
 
 
+def _sample_distinct(
+    weight_x: np.ndarray, *, n_rows: int, n_slots: int, rng: np.random.Generator
+) -> np.ndarray:
+    """[rows, slots] distinct categories per row, drawn in proportion to ``weight_x``
+    among those not drawn yet."""
+    n = weight_x.shape[0]
+    if np.all(weight_x == weight_x[0]):
+        def draw(rows, _slot):
+            return rng.integers(0, n, rows.shape[0], dtype=np.int16)
+    else:
+        cdf_x = np.cumsum(weight_x)
+        cdf_x /= cdf_x[-1]
+        zeros, ones = np.zeros(n_rows), np.ones(n_rows)
+
+        def draw(rows, _slot):
+            return _draw_categorical(cdf_x, zeros[rows], ones[rows], rng)
+
+    def exact(rows, chosen_rs):
+        weight = np.broadcast_to(weight_x, (rows.shape[0], n))
+        return _gumbel_pick(weight, _not_chosen(n, chosen_rs), rng)
+
+    return _distinct_draws(draw, n_rows, n_slots, exact)
+
+
 def sample_topk(
     popularity_e: np.ndarray,
     *,
@@ -105,46 +129,19 @@ def sample_topk(
     """
     n_experts = popularity_e.shape[0]
     assert top_k <= n_experts < 2**15
-    cdf_e = np.cumsum(popularity_e)
-    cdf_e /= cdf_e[-1]
-    start_e = np.concatenate(([0.0], cdf_e[:-1]))
-    uniform = bool(np.all(popularity_e == popularity_e[0]))
-    zeros, ones = np.zeros(n_tokens), np.ones(n_tokens)
-
-    def exact_any(rows, chosen_rs):
-        weight = np.broadcast_to(popularity_e, (rows.shape[0], n_experts))
-        return _gumbel_pick(weight, _not_chosen(n_experts, chosen_rs), rng)
-
     if max_units is None:
-        if uniform:
-            def draw(rows, _slot):
-                return rng.integers(0, n_experts, rows.shape[0], dtype=np.int16)
-        else:
-            def draw(rows, _slot):
-                return _draw_categorical(cdf_e, zeros[rows], ones[rows], rng)
-
-        return _distinct_draws(draw, n_tokens, top_k, exact_any)
+        return _sample_distinct(popularity_e, n_rows=n_tokens, n_slots=top_k, rng=rng)
 
     assert unit_size is not None and n_experts % unit_size == 0
     n_units = n_experts // unit_size
     assert max_units <= n_units and max_units * unit_size >= top_k
     mass_u = popularity_e.reshape(n_units, unit_size).sum(axis=1)
-    cdf_u = np.cumsum(mass_u)
-    cdf_u /= cdf_u[-1]
+    units_tm = _sample_distinct(mass_u, n_rows=n_tokens, n_slots=max_units, rng=rng)
 
-    def exact_unit(rows, chosen_rs):
-        weight = np.broadcast_to(mass_u, (rows.shape[0], n_units))
-        return _gumbel_pick(weight, _not_chosen(n_units, chosen_rs), rng)
-
-    if uniform:
-        def draw_unit(rows, _slot):
-            return rng.integers(0, n_units, rows.shape[0], dtype=np.int16)
-    else:
-        def draw_unit(rows, _slot):
-            return _draw_categorical(cdf_u, zeros[rows], ones[rows], rng)
-
-    units_tm = _distinct_draws(draw_unit, n_tokens, max_units, exact_unit)
-
+    uniform = bool(np.all(popularity_e == popularity_e[0]))
+    cdf_e = np.cumsum(popularity_e)
+    cdf_e /= cdf_e[-1]
+    start_e = np.concatenate(([0.0], cdf_e[:-1]))
     if uniform:
         def draw_expert(rows, _slot):
             which = rng.integers(0, max_units, rows.shape[0])
