@@ -22,6 +22,7 @@ _EXPORTS = {
     "simulate": "moesim.simulation",
     "SimResult": "moesim.result",
     "InputError": "moesim.errors",
+    "RoutingTrace": "moesim.trace",
 }
 
 __all__ = [
@@ -30,6 +31,7 @@ __all__ = [
     "ModelShape",
     "ParallelConfig",
     "RoutingPolicy",
+    "RoutingTrace",
     "Scenario",
     "SimResult",
     "load_scenario",
@@ -48,6 +50,7 @@ if TYPE_CHECKING:
     from moesim.errors import InputError
     from moesim.result import SimResult
     from moesim.simulation import simulate
+    from moesim.trace import RoutingTrace
 
 
 def __getattr__(name: str):
