@@ -11,7 +11,6 @@ from moesim import compute
 from moesim.config.scenario import Scenario
 from moesim.engine.program import COMM, COMPUTE, Op
 from moesim.engine.simpy_engine import Timeline
-from moesim.routing.synthetic_layers import draw_of
 
 
 def _overlap_with(intervals_start, intervals_end, starts, ends) -> np.ndarray:
@@ -49,12 +48,12 @@ def _per_gpu_sum(ops, timeline, predicate) -> np.ndarray:
     return (timeline.end_og[rows] - timeline.start_og[rows]).sum(axis=0)
 
 
-def _load_imbalance(scenario: Scenario, costs) -> float:
+def _load_imbalance(scenario: Scenario, costs, keys_l) -> float:
     """Mean over MoE layers and EP groups of max/mean assignments per GPU."""
-    p, m = scenario.parallel, scenario.model
+    p = scenario.parallel
     ratios = []
-    for li in range(m.moe_layers):
-        tokens_g = sum(t.sum(axis=1) for t in costs[li % len(costs)].tokens_ge)
+    for key in keys_l:
+        tokens_g = sum(t.sum(axis=1) for t in costs[key].tokens_ge)
         for group in range(p.ep_groups):
             g = tokens_g[group * p.ep:(group + 1) * p.ep]
             if g.mean() > 0:
@@ -62,21 +61,16 @@ def _load_imbalance(scenario: Scenario, costs) -> float:
     return float(np.mean(ratios)) if ratios else 1.0
 
 
-def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, counts,
+def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys_l,
               links: pd.DataFrame) -> dict:
     m, p, hw = scenario.model, scenario.parallel, scenario.hardware
     step = float(timeline.end_og.max())
     tokens = p.total_gpus * p.tokens_per_gpu
     train = scenario.mode == "train"
 
-    dispatched = computed = dropped = 0
-    n_draws = len(counts)
-    for li in range(m.moe_layers):
-        for group in range(p.ep_groups):
-            for c in counts[draw_of(li, group, n_draws)]:
-                dispatched += c.routed
-                dropped += int(c.dropped_e.sum())
-        computed += int(sum(t.sum() for t in costs[li % len(costs)].tokens_ge))
+    dispatched = sum(costs[k].routed for k in keys_l)
+    dropped = int(sum(costs[k].dropped_e.sum() for k in keys_l))
+    computed = int(sum(t.sum() for k in keys_l for t in costs[k].tokens_ge))
 
     flops = compute.model_flops_per_token(m, p.seq_len) * tokens * (3 if train else 1)
     mean = {
@@ -89,7 +83,7 @@ def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, coun
     bottlenecks = Counter(
         t.bottleneck
         for op in ops if op.collective
-        for t in costs[(op.layer - m.first_dense_layers) % len(costs)]
+        for t in costs[keys_l[op.layer - m.first_dense_layers]]
         .exchanges[op.microbatch, op.phase, op.backward].times
     )
     # Every byte is counted once, on the link it leaves from.
@@ -105,7 +99,6 @@ def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, coun
         "ep_groups": p.ep_groups,
         "nodes": int(topology.n_domains),
         "dispatch_kernel": p.dispatch_kernel,
-        "routing_draws": n_draws,
         "step_time_s": step,
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / step,
@@ -124,7 +117,7 @@ def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, coun
         "nvlink_bytes": nvlink_sent,
         "rdma_bytes": rdma_sent,
         "bottleneck_link": bottlenecks.most_common(1)[0][0] if bottlenecks else "none",
-        "max_over_mean_gpu_load": _load_imbalance(scenario, costs),
+        "max_over_mean_gpu_load": _load_imbalance(scenario, costs, keys_l),
         "dropped_token_fraction": dropped / dispatched if dispatched else 0.0,
         "tokens_dispatched": dispatched,
         "tokens_computed": computed,

@@ -13,8 +13,7 @@ from moesim.engine.simpy_engine import run_program
 from moesim.feasibility import check_feasible
 from moesim.network.analytical import ExchangeTime, exchange_time
 from moesim.result import SimResult
-from moesim.routing.batch import BatchCounts, count_batch
-from moesim.routing.synthetic_layers import draw_of, layer_draws, synthetic_batches
+from moesim.routing.batch import BatchCounts
 from moesim.traffic import LinkLoads, bytes_per_copy, dispatch_loads
 
 
@@ -32,21 +31,23 @@ class Exchange:
 
 @dataclass(frozen=True, kw_only=True)
 class LayerCosts:
-    """Costs of MoE layers whose index is ``residue`` modulo the number of draws."""
+    """Costs of the MoE layers that share one routing key."""
 
     exchanges: dict[tuple[int, str, bool], Exchange]  # (microbatch, phase, backward)
     expert_s: dict[tuple[int, bool], np.ndarray]  # (microbatch, backward) -> [gpus]
     tokens_ge: list[np.ndarray]  # per microbatch: [gpus, local experts] kept assignments
+    routed: int  # assignments the gate made, all groups and micro-batches
+    kept_e: np.ndarray  # [E] assignments computed, all groups and micro-batches
+    dropped_e: np.ndarray  # [E] assignments dropped
 
 
 def _group_gpus_per_node(scenario: Scenario, topology) -> int:
     return min(scenario.parallel.ep, topology.gpus_per_domain)
 
 
-def _layer_costs(scenario: Scenario, topology, counts) -> list[LayerCosts]:
-    """Costs for each residue of MoE layer index modulo the number of draws."""
+def _layer_costs(scenario: Scenario, topology, counts_gm: list[list[BatchCounts]]) -> LayerCosts:
+    """Costs of one routing key from its counts per EP group and micro-batch."""
     m, p, hw = scenario.model, scenario.parallel, scenario.hardware
-    n_draws = len(counts)
     per_node = _group_gpus_per_node(scenario, topology)
     overhead = hw.comm_overhead_us * 1e-6
     kernel = p.dispatch_kernel
@@ -64,47 +65,50 @@ def _layer_costs(scenario: Scenario, topology, counts) -> list[LayerCosts]:
     }
     out_direction = {("dispatch", False), ("combine", True)}
     backward_flags = (False, True) if scenario.mode == "train" else (False,)
-    costs = []
-    for residue in range(n_draws):
-        exchanges, expert_s, tokens_ge = {}, {}, []
-        for mb in range(p.micro_batches):
-            group_copies, group_tokens = [], []
-            for group in range(p.ep_groups):
-                c: BatchCounts = counts[draw_of(residue, group, n_draws)][mb]
-                group_copies.append(dispatch_loads(
-                    c, kernel=kernel, topology=topology, first_gpu=group * p.ep,
-                    gpus_per_node=per_node))
-                group_tokens.append(c.kept_e.reshape(p.ep, -1))
-            copies = sum(group_copies[1:], group_copies[0])
-            tokens = np.concatenate(group_tokens)
-            tokens_ge.append(tokens)
-            for (phase, backward), nbytes in size.items():
-                if backward not in backward_flags:
-                    continue
-                outward = (phase, backward) in out_direction
+    exchanges, expert_s, tokens_ge = {}, {}, []
+    for mb in range(p.micro_batches):
+        group_copies, group_tokens = [], []
+        for group in range(p.ep_groups):
+            c = counts_gm[group][mb]
+            group_copies.append(dispatch_loads(
+                c, kernel=kernel, topology=topology, first_gpu=group * p.ep,
+                gpus_per_node=per_node))
+            group_tokens.append(c.kept_e.reshape(p.ep, -1))
+        copies = sum(group_copies[1:], group_copies[0])
+        tokens = np.concatenate(group_tokens)
+        tokens_ge.append(tokens)
+        for (phase, backward), nbytes in size.items():
+            if backward not in backward_flags:
+                continue
+            outward = (phase, backward) in out_direction
 
-                def as_bytes(c, outward=outward, nbytes=nbytes):
-                    return (c if outward else c.reversed()).scaled(nbytes)
+            def as_bytes(c, outward=outward, nbytes=nbytes):
+                return (c if outward else c.reversed()).scaled(nbytes)
 
-                loads = as_bytes(copies)
-                times = [exchange_time(loads, topology, overhead_s=overhead, own=as_bytes(g))
-                         for g in group_copies]
-                exchanges[mb, phase, backward] = Exchange(loads=loads, times=times)
-            for backward in backward_flags:
-                expert_s[mb, backward] = compute.grouped_expert_seconds(
-                    m, hw, tokens, backward=backward)
-        costs.append(LayerCosts(exchanges=exchanges, expert_s=expert_s, tokens_ge=tokens_ge))
-    return costs
+            loads = as_bytes(copies)
+            times = [exchange_time(loads, topology, overhead_s=overhead, own=as_bytes(g))
+                     for g in group_copies]
+            exchanges[mb, phase, backward] = Exchange(loads=loads, times=times)
+        for backward in backward_flags:
+            expert_s[mb, backward] = compute.grouped_expert_seconds(
+                m, hw, tokens, backward=backward)
+    every = [c for per_group in counts_gm for c in per_group]
+    return LayerCosts(
+        exchanges=exchanges, expert_s=expert_s, tokens_ge=tokens_ge,
+        routed=sum(c.routed for c in every),
+        kept_e=np.sum([c.kept_e for c in every], axis=0),
+        dropped_e=np.sum([c.dropped_e for c in every], axis=0),
+    )
 
 
-def _durations(scenario: Scenario, ops: list[Op], costs: list[LayerCosts], n_gpus: int):
+def _durations(scenario: Scenario, ops: list[Op], costs: list[LayerCosts], keys_l: list[int],
+               n_gpus: int):
     """[ops, gpus] durations of every op on every GPU."""
     m, p, hw = scenario.model, scenario.parallel, scenario.hardware
     tokens = p.tokens_per_gpu // p.micro_batches
     # With overlapped micro-batches a communication kernel runs beside compute all step
     # long, so its SMs are lost to compute; one micro-batch mostly alternates the two.
     slowdown = hw.sms / (hw.sms - p.comm_sms) if p.micro_batches > 1 else 1.0
-    n_draws = len(costs)
     fixed: dict[tuple[str, bool], float] = {}
     for backward in (False, True):
         fixed["attention", backward] = compute.attention_seconds(
@@ -121,7 +125,7 @@ def _durations(scenario: Scenario, ops: list[Op], costs: list[LayerCosts], n_gpu
         if (op.phase, op.backward) in fixed:
             duration[op.index] = fixed[op.phase, op.backward] * slowdown
             continue
-        layer_costs = costs[(op.layer - m.first_dense_layers) % n_draws]
+        layer_costs = costs[keys_l[op.layer - m.first_dense_layers]]
         if op.phase == "experts":
             duration[op.index] = layer_costs.expert_s[op.microbatch, op.backward] * slowdown
         else:
@@ -131,9 +135,14 @@ def _durations(scenario: Scenario, ops: list[Op], costs: list[LayerCosts], n_gpu
     return duration
 
 
-def simulate(scenario: Scenario) -> SimResult:
-    """Simulate one step of ``scenario``; deterministic for a given ``scenario.seed``."""
+def simulate(scenario: Scenario, trace=None) -> SimResult:
+    """Simulate one step of ``scenario``; deterministic for a given ``scenario.seed``.
+
+    Routing replays ``trace`` (a RoutingTrace), else the trace the scenario names,
+    else synthetic draws.
+    """
     from moesim.metrics import summarize
+    from moesim.routing.source import SyntheticSource
     from moesim.tables import experts_table, links_table, spans_table
     from moesim.topologies import load_topology
 
@@ -142,28 +151,25 @@ def simulate(scenario: Scenario) -> SimResult:
     check_feasible(scenario, topology)
     rng = np.random.default_rng(scenario.seed)
 
-    n_draws = layer_draws(scenario)
-    counts: list[list[BatchCounts | None]] = [[None] * p.micro_batches for _ in range(n_draws)]
-    for draw, mb, batch in synthetic_batches(
-        scenario, gpus_per_domain=topology.gpus_per_domain, rng=rng
-    ):
-        counts[draw][mb] = count_batch(batch, n_experts=scenario.model.routed_experts,
-                                       ep=p.ep, gpus_per_node=_group_gpus_per_node(
-                                           scenario, topology))
-    costs = _layer_costs(scenario, topology, counts)
+    source = SyntheticSource(scenario, gpus_per_domain=topology.gpus_per_domain, rng=rng)
+    keys_l = source.keys_per_layer(scenario.model.moe_layers)
+    costs = [_layer_costs(scenario, topology, source.key_counts(key))
+             for key in range(source.n_keys)]
     ops = build_program(
         num_layers=scenario.model.num_layers,
         first_dense_layers=scenario.model.first_dense_layers,
         micro_batches=p.micro_batches,
         train=scenario.mode == "train",
     )
-    duration_og = _durations(scenario, ops, costs, p.total_gpus)
+    duration_og = _durations(scenario, ops, costs, keys_l, p.total_gpus)
     timeline = run_program(ops, duration_og, ep=p.ep)
 
     spans = spans_table(ops, timeline, ep=p.ep)
-    links = links_table(scenario, topology, ops, costs)
-    experts = experts_table(scenario, counts)
-    summary = summarize(scenario, topology, ops, timeline, costs, counts, links)
+    links = links_table(scenario, topology, ops, costs, keys_l)
+    experts = experts_table(scenario, costs, keys_l)
+    summary = summarize(scenario, topology, ops, timeline, costs, keys_l, links)
+    summary["routing_source"] = "synthetic"
+    summary["routing_draws"] = source.n_keys
     if not links.empty:
         links["utilization"] = links["busy_s"] / summary["step_time_s"]
     return SimResult(scenario=scenario, summary=summary, spans=spans, links=links,

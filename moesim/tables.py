@@ -8,7 +8,6 @@ import pandas as pd
 from moesim.config.scenario import Scenario
 from moesim.engine.program import Op
 from moesim.engine.simpy_engine import Timeline
-from moesim.routing.synthetic_layers import draw_of
 from moesim.traffic import LinkLoads
 
 
@@ -32,13 +31,13 @@ def spans_table(ops: list[Op], timeline: Timeline, *, ep: int) -> pd.DataFrame:
     })
 
 
-def step_link_loads(ops: list[Op], costs, first_dense_layers: int) -> LinkLoads | None:
+def step_link_loads(ops: list[Op], costs, keys_l, first_dense_layers: int) -> LinkLoads | None:
     """Bytes per link summed over every exchange of the step."""
     total = None
     for op in ops:
         if not op.collective:
             continue
-        layer_costs = costs[(op.layer - first_dense_layers) % len(costs)]
+        layer_costs = costs[keys_l[op.layer - first_dense_layers]]
         loads = layer_costs.exchanges[op.microbatch, op.phase, op.backward].loads
         total = loads if total is None else total + loads
     return total
@@ -50,9 +49,9 @@ def _edge_rows(graph, u: str, v: str, nbytes: float, rows: list) -> None:
     rows.append((f"{u}->{v}", u, v, attrs["kind"], nbytes, nbytes / achievable))
 
 
-def links_table(scenario: Scenario, topology, ops: list[Op], costs) -> pd.DataFrame:
+def links_table(scenario: Scenario, topology, ops: list[Op], costs, keys_l) -> pd.DataFrame:
     """Bytes and busy time of every directed NVLink, NIC and uplink edge."""
-    total = step_link_loads(ops, costs, scenario.model.first_dense_layers)
+    total = step_link_loads(ops, costs, keys_l, scenario.model.first_dense_layers)
     n = topology.n_gpus
     if total is None:
         total = LinkLoads.zeros(n, topology.n_leaves)
@@ -77,24 +76,13 @@ def links_table(scenario: Scenario, topology, ops: list[Op], costs) -> pd.DataFr
     return pd.DataFrame(rows, columns=["link", "src", "dst", "kind", "bytes", "busy_s"])
 
 
-def experts_table(scenario: Scenario, counts) -> pd.DataFrame:
+def experts_table(scenario: Scenario, costs, keys_l) -> pd.DataFrame:
     """Forward (token, expert) assignments computed and dropped per MoE layer."""
-    m, p = scenario.model, scenario.parallel
-    n_draws = len(counts)
-    layers, tokens, dropped = [], [], []
-    for li in range(m.moe_layers):
-        kept = np.zeros(m.routed_experts, dtype=np.int64)
-        lost = np.zeros(m.routed_experts, dtype=np.int64)
-        for group in range(p.ep_groups):
-            for c in counts[draw_of(li, group, n_draws)]:
-                kept += c.kept_e
-                lost += c.dropped_e
-        layers.append(np.full(m.routed_experts, m.first_dense_layers + li))
-        tokens.append(kept)
-        dropped.append(lost)
+    m = scenario.model
+    layer_l = m.first_dense_layers + np.arange(m.moe_layers)
     return pd.DataFrame({
-        "layer": np.concatenate(layers).astype(np.int32),
+        "layer": np.repeat(layer_l, m.routed_experts).astype(np.int32),
         "expert": np.tile(np.arange(m.routed_experts, dtype=np.int32), m.moe_layers),
-        "tokens": np.concatenate(tokens),
-        "dropped": np.concatenate(dropped),
+        "tokens": np.concatenate([costs[k].kept_e for k in keys_l]).astype(np.int64),
+        "dropped": np.concatenate([costs[k].dropped_e for k in keys_l]).astype(np.int64),
     })
