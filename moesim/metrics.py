@@ -69,7 +69,7 @@ def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys
     train = scenario.mode == "train"
 
     dispatched = sum(costs[k].routed for k in keys_l)
-    dropped = int(sum(costs[k].dropped_e.sum() for k in keys_l))
+    dropped = int(sum(costs[k].dropped_e.sum() + costs[k].dropped_unknown for k in keys_l))
     computed = int(sum(t.sum() for k in keys_l for t in costs[k].tokens_ge))
 
     flops = compute.model_flops_per_token(m, p.seq_len) * tokens * (3 if train else 1)

@@ -39,6 +39,7 @@ class LayerCosts:
     routed: int  # assignments the gate made, all groups and micro-batches
     kept_e: np.ndarray  # [E] assignments computed, all groups and micro-batches
     dropped_e: np.ndarray  # [E] assignments dropped
+    dropped_unknown: int  # replayed slots recorded as dropped, expert unknown
 
 
 def _group_gpus_per_node(scenario: Scenario, topology) -> int:
@@ -98,6 +99,7 @@ def _layer_costs(scenario: Scenario, topology, counts_gm: list[list[BatchCounts]
         routed=sum(c.routed for c in every),
         kept_e=np.sum([c.kept_e for c in every], axis=0),
         dropped_e=np.sum([c.dropped_e for c in every], axis=0),
+        dropped_unknown=sum(c.dropped_unknown for c in every),
     )
 
 
@@ -142,16 +144,23 @@ def simulate(scenario: Scenario, trace=None) -> SimResult:
     else synthetic draws.
     """
     from moesim.metrics import summarize
-    from moesim.routing.source import SyntheticSource
+    from moesim.routing.source import SyntheticSource, TraceSource
     from moesim.tables import experts_table, links_table, spans_table
     from moesim.topologies import load_topology
+    from moesim.trace import RoutingTrace
 
     p = scenario.parallel
     topology = load_topology(scenario.topology, gpus=p.total_gpus)
     check_feasible(scenario, topology)
     rng = np.random.default_rng(scenario.seed)
 
-    source = SyntheticSource(scenario, gpus_per_domain=topology.gpus_per_domain, rng=rng)
+    if trace is None and scenario.trace is not None:
+        trace = RoutingTrace.load(scenario.trace)
+    if trace is None:
+        source = SyntheticSource(scenario, gpus_per_domain=topology.gpus_per_domain, rng=rng)
+    else:
+        source = TraceSource(scenario, trace, gpus_per_domain=topology.gpus_per_domain,
+                             rng=rng)
     keys_l = source.keys_per_layer(scenario.model.moe_layers)
     costs = [_layer_costs(scenario, topology, source.key_counts(key))
              for key in range(source.n_keys)]
@@ -168,8 +177,13 @@ def simulate(scenario: Scenario, trace=None) -> SimResult:
     links = links_table(scenario, topology, ops, costs, keys_l)
     experts = experts_table(scenario, costs, keys_l)
     summary = summarize(scenario, topology, ops, timeline, costs, keys_l, links)
-    summary["routing_source"] = "synthetic"
-    summary["routing_draws"] = source.n_keys
+    if trace is None:
+        summary["routing_source"] = "synthetic"
+        summary["routing_draws"] = source.n_keys
+    else:
+        summary["routing_source"] = f"trace ({scenario.routing.replay})"
+        summary["routing_trace"] = scenario.trace or trace.metadata.get("source", {}).get(
+            "kind", "in memory")
     if not links.empty:
         links["utilization"] = links["busy_s"] / summary["step_time_s"]
     return SimResult(scenario=scenario, summary=summary, spans=spans, links=links,

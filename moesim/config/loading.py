@@ -292,6 +292,11 @@ def load_scenario(path: str | Path | None = None, *, overrides: Sequence[str] = 
         source = str(path)
         data = read_yaml(path)
     scenario = scenario_from_dict(data, source=source, overrides=overrides)
+    if scenario.trace is not None and path is not None:
+        # A trace named in a scenario file is found next to that file first.
+        beside = Path(path).parent / scenario.trace
+        if not Path(scenario.trace).is_absolute() and beside.exists():
+            scenario = dataclasses.replace(scenario, trace=str(beside))
     try:
         check_feasible(scenario)
     except InputError as err:

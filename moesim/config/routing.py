@@ -27,7 +27,13 @@ class RoutingPolicy:
     ``ceil(cf * assignments / ep)``; the rest are dropped by ``drop_policy``
     (``probs``: lowest gate weight first; ``position``: latest tokens first).
 
-    Until captured traces are replayed, assignments are drawn per MoE layer:
+    A share ``never_drop_fraction`` of sequences is never dropped (DeepSeek-V2 kept
+    about 10% of training sequences whole).
+
+    With a trace (``Scenario.trace``), ``replay: captured`` uses the captured expert
+    choices as they are (``gate`` and ``M`` do not change them); ``replay: reroute``
+    routes the trace's stored scores again under this policy's gate, ``M`` and top-k.
+    Without a trace, assignments are drawn per MoE layer:
     ``uniform`` or ``zipf`` expert popularity (exponent ``zipf_exponent``, hot experts
     placed at random per layer). ``layer_samples`` independent layer draws are made
     and cycled through the MoE layers; the expected step time does not depend on it,
@@ -42,3 +48,5 @@ class RoutingPolicy:
     assignment: Literal["uniform", "zipf"] = "uniform"
     zipf_exponent: float = Field(default=1.0, ge=0)
     layer_samples: int | None = Field(default=8, gt=0)
+    never_drop_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
+    replay: Literal["captured", "reroute"] = "captured"

@@ -22,7 +22,9 @@ class Scenario:
     """A model on a cluster with a parallel layout and a routing policy.
 
     ``mode: train`` simulates forward and backward of one step; ``inference``
-    the forward pass only. ``topology`` is a preset name or a YAML path.
+    the forward pass only. ``topology`` is a preset name or a YAML path; ``trace`` a
+    routing trace (``.npz``, schema ``moesim.trace/1``) to replay instead of synthetic
+    routing.
     """
 
     name: str = "scenario"
@@ -33,6 +35,7 @@ class Scenario:
     topology: str
     parallel: ParallelConfig
     routing: RoutingPolicy
+    trace: str | None = None
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML/JSON ready) that loads back to an equal scenario."""

@@ -12,7 +12,8 @@ class RoutedBatch:
     """Routing of one micro-batch in one EP group.
 
     Token ``t`` lives on rank ``t // tokens_per_rank`` of the group; ``ids_tk`` are its
-    experts and ``kept_tk`` says which assignments survived capacity dropping.
+    experts and ``kept_tk`` says which assignments survived capacity dropping. An id of
+    ``-1`` (never kept) is a slot a replayed trace recorded as already dropped.
     """
 
     ids_tk: np.ndarray
@@ -22,6 +23,7 @@ class RoutedBatch:
     def __post_init__(self) -> None:
         assert self.ids_tk.shape == self.kept_tk.shape
         assert self.ids_tk.shape[0] % self.tokens_per_rank == 0
+        assert not self.kept_tk[self.ids_tk < 0].any(), "a kept slot without an expert"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -35,6 +37,7 @@ class BatchCounts:
     routed: int  # (token, expert) assignments made by the gate, kept or not
     kept_e: np.ndarray  # [E] assignments each expert computes
     dropped_e: np.ndarray  # [E] assignments dropped at each expert
+    dropped_unknown: int  # slots dropped before a replayed trace was recorded (id -1)
     pairs_sg: np.ndarray  # [ep, ep] kept assignments from rank s to rank g
     reach_gpu_sg: np.ndarray  # [ep, ep] tokens of rank s with >= 1 kept expert on g
     reach_node_sn: np.ndarray  # [ep, nodes] tokens of rank s with >= 1 kept expert on node n
@@ -82,7 +85,8 @@ def count_batch(
         dropped_e = np.zeros(n_experts, dtype=np.int64)
     else:
         kept_e = np.bincount(ids_kt[kept_kt], minlength=n_experts)
-        dropped_e = np.bincount(ids_kt[~kept_kt], minlength=n_experts)
+        lost = ids_kt[~kept_kt]
+        dropped_e = np.bincount(lost[lost >= 0], minlength=n_experts)
 
     gpu_kt = ids_kt // experts_per_gpu
     if not all_kept:
@@ -102,6 +106,7 @@ def count_batch(
         routed=int(ids_kt.size),
         kept_e=kept_e,
         dropped_e=dropped_e,
+        dropped_unknown=int((ids_kt < 0).sum()),
         pairs_sg=pairs_sg,
         reach_gpu_sg=reach_gpu_sg,
         reach_node_sn=reach_node_sn,

@@ -56,3 +56,83 @@ class SyntheticSource(RoutingSource):
 
     def key_counts(self, key: int) -> list[list[BatchCounts]]:
         return [self.draws[draw_of(key, g, self.n_keys)] for g in range(self.groups)]
+
+
+class TraceSource(RoutingSource):
+    """Replays a RoutingTrace: every MoE layer is its own key.
+
+    Scenario MoE layer ``l`` uses trace layer ``l mod L``. Each (EP group,
+    micro-batch) takes a window of consecutive trace tokens (so sequences stay
+    together) starting at a seeded offset, wrapping around when the trace is shorter;
+    with recorded source ranks, rank ``r`` takes its tokens from recorded rank
+    ``r mod R``. Layers are routed one at a time, so memory stays bounded by one
+    layer's counts.
+    """
+
+    def __init__(self, scenario: Scenario, trace, *, gpus_per_domain: int,
+                 rng: np.random.Generator):
+        check_trace(scenario, trace)
+        self.scenario, self.trace, self.rng = scenario, trace, rng
+        self.per_node = min(scenario.parallel.ep, gpus_per_domain)
+        self.gpus_per_domain = gpus_per_domain
+        self.n_keys = scenario.model.moe_layers
+        ranks = trace.src_rank
+        self.rank_tokens = None
+        if ranks is not None:
+            self.rank_tokens = [np.flatnonzero(ranks == r) for r in np.unique(ranks)]
+
+    def key_of(self, moe_layer: int) -> int:
+        return moe_layer
+
+    def _window(self, tokens: np.ndarray, n: int) -> np.ndarray:
+        start = int(self.rng.integers(tokens.shape[0]))
+        return tokens[(start + np.arange(n)) % tokens.shape[0]]
+
+    def _token_ids(self, per_rank: int) -> np.ndarray:
+        ep = self.scenario.parallel.ep
+        if self.rank_tokens is None:
+            return self._window(np.arange(self.trace.num_tokens), ep * per_rank)
+        return np.concatenate([
+            self._window(self.rank_tokens[r % len(self.rank_tokens)], per_rank)
+            for r in range(ep)
+        ])
+
+    def key_counts(self, key: int) -> list[list[BatchCounts]]:
+        from moesim.routing.replay import route_tokens
+
+        p = self.scenario.parallel
+        per_rank = p.tokens_per_gpu // p.micro_batches
+        layer = key % self.trace.num_layers
+        out = []
+        for _group in range(p.ep_groups):
+            row = []
+            for mb in range(p.micro_batches):
+                tokens = self._token_ids(per_rank)
+                batch = route_tokens(self.scenario, self.trace, layer, tokens,
+                                     tokens_per_rank=per_rank,
+                                     gpus_per_domain=self.gpus_per_domain,
+                                     seed=int(self.rng.integers(2**31)) + mb)
+                row.append(_count(self.scenario, batch, self.per_node))
+            out.append(row)
+        return out
+
+
+def check_trace(scenario: Scenario, trace) -> None:
+    """InputError unless the trace can drive this scenario."""
+    from moesim.errors import InputError
+
+    m, r = scenario.model, scenario.routing
+    if trace.num_experts != m.routed_experts:
+        raise InputError(
+            f"the trace routes over {trace.num_experts} experts, the model has "
+            f"{m.routed_experts}; fit a synthetic trace to it for other expert counts",
+            field="trace", allowed=f"a trace with {m.routed_experts} experts")
+    if r.replay == "captured" and trace.top_k != m.top_k:
+        raise InputError(
+            f"captured choices have top_k {trace.top_k}, the model {m.top_k}",
+            field="routing.replay", allowed="reroute (from stored scores), or a matching trace")
+    if r.replay == "reroute" and trace.scores is None:
+        raise InputError("re-routing needs the trace's scores, and this trace has none",
+                         field="routing.replay", allowed="captured")
+    if trace.num_tokens == 0:
+        raise InputError("the trace has no tokens", field="trace")

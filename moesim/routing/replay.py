@@ -1,0 +1,61 @@
+"""Routing one window of trace tokens for the simulator.
+
+``captured`` replays the recorded choices; ``reroute`` routes the stored scores again
+with the torch routing functions of ``moesim.traces`` (one implementation of every
+gate) under the scenario's gate, ``M`` and top-k. Capacity dropping, when the
+scenario sets a capacity factor, applies after either.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moesim.config.scenario import Scenario
+from moesim.feasibility import limit_units
+from moesim.routing.batch import RoutedBatch
+from moesim.routing.dropping import keep_within_capacity
+
+
+def _reroute(scenario: Scenario, trace, layer: int, tokens: np.ndarray,
+             gpus_per_domain: int) -> tuple[np.ndarray, np.ndarray]:
+    import torch
+
+    from moesim.traces.gates import route
+
+    m, r = scenario.model, scenario.routing
+    scores_te = torch.from_numpy(trace.scores[layer, tokens].astype(np.float32))
+    group_size = max_groups = None
+    if r.max_devices is not None:
+        _, group_size = limit_units(scenario, gpus_per_domain)
+        max_groups = r.max_devices
+    bias = None
+    if r.gate == "group-limited-sigmoid" and trace.bias is not None:
+        bias = torch.from_numpy(trace.bias[layer])
+    routing = route(scores_te, kind=r.gate, top_k=m.top_k, group_size=group_size,
+                    max_groups=max_groups, bias_e=bias)
+    return routing.ids_tk.numpy(), routing.weights_tk.numpy()
+
+
+def route_tokens(scenario: Scenario, trace, layer: int, tokens: np.ndarray, *,
+                 tokens_per_rank: int, gpus_per_domain: int, seed: int) -> RoutedBatch:
+    """Routed batch of trace ``tokens`` (indices, rank-major) of trace ``layer``."""
+    r, p = scenario.routing, scenario.parallel
+    if r.replay == "reroute":
+        ids_tk, weights_tk = _reroute(scenario, trace, layer, tokens, gpus_per_domain)
+    else:
+        ids_tk = trace.expert_ids[layer, tokens].astype(np.int64)
+        weights_tk = trace.weights[layer, tokens]
+    kept_tk = ids_tk >= 0
+    if r.capacity_factor is not None:
+        if r.drop_policy == "probs":
+            priority_tk = weights_tk
+        else:
+            position_t = np.arange(tokens.shape[0]) % tokens_per_rank
+            priority_tk = -np.repeat(position_t[:, None], ids_tk.shape[1], axis=1)
+        kept_tk = keep_within_capacity(
+            ids_tk, priority_tk, experts_per_device=scenario.model.routed_experts // p.ep,
+            n_devices=p.ep, capacity_factor=r.capacity_factor,
+            seq_id_t=trace.seq_id[tokens], never_drop_fraction=r.never_drop_fraction,
+            seed=seed,
+        )
+    return RoutedBatch(ids_tk=ids_tk, kept_tk=kept_tk, tokens_per_rank=tokens_per_rank)
