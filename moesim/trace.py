@@ -20,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -92,7 +93,9 @@ class RoutingTrace:
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError) as err:
+        # Damaged members fail inside zlib or with an unknown compression method.
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error,
+                NotImplementedError) as err:
             raise InputError(f"not a moesim trace archive ({err})", source=source,
                              allowed=f"a .npz written by moesim ({SCHEMA})") from None
         try:
@@ -104,6 +107,9 @@ class RoutingTrace:
             metadata = json.loads(raw.astype(np.uint8).tobytes().decode("utf-8"))
         except (ValueError, UnicodeDecodeError):
             raise InputError("metadata is not JSON", field="metadata", source=source) from None
+        if not isinstance(metadata, dict):
+            raise InputError(f"metadata is a JSON {type(metadata).__name__}", field="metadata",
+                             source=source, allowed="a JSON object")
         unknown = sorted(set(arrays) - set(_ARRAYS))
         if unknown:
             raise InputError(f"unknown arrays {unknown}", field=unknown[0], source=source,
@@ -135,8 +141,21 @@ def _fail(problem: str, field: str, allowed: str | None = None):
 
 
 def _check_finite(name: str, array: np.ndarray) -> None:
+    if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
+        _fail(f"expected numbers, got {array.dtype}", name, "integer or float arrays")
     if not np.isfinite(array).all():
         _fail("contains NaN or infinite values", name, "finite numbers")
+
+
+def _narrow(name: str, array: np.ndarray, dtype) -> np.ndarray:
+    """``array`` in the schema's float dtype; values beyond its range would turn into
+    inf and make a file that cannot be read back, so they are an error here."""
+    with np.errstate(over="ignore"):
+        out = array.astype(dtype, copy=False)
+    if not np.isfinite(out).all():
+        _fail(f"values beyond the range of {np.dtype(dtype).name}", name,
+              f"|value| <= {float(np.finfo(dtype).max):g}")
+    return out
 
 
 def validate(trace: RoutingTrace) -> None:
@@ -161,6 +180,9 @@ def validate(trace: RoutingTrace) -> None:
         _fail(f"bad expert count {n_experts!r}", "metadata.num_experts", "1..32767")
     if meta["top_k"] != top_k:
         _fail(f"says top_k {meta['top_k']} but expert_ids has K = {top_k}", "metadata.top_k")
+    if not isinstance(meta["layer_indices"], list):
+        _fail(f"expected a list, got {meta['layer_indices']!r}", "metadata.layer_indices",
+              "a list of the MoE layers' indices")
     if len(meta["layer_indices"]) != n_layers:
         _fail(f"{len(meta['layer_indices'])} layer indices for {n_layers} layers",
               "metadata.layer_indices")
@@ -171,18 +193,18 @@ def validate(trace: RoutingTrace) -> None:
         _fail(f"shape {trace.weights.shape} differs from expert_ids {ids.shape}", "weights")
     _check_finite("weights", trace.weights)
     normalized = {"expert_ids": ids.astype(np.int16, copy=False),
-                  "weights": trace.weights.astype(np.float32, copy=False)}
+                  "weights": _narrow("weights", trace.weights, np.float32)}
     if trace.scores is not None:
         if trace.scores.shape != (n_layers, n_tokens, n_experts):
             _fail(f"shape {trace.scores.shape}, expected {(n_layers, n_tokens, n_experts)}",
                   "scores")
         _check_finite("scores", trace.scores)
-        normalized["scores"] = trace.scores.astype(np.float16, copy=False)
+        normalized["scores"] = _narrow("scores", trace.scores, np.float16)
     if trace.bias is not None:
         if trace.bias.shape != (n_layers, n_experts):
             _fail(f"shape {trace.bias.shape}, expected {(n_layers, n_experts)}", "bias")
         _check_finite("bias", trace.bias)
-        normalized["bias"] = trace.bias.astype(np.float32, copy=False)
+        normalized["bias"] = _narrow("bias", trace.bias, np.float32)
     for name in ("seq_id", "pos", "src_rank"):
         array = getattr(trace, name)
         if array is None:

@@ -1,0 +1,276 @@
+"""Balance and communication statistics of a :class:`~moesim.trace.RoutingTrace`.
+
+For every MoE layer of a trace, with experts placed contiguously on ``D = ep`` devices
+(expert ``e`` on rank ``e // (E / D)``, rank ``r`` on node ``r // gpus_per_node``,
+``../shared/ROUTING.md`` section 7), :func:`trace_stats` reports:
+
+* expert load: coefficient of variation (population std / mean of the assignments per
+  expert) and max / mean; the same per device;
+* the DeepSeek-V2 balance terms (ROUTING.md section 2.4), without their alpha factors;
+  each is 1 under perfect balance with softmax scores:
+
+  - expert level ``exp_bal = sum_i f_i P_i`` with ``f_i = E / (K T) * #(t selects i)``
+    and ``P_i = mean_t s_{t,i}``;
+  - device level ``dev_bal = sum_d f'_d P'_d`` with ``f'_d`` the mean of ``f_i`` over the
+    experts of device ``d`` and ``P'_d`` the sum of their ``P_i``;
+  - communication ``comm_bal = sum_d f''_d P''_d`` with
+    ``f''_d = D / (M T) * #(tokens sent to d)`` (a token counts once per device, however
+    many of its experts live there) and ``P''_d = P'_d``. ``M`` is ``max_devices`` when
+    given; without a device limit a token can reach ``min(K, D)`` devices, which takes
+    the place of ``M``.
+
+  The ``P`` factors need the trace's ``scores``; without them the balance columns are
+  NaN while the frequency maxima ``f_max``, ``f_dev_max``, ``f_comm_max`` remain;
+* how many devices and nodes each token reaches (histograms, means) and, with
+  ``max_devices = M``, the share of tokens that reach more than ``M`` devices or nodes.
+
+Dropped slots (id ``-1``) select no expert and reach no device. Capacity and dropping
+under a capacity factor are not computed here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from moesim.errors import InputError
+from moesim.trace import RoutingTrace
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class TraceStats:
+    """Statistics of one trace under one placement.
+
+    ``layers`` has one row per MoE layer (index: the model's layer numbers from
+    ``metadata.layer_indices``) and the columns described in the module docstring.
+    ``devices_reached`` / ``nodes_reached`` have the same rows and one column per count
+    ``n = 0 .. min(K, D)`` (or ``min(K, nodes)``): the share of the layer's tokens that
+    reach exactly ``n`` devices (nodes). The scalars summarise all layers.
+    """
+
+    layers: pd.DataFrame
+    devices_reached: pd.DataFrame
+    nodes_reached: pd.DataFrame
+    num_layers: int
+    num_tokens: int
+    num_experts: int
+    top_k: int
+    ep: int
+    gpus_per_node: int
+    num_nodes: int
+    max_devices: int | None
+    has_scores: bool
+    expert_load_cv: float  # mean over layers
+    max_over_mean: float  # expert max / mean of the worst layer
+    mean_devices_per_token: float
+    mean_nodes_per_token: float
+    share_over_m_devices: float | None  # over all layers and tokens; None without M
+    share_over_m_nodes: float | None
+
+
+def _check_int(value, name: str, lo: int, hi: int | None, allowed: str | None = None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= lo
+    if ok and hi is not None:
+        ok = value <= hi
+    if not ok:
+        span = f"{lo}..{hi}" if hi is not None else f"an integer >= {lo}"
+        raise InputError(f"got {value!r}", field=name, allowed=allowed or span)
+
+
+def _distinct_units(units_tk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted units ``sorted_tk`` and ``first_tk``: True where a row meets a unit first.
+
+    Sorting each row puts equal units side by side, so a unit is new where it differs
+    from its left neighbour; ``-1`` (dropped) is never counted.
+    """
+    sorted_tk = np.sort(units_tk, axis=1)
+    first_tk = np.ones(sorted_tk.shape, dtype=bool)
+    first_tk[:, 1:] = sorted_tk[:, 1:] != sorted_tk[:, :-1]
+    first_tk &= sorted_tk >= 0
+    return sorted_tk, first_tk
+
+
+def _cv(load_x: np.ndarray) -> tuple[float, float]:
+    """(population std / mean, max / mean) of a load vector; NaN when it is all zero."""
+    mean = load_x.mean()
+    if mean == 0:
+        return math.nan, math.nan
+    return float(load_x.std() / mean), float(load_x.max() / mean)
+
+
+def _layer_row(ids_tk: np.ndarray, scores_te: np.ndarray | None, *, num_experts: int,
+               ep: int, gpus_per_node: int, m_comm: int, max_devices: int | None):
+    """One layer's statistics row, devices-reached counts ``ndev_t`` and ``nnode_t``."""
+    n_tokens, top_k = ids_tk.shape
+    per_device = num_experts // ep
+    kept_tk = ids_tk >= 0
+    load_e = np.bincount(ids_tk[kept_tk], minlength=num_experts).astype(np.float64)
+    load_d = load_e.reshape(ep, per_device).sum(axis=1)
+
+    # -1 // per_device stays negative, so dropped slots stay out of both counts.
+    dev_tk = np.where(kept_tk, ids_tk // per_device, -1)
+    node_tk = np.where(kept_tk, dev_tk // gpus_per_node, -1)
+    dev_sorted_tk, dev_first_tk = _distinct_units(dev_tk)
+    _, node_first_tk = _distinct_units(node_tk)
+    ndev_t = dev_first_tk.sum(axis=1)
+    nnode_t = node_first_tk.sum(axis=1)
+    sent_d = np.bincount(dev_sorted_tk[dev_first_tk], minlength=ep).astype(np.float64)
+
+    if n_tokens:
+        f_e = num_experts / (top_k * n_tokens) * load_e
+        f_dev_d = f_e.reshape(ep, per_device).mean(axis=1)
+        f_comm_d = ep / (m_comm * n_tokens) * sent_d
+    else:
+        f_e = np.full(num_experts, math.nan)
+        f_dev_d = f_comm_d = np.full(ep, math.nan)
+    if scores_te is not None and n_tokens:
+        p_e = scores_te.astype(np.float64).mean(axis=0)
+        p_dev_d = p_e.reshape(ep, per_device).sum(axis=1)
+        exp_bal = float(f_e @ p_e)
+        dev_bal = float(f_dev_d @ p_dev_d)
+        comm_bal = float(f_comm_d @ p_dev_d)
+    else:
+        exp_bal = dev_bal = comm_bal = math.nan
+
+    cv_e, mom_e = _cv(load_e)
+    cv_d, mom_d = _cv(load_d)
+    row = {
+        "assignments": int(kept_tk.sum()),
+        "expert_load_cv": cv_e,
+        "expert_max_over_mean": mom_e,
+        "device_load_cv": cv_d,
+        "device_max_over_mean": mom_d,
+        "exp_bal": exp_bal,
+        "f_max": float(f_e.max()),
+        "dev_bal": dev_bal,
+        "f_dev_max": float(f_dev_d.max()),
+        "comm_bal": comm_bal,
+        "f_comm_max": float(f_comm_d.max()),
+        "mean_devices": float(ndev_t.mean()) if n_tokens else math.nan,
+        "mean_nodes": float(nnode_t.mean()) if n_tokens else math.nan,
+    }
+    if max_devices is not None:
+        row["share_over_m_devices"] = float((ndev_t > max_devices).mean()) if n_tokens \
+            else math.nan
+        row["share_over_m_nodes"] = float((nnode_t > max_devices).mean()) if n_tokens \
+            else math.nan
+    assert sent_d.sum() == ndev_t.sum()
+    return row, ndev_t, nnode_t
+
+
+def trace_stats(
+    trace: RoutingTrace,
+    *,
+    ep: int,
+    max_devices: int | None = None,
+    gpus_per_node: int = 8,
+) -> TraceStats:
+    """Per-layer load balance, balance-loss terms and devices/nodes reached per token.
+
+    ``ep`` is the expert-parallel size ``D`` (must divide the trace's ``E``),
+    ``gpus_per_node`` groups ranks into nodes (the last node may be partial), and
+    ``max_devices`` (``M``, 1..D) is the device limit to measure against.
+    """
+    n_experts, top_k = trace.num_experts, trace.top_k
+    _check_int(ep, "ep", 1, n_experts)
+    if n_experts % ep:
+        divisors = ", ".join(str(d) for d in range(1, n_experts + 1) if n_experts % d == 0)
+        raise InputError(f"EP size {ep} does not divide the trace's {n_experts} experts",
+                         field="ep", allowed=divisors)
+    _check_int(gpus_per_node, "gpus_per_node", 1, None)
+    if max_devices is not None:
+        _check_int(max_devices, "max_devices", 1, ep)
+    n_nodes = -(-ep // gpus_per_node)
+    # Without a limit a token reaches at most min(K, D) devices: that is its "M".
+    m_comm = max_devices if max_devices is not None else min(top_k, ep)
+
+    rows, ndev_lt, nnode_lt = [], [], []
+    for layer in range(trace.num_layers):
+        scores_te = None if trace.scores is None else trace.scores[layer]
+        row, ndev_t, nnode_t = _layer_row(
+            trace.expert_ids[layer], scores_te, num_experts=n_experts, ep=ep,
+            gpus_per_node=gpus_per_node, m_comm=m_comm, max_devices=max_devices)
+        rows.append(row)
+        ndev_lt.append(ndev_t)
+        nnode_lt.append(nnode_t)
+
+    index = pd.Index([int(i) for i in trace.metadata["layer_indices"]], name="layer")
+    layers = pd.DataFrame(rows, index=index)
+
+    def histogram(count_lt: list[np.ndarray], top: int) -> pd.DataFrame:
+        n_tokens = max(trace.num_tokens, 1)
+        hist_ln = [np.bincount(c, minlength=top + 1)[: top + 1] / n_tokens for c in count_lt]
+        frame = pd.DataFrame(np.array(hist_ln).reshape(len(count_lt), top + 1), index=index,
+                             columns=pd.Index(range(top + 1), name="reached"))
+        return frame
+
+    all_dev = np.concatenate(ndev_lt) if ndev_lt else np.zeros(0, dtype=np.int64)
+    all_node = np.concatenate(nnode_lt) if nnode_lt else np.zeros(0, dtype=np.int64)
+
+    def share_over(counts: np.ndarray) -> float | None:
+        if max_devices is None:
+            return None
+        return float((counts > max_devices).mean()) if counts.size else math.nan
+
+    return TraceStats(
+        layers=layers,
+        devices_reached=histogram(ndev_lt, min(top_k, ep)),
+        nodes_reached=histogram(nnode_lt, min(top_k, n_nodes)),
+        num_layers=trace.num_layers,
+        num_tokens=trace.num_tokens,
+        num_experts=n_experts,
+        top_k=top_k,
+        ep=ep,
+        gpus_per_node=gpus_per_node,
+        num_nodes=n_nodes,
+        max_devices=max_devices,
+        has_scores=trace.scores is not None,
+        expert_load_cv=float(layers["expert_load_cv"].mean()),
+        max_over_mean=float(layers["expert_max_over_mean"].max()),
+        mean_devices_per_token=float(all_dev.mean()) if all_dev.size else math.nan,
+        mean_nodes_per_token=float(all_node.mean()) if all_node.size else math.nan,
+        share_over_m_devices=share_over(all_dev),
+        share_over_m_nodes=share_over(all_node),
+    )
+
+
+# Short headers keep the per-layer table within a terminal's width.
+_SHORT = {
+    "assignments": "assigned", "expert_load_cv": "CV", "expert_max_over_mean": "max/mean",
+    "device_load_cv": "dev CV", "device_max_over_mean": "dev max/mean", "exp_bal": "ExpBal",
+    "f_max": "f max", "dev_bal": "DevBal", "f_dev_max": "f' max", "comm_bal": "CommBal",
+    "f_comm_max": "f'' max", "mean_devices": "devs/tok", "mean_nodes": "nodes/tok",
+    "share_over_m_devices": ">M devs", "share_over_m_nodes": ">M nodes",
+}
+
+
+def format_stats(stats: TraceStats) -> str:
+    """A plain-text report: a summary, the per-layer table and the reach histograms."""
+    s = stats
+    limit = f", M = {s.max_devices}" if s.max_devices is not None else ""
+    lines = [
+        f"{s.num_layers} MoE layers x {s.num_tokens} tokens, E = {s.num_experts}, "
+        f"K = {s.top_k}; EP = {s.ep} devices on {s.num_nodes} node(s) of "
+        f"{s.gpus_per_node} GPUs{limit}",
+        f"expert load CV {s.expert_load_cv:.3f} (mean of layers), "
+        f"max/mean {s.max_over_mean:.3f} (worst layer)",
+        f"devices per token {s.mean_devices_per_token:.2f}, "
+        f"nodes per token {s.mean_nodes_per_token:.2f}",
+    ]
+    if s.max_devices is not None:
+        lines.append(
+            f"tokens beyond M = {s.max_devices}: {s.share_over_m_devices:.1%} of tokens reach "
+            f"more devices, {s.share_over_m_nodes:.1%} more nodes")
+    if not s.has_scores:
+        lines.append("ExpBal, DevBal, CommBal need scores; this trace has none (-)")
+    table = s.layers.rename(columns=_SHORT)
+    lines += ["", "per layer:", table.to_string(float_format="{:.3f}".format, na_rep="-"),
+              "(ExpBal = sum f_i P_i, DevBal = sum f'_d P'_d, CommBal = sum f''_d P''_d)"]
+    lines += ["", "share of tokens by devices reached:",
+              s.devices_reached.to_string(float_format="{:.3f}".format)]
+    lines += ["", "share of tokens by nodes reached:",
+              s.nodes_reached.to_string(float_format="{:.3f}".format)]
+    return "\n".join(lines)
