@@ -6,7 +6,6 @@ is allowed; no traceback). Heavy modules load inside the commands so `--help` is
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import Annotated
 
 import typer
 
+from moesim.cli.common import guarded
+from moesim.cli.trace_cmds import trace_app
 from moesim.errors import InputError
 
 app = typer.Typer(
@@ -26,24 +27,7 @@ app = typer.Typer(
 topo_app = typer.Typer(help="Cluster topologies (presets in topologies/*.yaml).",
                        no_args_is_help=True)
 app.add_typer(topo_app, name="topo")
-
-
-def _fail(message: str, code: int = 2) -> typer.Exit:
-    typer.echo(f"moesim: error: {message}", err=True)
-    return typer.Exit(code)
-
-
-def guarded(command):
-    """Turn user mistakes into one clear line and exit code 2."""
-
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except InputError as err:
-            raise _fail(str(err)) from None
-
-    return wrapper
+app.add_typer(trace_app, name="trace")
 
 
 def _version(value: bool) -> None:

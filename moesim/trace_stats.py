@@ -274,3 +274,22 @@ def format_stats(stats: TraceStats) -> str:
     lines += ["", "share of tokens by nodes reached:",
               s.nodes_reached.to_string(float_format="{:.3f}".format)]
     return "\n".join(lines)
+
+
+def capacity_drop_rates(trace: RoutingTrace, *, ep: int, capacity_factor: float) -> np.ndarray:
+    """Per layer, the share of (token, expert) assignments that device-level dropping
+    with ``capacity_factor`` would drop if the layer's tokens formed one batch over
+    ``ep`` devices (lowest gate weight first; torch's dropping, imported lazily)."""
+    from moesim.routing.dropping import keep_within_capacity
+
+    if not capacity_factor > 0:
+        raise InputError(f"got {capacity_factor!r}", field="capacity_factor", allowed="> 0")
+    rates = np.zeros(trace.num_layers)
+    for layer in range(trace.num_layers):
+        ids_tk = trace.expert_ids[layer].astype(np.int64)
+        valid = ids_tk >= 0
+        kept_tk = keep_within_capacity(
+            ids_tk, trace.weights[layer], experts_per_device=trace.num_experts // ep,
+            n_devices=ep, capacity_factor=capacity_factor)
+        rates[layer] = 1.0 - kept_tk.sum() / max(valid.sum(), 1)
+    return rates
