@@ -2,7 +2,7 @@
 
 ``sample_topk`` draws K distinct experts per token from a popularity law (uniform or
 Zipf), optionally confined to ``max_units`` placement units (GPUs or nodes) per token,
-as DeepSeek's device- and node-limited gates do. ``apply_capacity`` then lets every
+as DeepSeek's device- and node-limited gates do. capacity dropping then lets every
 GPU keep at most ``ceil(cf * A / D)`` of the ``A`` assignments of its EP group and
 drops the lowest-priority surplus (``../shared/ROUTING.md`` section 2.5).
 """
@@ -17,8 +17,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moesim.routing.batch import RoutedBatch, count_batch
-from moesim.routing.capacity import apply_capacity, device_budget
+from moesim.routing.dropping import keep_within_capacity
 from moesim.routing.synthetic import expert_popularity, sample_topk
+from moesim.traces.capacity import device_budget as _budget
 
 
 def uniform(n_experts: int) -> np.ndarray:
@@ -172,7 +173,18 @@ def test_sampling_property_over_small_shapes(n_units, unit_size, data):
         assert units_per_token(ids, unit_size).max() <= max_units
 
 
-# ---------------------------------------------------------------- apply_capacity
+# ---------------------------------------------------------------- capacity dropping
+# The simulator drops through the torch layers (one implementation of dropping);
+# these stories drive it through the numpy wrapper the simulator uses.
+
+
+def device_budget(n_assignments, n_devices, capacity_factor):
+    return _budget(n_assignments, n_devices=n_devices, capacity_factor=capacity_factor)
+
+
+def apply_capacity(ids, *, experts_per_device, n_devices, capacity_factor, priority_tk):
+    return keep_within_capacity(ids, priority_tk, experts_per_device=experts_per_device,
+                                n_devices=n_devices, capacity_factor=capacity_factor)
 
 
 def test_budget_is_ceil_of_cf_times_assignments_over_devices():

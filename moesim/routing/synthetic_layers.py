@@ -14,7 +14,7 @@ import numpy as np
 from moesim.config.scenario import Scenario
 from moesim.feasibility import limit_units
 from moesim.routing.batch import RoutedBatch
-from moesim.routing.capacity import apply_capacity
+from moesim.routing.dropping import keep_within_capacity
 from moesim.routing.synthetic import expert_popularity, sample_topk
 
 
@@ -58,9 +58,12 @@ def synthetic_batches(
                 else:
                     position_t = np.arange(n_tokens) % tokens_per_mb
                     priority_tk = -np.repeat(position_t[:, None], m.top_k, axis=1)
-                kept_tk = apply_capacity(
-                    ids_tk, experts_per_device=m.routed_experts // p.ep, n_devices=p.ep,
-                    capacity_factor=r.capacity_factor, priority_tk=priority_tk,
+                seq_id_t = np.arange(n_tokens) // min(p.seq_len, tokens_per_mb)
+                kept_tk = keep_within_capacity(
+                    ids_tk, priority_tk, experts_per_device=m.routed_experts // p.ep,
+                    n_devices=p.ep, capacity_factor=r.capacity_factor, seq_id_t=seq_id_t,
+                    never_drop_fraction=r.never_drop_fraction,
+                    seed=int(rng.integers(2**31)),
                 )
             yield draw, mb, RoutedBatch(ids_tk=ids_tk, kept_tk=kept_tk,
                                         tokens_per_rank=tokens_per_mb)
