@@ -24,3 +24,17 @@ def repo() -> Path:
 @pytest.fixture
 def small_overrides() -> list[str]:
     return list(SMALL)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `gpu` need CUDA; everything else always runs."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in gpu_items:
+        item.add_marker(skip)

@@ -18,44 +18,125 @@ transformers = pytest.importorskip("transformers")
 
 from moesim.errors import InputError  # noqa: E402
 from moesim.trace import RoutingTrace  # noqa: E402
-from moesim.traces.hf_capture import capture_hf, token_sequences  # noqa: E402
+from moesim.traces.hf_capture import (  # noqa: E402
+    FAMILIES,
+    capture_hf,
+    capture_hf_model,
+    token_sequences,
+)
+
+CPU = torch.device("cpu")
 
 VOCAB = 100
-COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-              num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
-DEEPSEEK = dict(moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
-                n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=None,
-                qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8)
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=64,
+)
+DEEPSEEK = dict(
+    moe_intermediate_size=16,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    first_k_dense_replace=1,
+    kv_lora_rank=16,
+    q_lora_rank=None,
+    qk_nope_head_dim=8,
+    qk_rope_head_dim=8,
+    v_head_dim=8,
+)
 
 
 def _configs() -> dict[str, tuple[object, list[int]]]:
     """name -> (config, MoE layer indices the family's layer rule gives)."""
     return {
-        "deepseek_v2": (transformers.DeepseekV2Config(
-            **COMMON, **DEEPSEEK, topk_method="greedy", routed_scaling_factor=1.5), [1, 2]),
-        "deepseek_v2_grouped": (transformers.DeepseekV2Config(
-            **COMMON, **DEEPSEEK, topk_method="group_limited_greedy", n_group=4, topk_group=2,
-            routed_scaling_factor=2.0), [1, 2]),
-        "deepseek_v3": (transformers.DeepseekV3Config(
-            **COMMON, **DEEPSEEK, n_group=4, topk_group=2, routed_scaling_factor=2.5), [1, 2]),
-        "mixtral": (transformers.MixtralConfig(
-            **COMMON, num_local_experts=8, num_experts_per_tok=2), [0, 1, 2]),
-        "qwen2_moe": (transformers.Qwen2MoeConfig(
-            **COMMON, moe_intermediate_size=16, shared_expert_intermediate_size=32,
-            num_experts=8, num_experts_per_tok=2, mlp_only_layers=[0]), [1, 2]),
-        "qwen3_moe": (transformers.Qwen3MoeConfig(
-            **COMMON, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
-            norm_topk_prob=True), [0, 1, 2]),
-        "olmoe": (transformers.OlmoeConfig(
-            **COMMON, num_experts=8, num_experts_per_tok=2, pad_token_id=1,
-            eos_token_id=2), [0, 1, 2]),
+        "deepseek_v2": (
+            transformers.DeepseekV2Config(
+                **COMMON, **DEEPSEEK, topk_method="greedy", routed_scaling_factor=1.5
+            ),
+            [1, 2],
+        ),
+        "deepseek_v2_grouped": (
+            transformers.DeepseekV2Config(
+                **COMMON,
+                **DEEPSEEK,
+                topk_method="group_limited_greedy",
+                n_group=4,
+                topk_group=2,
+                routed_scaling_factor=2.0,
+            ),
+            [1, 2],
+        ),
+        "deepseek_v3": (
+            transformers.DeepseekV3Config(
+                **COMMON, **DEEPSEEK, n_group=4, topk_group=2, routed_scaling_factor=2.5
+            ),
+            [1, 2],
+        ),
+        "mixtral": (
+            transformers.MixtralConfig(**COMMON, num_local_experts=8, num_experts_per_tok=2),
+            [0, 1, 2],
+        ),
+        "qwen2_moe": (
+            transformers.Qwen2MoeConfig(
+                **COMMON,
+                moe_intermediate_size=16,
+                shared_expert_intermediate_size=32,
+                num_experts=8,
+                num_experts_per_tok=2,
+                mlp_only_layers=[0],
+            ),
+            [1, 2],
+        ),
+        "qwen3_moe": (
+            transformers.Qwen3MoeConfig(
+                **COMMON,
+                moe_intermediate_size=16,
+                num_experts=8,
+                num_experts_per_tok=2,
+                norm_topk_prob=True,
+            ),
+            [0, 1, 2],
+        ),
+        "olmoe": (
+            transformers.OlmoeConfig(
+                **COMMON, num_experts=8, num_experts_per_tok=2, pad_token_id=1, eos_token_id=2
+            ),
+            [0, 1, 2],
+        ),
     }
 
 
-FAMILIES = list(_configs())
-WORDS = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "a",
-         "small", "mixture", "of", "experts", "routes", "every", "token", "to", "two", "of",
-         "eight", "experts"]
+CHECKPOINTS = list(_configs())
+WORDS = [
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "the",
+    "lazy",
+    "dog",
+    "while",
+    "a",
+    "small",
+    "mixture",
+    "of",
+    "experts",
+    "routes",
+    "every",
+    "token",
+    "to",
+    "two",
+    "of",
+    "eight",
+    "experts",
+]
 
 
 def _save_tokenizer(directory: Path) -> None:
@@ -68,7 +149,8 @@ def _save_tokenizer(directory: Path) -> None:
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", unk_token="<unk>")
+        tokenizer_object=backend, bos_token="<s>", unk_token="<unk>"
+    )
     tokenizer.save_pretrained(directory)
 
 
@@ -104,8 +186,7 @@ def _reroute(logits: torch.Tensor, gate: dict, bias: torch.Tensor | None):
         group_score = grouped.topk(2, dim=-1).values.sum(-1)
         keep = torch.zeros_like(group_score, dtype=torch.bool)
         keep.scatter_(1, group_score.topk(params["max_groups"], dim=-1).indices, True)
-        choice = choice.masked_fill(~keep.repeat_interleave(params["group_size"], 1),
-                                    float("-inf"))
+        choice = choice.masked_fill(~keep.repeat_interleave(params["group_size"], 1), float("-inf"))
         ids = choice.topk(k, dim=-1).indices
         weights = scores.gather(1, ids)
     else:
@@ -128,7 +209,7 @@ def _by_id(ids: np.ndarray, weights: np.ndarray):
     return np.take_along_axis(ids, order, -1), np.take_along_axis(weights, order, -1)
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+@pytest.mark.parametrize("name", CHECKPOINTS)
 def test_capture_matches_the_models_own_routing(checkpoints, name):
     path = checkpoints[name]
     _, moe_layers = _configs()[name]
@@ -162,8 +243,9 @@ def test_capture_matches_the_models_own_routing(checkpoints, name):
         want_ids, want_w = _by_id(ids.numpy(), weights.numpy())
         np.testing.assert_array_equal(got_ids, want_ids)
         np.testing.assert_allclose(got_w, want_w, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(trace.scores[layer].astype(np.float32), scores.numpy(),
-                                   atol=1e-3)
+        np.testing.assert_allclose(
+            trace.scores[layer].astype(np.float32), scores.numpy(), atol=1e-3
+        )
     if gate["kind"] == "group-limited-sigmoid":
         assert trace.bias is not None and trace.bias.shape == (len(moe_layers), 8)
     else:
@@ -171,11 +253,18 @@ def test_capture_matches_the_models_own_routing(checkpoints, name):
         np.testing.assert_allclose(trace.scores.astype(np.float32).sum(-1), 1.0, atol=5e-3)
 
 
-@pytest.mark.parametrize("name,kind", [
-    ("deepseek_v2", "softmax-topk"), ("deepseek_v2_grouped", "device-limited"),
-    ("deepseek_v3", "group-limited-sigmoid"), ("mixtral", "softmax-topk"),
-    ("qwen2_moe", "softmax-topk"), ("qwen3_moe", "softmax-topk"), ("olmoe", "softmax-topk"),
-])
+@pytest.mark.parametrize(
+    "name,kind",
+    [
+        ("deepseek_v2", "softmax-topk"),
+        ("deepseek_v2_grouped", "device-limited"),
+        ("deepseek_v3", "group-limited-sigmoid"),
+        ("mixtral", "softmax-topk"),
+        ("qwen2_moe", "softmax-topk"),
+        ("qwen3_moe", "softmax-topk"),
+        ("olmoe", "softmax-topk"),
+    ],
+)
 def test_metadata_names_source_gate_and_tokens(checkpoints, name, kind):
     trace = capture_hf(checkpoints[name], text=None, num_tokens=8, seq_len=8, seed=0)
     meta = trace.metadata
@@ -184,7 +273,8 @@ def test_metadata_names_source_gate_and_tokens(checkpoints, name, kind):
     assert meta["source"]["kind"] == "hf-checkpoint"
     assert meta["source"]["model_type"] == model_type
     assert meta["source"]["architectures"] and meta["source"]["architectures"][0].endswith(
-        "ForCausalLM")
+        "ForCausalLM"
+    )
     assert meta["source"]["path"] == str(checkpoints[name].resolve())
     assert meta["gate"]["kind"] == kind
     assert meta["num_experts"] == 8 and meta["top_k"] == 2
@@ -192,32 +282,63 @@ def test_metadata_names_source_gate_and_tokens(checkpoints, name, kind):
     assert meta["device"] == "cpu"
     assert meta["torch_version"] == torch.__version__
     assert meta["moesim_version"] and meta["created"].endswith("+00:00")
-    expected = {"deepseek_v2": {"scale": 1.5, "normalize": False},
-                "deepseek_v2_grouped": {"num_groups": 4, "max_groups": 2, "scale": 2.0},
-                "deepseek_v3": {"num_groups": 4, "max_groups": 2, "scale": 2.5,
-                                "normalize": True},
-                "mixtral": {"normalize": True}, "qwen3_moe": {"normalize": True},
-                "olmoe": {"normalize": False}}.get(name, {})
+    expected = {
+        "deepseek_v2": {"scale": 1.5, "normalize": False},
+        "deepseek_v2_grouped": {"num_groups": 4, "max_groups": 2, "scale": 2.0},
+        "deepseek_v3": {"num_groups": 4, "max_groups": 2, "scale": 2.5, "normalize": True},
+        "mixtral": {"normalize": True},
+        "qwen3_moe": {"normalize": True},
+        "olmoe": {"normalize": False},
+    }.get(name, {})
     assert expected.items() <= meta["gate"]["params"].items()
     back = RoutingTrace.from_bytes(trace.to_bytes())
     assert back.metadata == json.loads(json.dumps(meta))
     np.testing.assert_array_equal(back.expert_ids, trace.expert_ids)
 
 
+def test_weights_are_what_the_experts_consumed(checkpoints):
+    """The experts pre-hook, not the router output, decides ids and weights: a block that
+    changed the router's choice on the way (EP masking, rescaling) is recorded as run."""
+    path = checkpoints["mixtral"]
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    sequences = token_sequences(num_tokens=16, seq_len=16, vocab_size=VOCAB, seed=0)
+    plain = capture_hf_model(model, sequences, family=FAMILIES["mixtral"], device=CPU)[1]
+
+    def halve_and_hide_expert_0(_module, args):
+        hidden, ids, weights = args
+        return hidden, torch.where(ids == 0, 8, ids), weights * 0.5  # 8 == E: "not local"
+
+    for layer in model.model.layers:
+        layer.mlp.experts.register_forward_pre_hook(halve_and_hide_expert_0)
+    changed = capture_hf_model(model, sequences, family=FAMILIES["mixtral"], device=CPU)[1]
+    # Layer 0 only: its changed output moves the routing of the layers after it.
+    np.testing.assert_allclose(changed["weights"][0], plain["weights"][0] * 0.5)
+    hidden = plain["expert_ids"][0] == 0
+    assert hidden.any()
+    assert (changed["expert_ids"][0][hidden] == -1).all()
+    np.testing.assert_array_equal(
+        changed["expert_ids"][0][~hidden], plain["expert_ids"][0][~hidden]
+    )
+    np.testing.assert_array_equal(changed["scores"][0], plain["scores"][0])
+
+
 def test_v3_bias_is_stored_apart_and_scores_stay_unbiased(checkpoints):
     path = checkpoints["deepseek_v3"]
     trace = capture_hf(path, text=None, num_tokens=64, seq_len=32, seed=1)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
-    saved = np.stack([model.model.layers[i].mlp.gate.e_score_correction_bias.numpy()
-                      for i in (1, 2)])
+    saved = np.stack(
+        [model.model.layers[i].mlp.gate.e_score_correction_bias.numpy() for i in (1, 2)]
+    )
     np.testing.assert_allclose(trace.bias, saved)
     # Scores are sigmoid affinities in (0, 1) without the bias; re-selecting from them
     # *without* the bias gives different experts for some tokens, so the bias mattered.
     scores = torch.as_tensor(trace.scores.astype(np.float32))
     assert scores.min() > 0 and scores.max() < 1
     gate = trace.metadata["gate"]
-    unbiased = [_reroute(torch.logit(scores[layer]), gate, torch.zeros(8))[0].sort(-1).values
-                for layer in range(2)]
+    unbiased = [
+        _reroute(torch.logit(scores[layer]), gate, torch.zeros(8))[0].sort(-1).values
+        for layer in range(2)
+    ]
     captured = np.sort(trace.expert_ids, -1)
     assert any((u.numpy() != c).any() for u, c in zip(unbiased, captured, strict=True))
 
@@ -245,8 +366,9 @@ def test_text_too_short_for_the_tokens_asked(checkpoints):
 
 def test_checkpoint_without_tokenizer_falls_back_to_random_ids(checkpoints):
     with pytest.warns(UserWarning, match="no tokenizer"):
-        trace = capture_hf(checkpoints["qwen3_moe"], text="some text", num_tokens=16,
-                           seq_len=8, seed=0)
+        trace = capture_hf(
+            checkpoints["qwen3_moe"], text="some text", num_tokens=16, seq_len=8, seed=0
+        )
     assert trace.metadata["tokens_from"] == "random-token-ids"
     assert "no tokenizer" in trace.metadata["tokens_note"]
 
@@ -290,15 +412,21 @@ def test_unsupported_moe_family(tmp_path):
 def test_cuda_without_a_gpu_is_a_clear_error(checkpoints, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(InputError, match="no CUDA GPU"):
-        capture_hf(checkpoints["mixtral"], text=None, num_tokens=8, seq_len=8, seed=0,
-                   device="cuda")
+        capture_hf(
+            checkpoints["mixtral"], text=None, num_tokens=8, seq_len=8, seed=0, device="cuda"
+        )
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"device": "tpu"}, "unknown device"), ({"num_tokens": 0}, "num_tokens"),
-    ({"seq_len": 0}, "seq_len"), ({"seq_len": 65}, "max_position_embeddings"),
-    ({"text": "   "}, "empty text"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"device": "tpu"}, "unknown device"),
+        ({"num_tokens": 0}, "num_tokens"),
+        ({"seq_len": 0}, "seq_len"),
+        ({"seq_len": 65}, "max_position_embeddings"),
+        ({"text": "   "}, "empty text"),
+    ],
+)
 def test_bad_arguments(checkpoints, kwargs, match):
     args = {"text": None, "num_tokens": 8, "seq_len": 8, "seed": 0} | kwargs
     with pytest.raises(InputError, match=match):
@@ -308,10 +436,10 @@ def test_bad_arguments(checkpoints, kwargs, match):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_capture_on_cuda_matches_cpu(checkpoints):
-    on_gpu = capture_hf(checkpoints["deepseek_v3"], text=None, num_tokens=64, seq_len=32,
-                        seed=0, device="cuda")
-    on_cpu = capture_hf(checkpoints["deepseek_v3"], text=None, num_tokens=64, seq_len=32,
-                        seed=0)
+    on_gpu = capture_hf(
+        checkpoints["deepseek_v3"], text=None, num_tokens=64, seq_len=32, seed=0, device="cuda"
+    )
+    on_cpu = capture_hf(checkpoints["deepseek_v3"], text=None, num_tokens=64, seq_len=32, seed=0)
     assert on_gpu.metadata["device"].startswith("cuda:0 ")
     assert (on_gpu.expert_ids == on_cpu.expert_ids).mean() > 0.99
     np.testing.assert_allclose(on_gpu.scores, on_cpu.scores, atol=2e-3)

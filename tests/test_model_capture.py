@@ -20,8 +20,9 @@ from moesim.traces.layers import GATE_KINDS
 from moesim.traces.model import TinyMoEConfig, TinyMoELM
 from moesim.traces.train import evaluate, train
 
-TINY = dict(hidden=32, num_layers=3, num_heads=4, seq_len=32, dense_intermediate=48,
-            expert_intermediate=16)
+TINY = dict(
+    hidden=32, num_layers=3, num_heads=4, seq_len=32, dense_intermediate=48, expert_intermediate=16
+)
 
 
 def _config(kind: str = "softmax-topk", **gate_overrides) -> TinyMoEConfig:
@@ -57,10 +58,15 @@ def test_model_is_causal():
     np.testing.assert_array_equal(a.gates[0].routing.ids_tk[:20], b.gates[0].routing.ids_tk[:20])
 
 
-@pytest.mark.parametrize("fields,field", [
-    ({"first_dense_layers": 3}, "first_dense_layers"), ({"num_heads": 5}, "num_heads"),
-    ({"hidden": 0}, "hidden"), ({"num_shared": -1}, "num_shared"),
-])
+@pytest.mark.parametrize(
+    "fields,field",
+    [
+        ({"first_dense_layers": 3}, "first_dense_layers"),
+        ({"num_heads": 5}, "num_heads"),
+        ({"hidden": 0}, "hidden"),
+        ({"num_shared": -1}, "num_shared"),
+    ],
+)
 def test_bad_config(fields, field):
     with pytest.raises(InputError) as err:
         tiny_config("softmax-topk", num_experts=8, top_k=2, **(TINY | fields))
@@ -74,13 +80,19 @@ def test_unknown_gate_kind():
 
 def test_training_lowers_the_loss_on_a_fixed_batch():
     config = _config()
-    batch = torch.from_numpy(next(training_batches(load_corpus().train, batch_size=4,
-                                                   seq_len=32, seed=7)))
+    batch = torch.from_numpy(
+        next(training_batches(load_corpus().train, batch_size=4, seq_len=32, seed=7))
+    )
     torch.manual_seed(0)
     before = evaluate(TinyMoELM(config), batch)  # the same initial weights train() draws
     calls = []
-    model, history = train(config, steps=12, batch_size=8, seed=0,
-                           progress=lambda step, steps, loss: calls.append((step, steps)))
+    model, history = train(
+        config,
+        steps=12,
+        batch_size=8,
+        seed=0,
+        progress=lambda step, steps, loss: calls.append((step, steps)),
+    )
     after = evaluate(model, batch)
     assert before > 5.0  # ~ ln 256 untrained
     assert after < before - 0.5
@@ -186,8 +198,9 @@ def test_v3_bias_moves_during_training_and_is_captured():
     trace = capture_heldout(model, num_tokens=32)
     np.testing.assert_array_equal(trace.bias, biases)
 
-    frozen, _ = train(_config("group-limited-sigmoid", bias_rate=0.0), steps=4, batch_size=4,
-                      seed=0)
+    frozen, _ = train(
+        _config("group-limited-sigmoid", bias_rate=0.0), steps=4, batch_size=4, seed=0
+    )
     assert all(float(layer.gate.bias.abs().max()) == 0 for layer in frozen.moe_layers)
 
 

@@ -46,46 +46,66 @@ def capture_own(
     tokens in row-major order (causal attention: the kept ones never saw the rest).
     """
     config = model.config
-    tokens = torch.as_tensor(np.asarray(tokens_bt) if not torch.is_tensor(tokens_bt)
-                             else tokens_bt).long()
+    tokens = torch.as_tensor(tokens_bt).long()
     if tokens.dim() != 2 or tokens.numel() == 0:
-        raise InputError(f"tokens have shape {tuple(tokens.shape)}", field="tokens_bt",
-                         allowed="[sequences, tokens], not empty")
+        raise InputError(
+            f"tokens have shape {tuple(tokens.shape)}",
+            field="tokens_bt",
+            allowed="[sequences, tokens], not empty",
+        )
     if tokens.min() < 0 or tokens.max() >= config.vocab_size:
-        raise InputError(f"token ids {int(tokens.min())}..{int(tokens.max())}",
-                         field="tokens_bt", allowed=f"0..{config.vocab_size - 1}")
+        raise InputError(
+            f"token ids {int(tokens.min())}..{int(tokens.max())}",
+            field="tokens_bt",
+            allowed=f"0..{config.vocab_size - 1}",
+        )
     batch, seq_len = tokens.shape
     rows = np.arange(batch) if seq_ids is None else np.asarray(seq_ids).reshape(-1)
     if rows.shape != (batch,):
-        raise InputError(f"{rows.shape[0]} sequence ids for {batch} rows", field="seq_ids",
-                         allowed="one id per row")
+        raise InputError(
+            f"{rows.shape[0]} sequence ids for {batch} rows",
+            field="seq_ids",
+            allowed="one id per row",
+        )
+    kept = batch * seq_len if num_tokens is None else num_tokens
+    if not 1 <= kept <= batch * seq_len:
+        raise InputError(
+            f"{num_tokens} tokens of {batch * seq_len}",
+            field="num_tokens",
+            allowed=f"1..{batch * seq_len}",
+        )
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     per_layer: list[list[Any]] = [[] for _ in model.moe_layers]
     try:
         with torch.no_grad():
+            # Capacity (when the gate has one) is per forward, as in training: chunks of
+            # rows are the capture's micro-batches.
             for start in range(0, batch, _MAX_ROWS_PER_FORWARD):
-                chunk = tokens[start:start + _MAX_ROWS_PER_FORWARD].to(device)
+                chunk = tokens[start : start + _MAX_ROWS_PER_FORWARD].to(device)
                 for layer, gate_out in enumerate(model(chunk).gates):
                     routing = gate_out.routing
-                    per_layer[layer].append(tuple(t.detach().float().cpu() if t.is_floating_point()
-                                                  else t.detach().cpu() for t in
-                                                  (routing.ids_tk, routing.weights_tk,
-                                                   routing.scores_te)))
+                    per_layer[layer].append(
+                        (
+                            routing.ids_tk.cpu(),
+                            routing.weights_tk.float().cpu(),
+                            routing.scores_te.float().cpu(),
+                        )
+                    )
     finally:
         model.train(was_training)
-    kept = batch * seq_len if num_tokens is None else num_tokens
-    if not 1 <= kept <= batch * seq_len:
-        raise InputError(f"{num_tokens} tokens of {batch * seq_len}", field="num_tokens",
-                         allowed=f"1..{batch * seq_len}")
 
     def stacked(index: int) -> np.ndarray:
-        return np.stack([torch.cat([part[index] for part in parts]).numpy()[:kept]
-                         for parts in per_layer])
+        return np.stack(
+            [torch.cat([part[index] for part in parts]).numpy()[:kept] for parts in per_layer]
+        )
 
-    biases = [layer.gate.bias.detach().float().cpu().numpy() for layer in model.moe_layers
-              if config.gate.kind == "group-limited-sigmoid"]
+    biases = [
+        layer.gate.bias.detach().float().cpu().numpy()
+        for layer in model.moe_layers
+        if config.gate.kind == "group-limited-sigmoid"
+    ]
     training = dict(model.train_info) if model.train_info else None
     if training is not None:
         training.pop("corpus", None)  # the corpus block below says it once
@@ -95,12 +115,20 @@ def capture_own(
         "top_k": config.top_k,
         "layer_indices": config.moe_layer_indices,
         "gate": gate_metadata(config.gate),
-        "source": {"kind": "own-model", "model": "TinyMoELM", "config": config.to_dict(),
-                   "trained": training is not None, "training": training},
-        "corpus": {"capture": corpus if corpus is not None else {"kind": "unspecified"},
-                   "training": train_corpus},
+        "source": {
+            "kind": "own-model",
+            "model": "TinyMoELM",
+            "config": config.to_dict(),
+            "trained": training is not None,
+            "training": training,
+        },
+        "corpus": {
+            "capture": corpus if corpus is not None else {"kind": "unspecified"},
+            "training": train_corpus,
+        },
         "tokens_from": "text",
         "seq_len": seq_len,
+        "rows_per_forward": min(batch, _MAX_ROWS_PER_FORWARD),
         "device": _device_name(device),
         "torch_version": torch.__version__,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -132,16 +160,17 @@ def capture_heldout(
     rows = -(-num_tokens // seq_len)
     tokens_bt = heldout_sequences(corpus.heldout, num_sequences=rows, seq_len=seq_len)
     heldout = corpus.metadata.get("heldout", {})
-    described = {key: value for key, value in corpus.metadata.items()
-                 if key not in ("train", "heldout")}
+    described = {
+        key: value for key, value in corpus.metadata.items() if key not in ("train", "heldout")
+    }
     used = rows * seq_len
     files, start = [], 0
-    for name, size in zip(heldout.get("file_list", []), heldout.get("file_bytes", []),
-                          strict=True):
+    for name, size in zip(heldout.get("file_list", []), heldout.get("file_bytes", []), strict=True):
         if start >= used:
             break
         files.append(name)
         start += size
-    described.update(part="heldout", files=files, bytes_used=used,
-                     heldout_sha256=heldout.get("sha256"))
+    described.update(
+        part="heldout", files=files, bytes_used=used, heldout_sha256=heldout.get("sha256")
+    )
     return capture_own(model, tokens_bt, corpus=described, num_tokens=num_tokens)

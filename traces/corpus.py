@@ -58,9 +58,13 @@ def _is_heldout(relative: str, fraction: float) -> bool:
 
 def _part(files: list[str], chunks: list[bytes]) -> dict[str, Any]:
     data = b"".join(chunks)
-    return {"files": len(files), "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
-            "first_file": files[0] if files else None, "last_file": files[-1] if files else None}
+    return {
+        "files": len(files),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "first_file": files[0] if files else None,
+        "last_file": files[-1] if files else None,
+    }
 
 
 @functools.lru_cache(maxsize=4)
@@ -76,13 +80,18 @@ def load_corpus(
     Files are added whole, in sorted order, until each part holds its byte budget.
     """
     if not 0 < heldout_fraction < 1:
-        raise InputError(f"held-out fraction {heldout_fraction}", field="heldout_fraction",
-                         allowed="between 0 and 1")
+        raise InputError(
+            f"held-out fraction {heldout_fraction}",
+            field="heldout_fraction",
+            allowed="between 0 and 1",
+        )
     base = Path(root) if root is not None else stdlib_root()
     if not base.is_dir():
         raise InputError("no such directory", source=str(base), field="corpus root")
     parts: dict[str, tuple[list[str], list[bytes], int]] = {
-        "train": ([], [], max_train_bytes), "heldout": ([], [], max_heldout_bytes)}
+        "train": ([], [], max_train_bytes),
+        "heldout": ([], [], max_heldout_bytes),
+    }
     sizes = {"train": 0, "heldout": 0}
     for relative in _source_files(base):
         name = "heldout" if _is_heldout(relative, heldout_fraction) else "train"
@@ -97,8 +106,12 @@ def load_corpus(
         sizes[name] += len(data)
     for name, (files, _, _) in parts.items():
         if not files:
-            raise InputError(f"no {name} files (*.py) found", source=str(base),
-                             field="corpus root", allowed="a directory of Python sources")
+            raise InputError(
+                f"no {name} files (*.py) found",
+                source=str(base),
+                field="corpus root",
+                allowed="a directory of Python sources",
+            )
 
     def tokens(name: str) -> np.ndarray:
         array = np.frombuffer(b"".join(parts[name][1]), dtype=np.uint8)
@@ -112,25 +125,34 @@ def load_corpus(
         "tokenizer": "bytes (vocab 256)",
         "order": "files sorted by path relative to the root",
         "split": f"held out when int(sha256(relative path)[:4]) % {_BUCKETS} < "
-                 f"{round(heldout_fraction * _BUCKETS)}",
+        f"{round(heldout_fraction * _BUCKETS)}",
         "train": _part(parts["train"][0], parts["train"][1]),
-        "heldout": {**_part(parts["heldout"][0], parts["heldout"][1]),
-                    "file_list": parts["heldout"][0],
-                    "file_bytes": [len(chunk) for chunk in parts["heldout"][1]]},
+        "heldout": {
+            **_part(parts["heldout"][0], parts["heldout"][1]),
+            "file_list": parts["heldout"][0],
+            "file_bytes": [len(chunk) for chunk in parts["heldout"][1]],
+        },
     }
     return Corpus(train=tokens("train"), heldout=tokens("heldout"), metadata=metadata)
 
 
 def training_batches(
-    tokens: np.ndarray, *, batch_size: int, seq_len: int, seed: int,
+    tokens: np.ndarray,
+    *,
+    batch_size: int,
+    seq_len: int,
+    seed: int,
 ) -> Iterator[np.ndarray]:
     """Endless int64 [batch, seq_len + 1] windows at seeded random offsets.
 
     One extra token per row so inputs are ``row[:-1]`` and targets ``row[1:]``.
     """
     if len(tokens) <= seq_len + 1:
-        raise InputError(f"corpus of {len(tokens)} tokens is shorter than one sequence",
-                         field="seq_len", allowed=f"< {len(tokens) - 1}")
+        raise InputError(
+            f"corpus of {len(tokens)} tokens is shorter than one sequence",
+            field="seq_len",
+            allowed=f"< {len(tokens) - 1}",
+        )
     rng = np.random.default_rng(seed)
     span = np.arange(seq_len + 1)
     while True:
@@ -139,12 +161,18 @@ def training_batches(
 
 
 def heldout_sequences(
-    tokens: np.ndarray, *, num_sequences: int, seq_len: int,
+    tokens: np.ndarray,
+    *,
+    num_sequences: int,
+    seq_len: int,
 ) -> np.ndarray:
     """The first ``num_sequences`` consecutive, non-overlapping windows: int64 [B, S]."""
     needed = num_sequences * seq_len
     if needed > len(tokens):
-        raise InputError(f"{num_sequences} sequences of {seq_len} need {needed} held-out "
-                         f"tokens, the corpus has {len(tokens)}", field="num_tokens",
-                         allowed=f"<= {len(tokens)}")
+        raise InputError(
+            f"{num_sequences} sequences of {seq_len} need {needed} held-out "
+            f"tokens, the corpus has {len(tokens)}",
+            field="num_tokens",
+            allowed=f"<= {len(tokens)}",
+        )
     return tokens[:needed].reshape(num_sequences, seq_len).astype(np.int64)

@@ -40,8 +40,14 @@ from moesim.trace import RoutingTrace
 # some families (Qwen2, GPT-NeoX) when none of these exist, so presence is checked here
 # instead of trusting a successful load.
 _TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
-    "sentencepiece.bpe.model", "tiktoken.model", "qwen.tiktoken",
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "tiktoken.model",
+    "qwen.tiktoken",
 )
 _BATCH_ROWS = 8  # sequences per forward pass; bounds activation memory on big models
 
@@ -63,37 +69,51 @@ def _deepseek_v2_gate(config: Any) -> dict[str, Any]:
         return {"kind": "softmax-topk", "params": params}
     if config.topk_method == "group_limited_greedy":
         n_group = int(config.n_group)
-        params.update(num_groups=n_group, group_size=num_experts // n_group,
-                      max_groups=int(config.topk_group), group_score="max")
+        params.update(
+            num_groups=n_group,
+            group_size=num_experts // n_group,
+            max_groups=int(config.topk_group),
+            group_score="max",
+        )
         return {"kind": "device-limited", "params": params}
-    raise InputError(f"unknown DeepSeek-V2 topk_method {config.topk_method!r}",
-                     field="config.topk_method", allowed="greedy, group_limited_greedy")
+    raise InputError(
+        f"unknown DeepSeek-V2 topk_method {config.topk_method!r}",
+        field="config.topk_method",
+        allowed="greedy, group_limited_greedy",
+    )
 
 
 def _deepseek_v3_gate(config: Any) -> dict[str, Any]:
     num_experts = int(config.n_routed_experts)
     n_group = int(config.n_group)
-    return {"kind": "group-limited-sigmoid", "params": {
-        "num_experts": num_experts,
-        "top_k": int(config.num_experts_per_tok),
-        "num_groups": n_group,
-        "group_size": num_experts // n_group,
-        "max_groups": int(config.topk_group),
-        "group_score": "top2-sum",
-        "scale": float(config.routed_scaling_factor),
-        "normalize": bool(config.norm_topk_prob),
-    }}
+    return {
+        "kind": "group-limited-sigmoid",
+        "params": {
+            "num_experts": num_experts,
+            "top_k": int(config.num_experts_per_tok),
+            "num_groups": n_group,
+            "group_size": num_experts // n_group,
+            "max_groups": int(config.topk_group),
+            "group_score": "top2-sum",
+            "scale": float(config.routed_scaling_factor),
+            "normalize": bool(config.norm_topk_prob),
+        },
+    }
 
 
 def _softmax_gate(experts_key: str, *, always_normalize: bool = False):
     def gate(config: Any) -> dict[str, Any]:
         normalize = True if always_normalize else bool(getattr(config, "norm_topk_prob", False))
-        return {"kind": "softmax-topk", "params": {
-            "num_experts": int(getattr(config, experts_key)),
-            "top_k": int(config.num_experts_per_tok),
-            "scale": 1.0,
-            "normalize": normalize,
-        }}
+        return {
+            "kind": "softmax-topk",
+            "params": {
+                "num_experts": int(getattr(config, experts_key)),
+                "top_k": int(config.num_experts_per_tok),
+                "scale": 1.0,
+                "normalize": normalize,
+            },
+        }
+
     return gate
 
 
@@ -109,24 +129,53 @@ class HFFamily:
 
     def router_type(self) -> type[torch.nn.Module]:
         module = importlib.import_module(
-            f"transformers.models.{self.model_type}.modeling_{self.model_type}")
+            f"transformers.models.{self.model_type}.modeling_{self.model_type}"
+        )
         return getattr(module, self.router_class)
 
 
-FAMILIES: dict[str, HFFamily] = {family.model_type: family for family in (
-    HFFamily(model_type="deepseek_v2", router_class="DeepseekV2TopkRouter", scoring="softmax",
-             gate=_deepseek_v2_gate),
-    HFFamily(model_type="deepseek_v3", router_class="DeepseekV3TopkRouter", scoring="sigmoid",
-             gate=_deepseek_v3_gate, bias_attr="e_score_correction_bias"),
-    HFFamily(model_type="mixtral", router_class="MixtralTopKRouter", scoring="softmax",
-             gate=_softmax_gate("num_local_experts", always_normalize=True)),
-    HFFamily(model_type="qwen2_moe", router_class="Qwen2MoeTopKRouter", scoring="softmax",
-             gate=_softmax_gate("num_experts")),
-    HFFamily(model_type="qwen3_moe", router_class="Qwen3MoeTopKRouter", scoring="softmax",
-             gate=_softmax_gate("num_experts")),
-    HFFamily(model_type="olmoe", router_class="OlmoeTopKRouter", scoring="softmax",
-             gate=_softmax_gate("num_experts")),
-)}
+FAMILIES: dict[str, HFFamily] = {
+    family.model_type: family
+    for family in (
+        HFFamily(
+            model_type="deepseek_v2",
+            router_class="DeepseekV2TopkRouter",
+            scoring="softmax",
+            gate=_deepseek_v2_gate,
+        ),
+        HFFamily(
+            model_type="deepseek_v3",
+            router_class="DeepseekV3TopkRouter",
+            scoring="sigmoid",
+            gate=_deepseek_v3_gate,
+            bias_attr="e_score_correction_bias",
+        ),
+        HFFamily(
+            model_type="mixtral",
+            router_class="MixtralTopKRouter",
+            scoring="softmax",
+            gate=_softmax_gate("num_local_experts", always_normalize=True),
+        ),
+        HFFamily(
+            model_type="qwen2_moe",
+            router_class="Qwen2MoeTopKRouter",
+            scoring="softmax",
+            gate=_softmax_gate("num_experts"),
+        ),
+        HFFamily(
+            model_type="qwen3_moe",
+            router_class="Qwen3MoeTopKRouter",
+            scoring="softmax",
+            gate=_softmax_gate("num_experts"),
+        ),
+        HFFamily(
+            model_type="olmoe",
+            router_class="OlmoeTopKRouter",
+            scoring="softmax",
+            gate=_softmax_gate("num_experts"),
+        ),
+    )
+}
 _SUPPORTED = ", ".join(sorted(FAMILIES))
 
 
@@ -142,12 +191,17 @@ def resolve_device(device: str) -> torch.device:
             raise InputError(
                 f"device {device!r} asked for, but torch sees no CUDA GPU "
                 f"(torch {torch.__version__}, built with CUDA {torch.version.cuda})",
-                field="device", allowed="cpu")
+                field="device",
+                allowed="cpu",
+            )
         index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
         count = torch.cuda.device_count()
         if index >= count:
-            raise InputError(f"no GPU {index}; {count} visible", field="device",
-                             allowed=f"cuda:0..cuda:{count - 1}")
+            raise InputError(
+                f"no GPU {index}; {count} visible",
+                field="device",
+                allowed=f"cuda:0..cuda:{count - 1}",
+            )
         return torch.device("cuda", index)
     return torch.device("cpu")
 
@@ -164,14 +218,20 @@ def _load_config(path: Path) -> Any:
     if not path.exists():
         raise InputError("no such checkpoint directory", source=str(path))
     if not (path / "config.json").is_file():
-        raise InputError("not a Hugging Face checkpoint (no config.json)", source=str(path),
-                         allowed="a directory written by save_pretrained")
+        raise InputError(
+            "not a Hugging Face checkpoint (no config.json)",
+            source=str(path),
+            allowed="a directory written by save_pretrained",
+        )
     try:
         return AutoConfig.from_pretrained(path, local_files_only=True)
     except (ValueError, KeyError, OSError) as err:
-        raise InputError(f"cannot read config.json ({err})".splitlines()[0],
-                         source=str(path), field="model_type",
-                         allowed=f"MoE families {_SUPPORTED}") from None
+        raise InputError(
+            f"cannot read config.json ({err})".splitlines()[0],
+            source=str(path),
+            field="model_type",
+            allowed=f"MoE families {_SUPPORTED}",
+        ) from None
 
 
 def _family_for(config: Any, path: Path) -> HFFamily:
@@ -180,8 +240,10 @@ def _family_for(config: Any, path: Path) -> HFFamily:
         return FAMILIES[model_type]
     # Tell "an MoE family we do not hook yet" from "not an MoE model at all": 5.x model
     # classes that record router logits are MoE models.
-    is_moe = any(hasattr(config, key) for key in
-                 ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"))
+    is_moe = any(
+        hasattr(config, key)
+        for key in ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+    )
     try:
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
@@ -190,10 +252,18 @@ def _family_for(config: Any, path: Path) -> HFFamily:
     except (KeyError, ValueError, ImportError):
         pass
     if is_moe:
-        raise InputError(f"MoE family {model_type!r} is not supported yet", source=str(path),
-                         field="model_type", allowed=_SUPPORTED)
-    raise InputError(f"not an MoE model (model_type {model_type!r} has no expert router)",
-                     source=str(path), field="model_type", allowed=f"MoE families {_SUPPORTED}")
+        raise InputError(
+            f"MoE family {model_type!r} is not supported yet",
+            source=str(path),
+            field="model_type",
+            allowed=_SUPPORTED,
+        )
+    raise InputError(
+        f"not an MoE model (model_type {model_type!r} has no expert router)",
+        source=str(path),
+        field="model_type",
+        allowed=f"MoE families {_SUPPORTED}",
+    )
 
 
 def _has_tokenizer(path: Path) -> bool:
@@ -227,11 +297,13 @@ def token_sequences(
     if len(text_ids) < needed:
         raise InputError(
             f"the text gives {len(text_ids)} tokens, {needed} are needed for "
-            f"{num_tokens} tokens in sequences of {seq_len}", field="text",
-            allowed="more text, or fewer tokens")
+            f"{num_tokens} tokens in sequences of {seq_len}",
+            field="text",
+            allowed="more text, or fewer tokens",
+        )
     sequences, start = [], 0
     for length in lengths:
-        body = list(text_ids[start:start + length - lead])
+        body = list(text_ids[start : start + length - lead])
         start += length - lead
         sequences.append(np.asarray(([bos_id] if lead else []) + body, dtype=np.int64))
     return sequences
@@ -254,7 +326,8 @@ def _router_layers(model: torch.nn.Module, family: HFFamily) -> list[tuple[int, 
     router_type = family.router_type()
     found = []
     for position, (name, module) in enumerate(
-            (n, m) for n, m in model.named_modules() if isinstance(m, router_type)):
+        (n, m) for n, m in model.named_modules() if isinstance(m, router_type)
+    ):
         match = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
         found.append((int(match.group(1)) if match else position, name, module))
     return found
@@ -276,7 +349,9 @@ def capture_hf_model(
     if not layers:
         raise InputError(
             f"no MoE layer ({family.router_class}) found in this {family.model_type} model",
-            field="model", allowed="a checkpoint with at least one MoE layer")
+            field="model",
+            allowed="a checkpoint with at least one MoE layer",
+        )
     modules = dict(model.named_modules())
     records = [_LayerRecord() for _ in layers]
     handles = []
@@ -288,25 +363,30 @@ def capture_hf_model(
             record.scores.append(scores.cpu())
             record.router_weights.append(output[1].detach().float().cpu())
             record.router_ids.append(output[2].detach().cpu())
+
         return hook
 
     def experts_hook(record: _LayerRecord, num_experts: int):
         def hook(_module, args, kwargs):
             names = ("hidden_states", "top_k_index", "top_k_weights")
-            values = list(args) + [kwargs[name] for name in names[len(args):] if name in kwargs]
+            values = list(args) + [kwargs[name] for name in names[len(args) :] if name in kwargs]
             ids = values[1].detach().cpu().long()
             # Under HF expert parallelism index == E means "not on this rank"; keep -1.
             record.ids.append(torch.where(ids >= num_experts, -1, ids))
             record.weights.append(values[2].detach().float().cpu())
+
         return hook
 
     for (_, name, router), record in zip(layers, records, strict=True):
         handles.append(router.register_forward_hook(router_hook(record)))
-        experts = getattr(modules[name.rsplit(".", 1)[0]], "experts", None) if "." in name \
-            else None
+        # The MoE block owns both the router and the experts (`<block>.gate|router`).
+        experts = getattr(modules[name.rpartition(".")[0]], "experts", None)
         if experts is not None:
-            handles.append(experts.register_forward_pre_hook(
-                experts_hook(record, router.num_experts), with_kwargs=True))
+            handles.append(
+                experts.register_forward_pre_hook(
+                    experts_hook(record, router.num_experts), with_kwargs=True
+                )
+            )
     seq_ids, positions = [], []
     try:
         with torch.inference_mode():
@@ -316,8 +396,11 @@ def capture_hf_model(
                 # routed too and need a mask).
                 length = len(sequences[index])
                 stop = index
-                while (stop < len(sequences) and stop - index < _BATCH_ROWS
-                       and len(sequences[stop]) == length):
+                while (
+                    stop < len(sequences)
+                    and stop - index < _BATCH_ROWS
+                    and len(sequences[stop]) == length
+                ):
                     stop += 1
                 batch = torch.as_tensor(np.stack(sequences[index:stop]), device=device)
                 model(input_ids=batch, use_cache=False, logits_to_keep=1)
@@ -338,8 +421,10 @@ def capture_hf_model(
         gate_weights = record.weights if record.weights else record.router_weights
         layer_ids = torch.cat(ids).numpy()
         if layer_ids.shape[0] != num_tokens or torch.cat(record.scores).shape[0] != num_tokens:
-            raise RuntimeError(f"layer {layer}: hooks saw {layer_ids.shape[0]} tokens, "
-                               f"{num_tokens} were fed (router called more than once?)")
+            raise RuntimeError(
+                f"layer {layer}: hooks saw {layer_ids.shape[0]} tokens, "
+                f"{num_tokens} were fed (router called more than once?)"
+            )
         expert_ids.append(layer_ids)
         weights.append(torch.cat(gate_weights).numpy())
         scores.append(torch.cat(record.scores).numpy())
@@ -387,9 +472,12 @@ def capture_hf(
     gate = family.gate(config)
     max_positions = getattr(config, "max_position_embeddings", None)
     if max_positions is not None and seq_len > max_positions:
-        raise InputError(f"sequence length {seq_len} exceeds the model's "
-                         f"max_position_embeddings {max_positions}", field="seq_len",
-                         allowed=f"1..{max_positions}")
+        raise InputError(
+            f"sequence length {seq_len} exceeds the model's "
+            f"max_position_embeddings {max_positions}",
+            field="seq_len",
+            allowed=f"1..{max_positions}",
+        )
 
     corpus: dict[str, Any]
     text_ids = bos_id = None
@@ -398,39 +486,51 @@ def capture_hf(
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise InputError(f"cannot load the checkpoint's tokenizer ({err})".splitlines()[0],
-                             source=str(path)) from None
+            raise InputError(
+                f"cannot load the checkpoint's tokenizer ({err})".splitlines()[0], source=str(path)
+            ) from None
         text_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         bos_id = tokenizer.bos_token_id
         if text_ids and max(text_ids) >= config.vocab_size:
-            raise InputError(f"tokenizer gives id {max(text_ids)} but the model's vocabulary "
-                             f"has {config.vocab_size} entries", source=str(path),
-                             field="tokenizer")
+            raise InputError(
+                f"tokenizer gives id {max(text_ids)} but the model's vocabulary "
+                f"has {config.vocab_size} entries",
+                source=str(path),
+                field="tokenizer",
+            )
         tokens_from = "text"
-        corpus = {"kind": "text", "chars": len(text),
-                  "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-                  "tokenizer": type(tokenizer).__name__, "text_tokens": len(text_ids),
-                  "bos_per_sequence": bos_id is not None}
+        corpus = {
+            "kind": "text",
+            "chars": len(text),
+            "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "tokenizer": type(tokenizer).__name__,
+            "text_tokens": len(text_ids),
+            "bos_per_sequence": bos_id is not None,
+        }
     else:
         if text is not None:
             tokens_note = "the checkpoint has no tokenizer; the text was not used"
-            warnings.warn(f"{path}: {tokens_note}; capturing from random token ids",
-                          stacklevel=2)
+            warnings.warn(f"{path}: {tokens_note}; capturing from random token ids", stacklevel=2)
         tokens_from = "random-token-ids"
         corpus = {"kind": "random-token-ids", "seed": seed, "vocab_size": int(config.vocab_size)}
-    sequences = token_sequences(num_tokens=num_tokens, seq_len=seq_len,
-                                vocab_size=int(config.vocab_size), seed=seed,
-                                text_ids=text_ids, bos_id=bos_id)
+    sequences = token_sequences(
+        num_tokens=num_tokens,
+        seq_len=seq_len,
+        vocab_size=int(config.vocab_size),
+        seed=seed,
+        text_ids=text_ids,
+        bos_id=bos_id,
+    )
 
     torch.manual_seed(seed)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
-        raise InputError(f"cannot load the model ({err})".splitlines()[0],
-                         source=str(path)) from None
+        raise InputError(
+            f"cannot load the model ({err})".splitlines()[0], source=str(path)
+        ) from None
     model.to(torch_device).eval()
-    layer_indices, arrays = capture_hf_model(model, sequences, family=family,
-                                             device=torch_device)
+    layer_indices, arrays = capture_hf_model(model, sequences, family=family, device=torch_device)
 
     params = gate["params"]
     source = {

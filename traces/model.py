@@ -50,17 +50,30 @@ def default_gate_config(
         raise InputError(f"unknown gate kind {kind!r}", field="gate", allowed=", ".join(GATE_KINDS))
     grouped = kind in ("device-limited", "group-limited-sigmoid")
     if grouped and num_experts % num_devices:
-        raise InputError(f"{num_experts} experts do not split over {num_devices} devices",
-                         field="num_experts", allowed=f"a multiple of {num_devices}")
+        raise InputError(
+            f"{num_experts} experts do not split over {num_devices} devices",
+            field="num_experts",
+            allowed=f"a multiple of {num_devices}",
+        )
     settings: dict[str, Any] = {"kind": kind, "num_experts": num_experts, "top_k": top_k}
     if kind == "softmax-topk":
         settings.update(expert_loss=0.01)
     elif kind == "device-limited":
-        settings.update(group_size=num_experts // num_devices, max_groups=max_devices,
-                        expert_loss=0.003, device_loss=0.05, comm_loss=0.02)
+        settings.update(
+            group_size=num_experts // num_devices,
+            max_groups=max_devices,
+            expert_loss=0.003,
+            device_loss=0.05,
+            comm_loss=0.02,
+        )
     elif kind == "group-limited-sigmoid":
-        settings.update(group_size=num_experts // num_devices, max_groups=max_devices,
-                        normalize=True, bias_rate=1e-3, seq_loss=1e-4)
+        settings.update(
+            group_size=num_experts // num_devices,
+            max_groups=max_devices,
+            normalize=True,
+            bias_rate=1e-3,
+            seq_loss=1e-4,
+        )
     else:
         settings.update(expert_loss=0.01)
         if kind in ("switch-top1", "gshard-top2"):
@@ -98,20 +111,31 @@ class TinyMoEConfig:
     gate: GateConfig = field(default_factory=lambda: default_gate_config("softmax-topk"))
 
     def __post_init__(self) -> None:
-        positive = {"vocab_size": self.vocab_size, "hidden": self.hidden,
-                    "num_layers": self.num_layers, "num_heads": self.num_heads,
-                    "seq_len": self.seq_len, "dense_intermediate": self.dense_intermediate,
-                    "expert_intermediate": self.expert_intermediate}
+        positive = {
+            "vocab_size": self.vocab_size,
+            "hidden": self.hidden,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "seq_len": self.seq_len,
+            "dense_intermediate": self.dense_intermediate,
+            "expert_intermediate": self.expert_intermediate,
+        }
         for name, value in positive.items():
             if value < 1:
                 raise InputError(f"{name}={value}", field=name, allowed=">= 1")
         if not 0 <= self.first_dense_layers < self.num_layers:
-            raise InputError(f"first_dense_layers={self.first_dense_layers} of "
-                             f"{self.num_layers} layers leaves no MoE layer",
-                             field="first_dense_layers", allowed=f"0..{self.num_layers - 1}")
+            raise InputError(
+                f"first_dense_layers={self.first_dense_layers} of "
+                f"{self.num_layers} layers leaves no MoE layer",
+                field="first_dense_layers",
+                allowed=f"0..{self.num_layers - 1}",
+            )
         if self.hidden % self.num_heads:
-            raise InputError(f"hidden {self.hidden} does not split into {self.num_heads} heads",
-                             field="num_heads", allowed=f"a divisor of {self.hidden}")
+            raise InputError(
+                f"hidden {self.hidden} does not split into {self.num_heads} heads",
+                field="num_heads",
+                allowed=f"a divisor of {self.hidden}",
+            )
         if self.num_shared < 0:
             raise InputError(f"num_shared={self.num_shared}", field="num_shared", allowed=">= 0")
 
@@ -132,8 +156,14 @@ class TinyMoEConfig:
         return {**data, "gate": gate_metadata(self.gate)}
 
 
-def tiny_config(gate_kind: str = "softmax-topk", *, num_experts: int = 16, top_k: int = 4,
-                gate_overrides: dict[str, Any] | None = None, **fields: Any) -> TinyMoEConfig:
+def tiny_config(
+    gate_kind: str = "softmax-topk",
+    *,
+    num_experts: int = 16,
+    top_k: int = 4,
+    gate_overrides: dict[str, Any] | None = None,
+    **fields: Any,
+) -> TinyMoEConfig:
     """A TinyMoEConfig whose gate is chosen by name (see :func:`default_gate_config`)."""
     gate = default_gate_config(gate_kind, num_experts, top_k, **(gate_overrides or {}))
     return TinyMoEConfig(gate=gate, **fields)
@@ -170,7 +200,9 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(config.hidden)
         self.ffn: nn.Module = (
             MoELayer(config.hidden, config.expert_intermediate, config.num_shared, config.gate)
-            if moe else SwiGLU(config.hidden, config.dense_intermediate))
+            if moe
+            else SwiGLU(config.hidden, config.dense_intermediate)
+        )
 
     def forward(
         self, x_bsh: torch.Tensor, seq_id_t: torch.Tensor
@@ -191,7 +223,8 @@ class TinyMoELM(nn.Module):
         self.embed = nn.Embedding(config.vocab_size, config.hidden)
         self.pos_embed = nn.Embedding(config.seq_len, config.hidden)
         self.blocks = nn.ModuleList(
-            Block(config, moe=i >= config.first_dense_layers) for i in range(config.num_layers))
+            Block(config, moe=i >= config.first_dense_layers) for i in range(config.num_layers)
+        )
         self.norm = nn.RMSNorm(config.hidden)
         self.lm_head = nn.Linear(config.hidden, config.vocab_size, bias=False)
         for module in (self.embed, self.pos_embed):
@@ -206,12 +239,18 @@ class TinyMoELM(nn.Module):
     def forward(self, tokens_bs: torch.Tensor, seq_id_t: torch.Tensor | None = None) -> LMOutput:
         """Logits for ``tokens_bs`` int64 [B, S]; ``seq_id_t`` [B*S] (default: a row each)."""
         if tokens_bs.dim() != 2:
-            raise InputError(f"tokens have shape {tuple(tokens_bs.shape)}", field="tokens_bs",
-                             allowed="[batch, seq]")
+            raise InputError(
+                f"tokens have shape {tuple(tokens_bs.shape)}",
+                field="tokens_bs",
+                allowed="[batch, seq]",
+            )
         batch, seq_len = tokens_bs.shape
         if seq_len > self.config.seq_len:
-            raise InputError(f"sequence of {seq_len} tokens", field="tokens_bs",
-                             allowed=f"<= seq_len {self.config.seq_len}")
+            raise InputError(
+                f"sequence of {seq_len} tokens",
+                field="tokens_bs",
+                allowed=f"<= seq_len {self.config.seq_len}",
+            )
         if seq_id_t is None:
             seq_id_t = torch.arange(batch, device=tokens_bs.device).repeat_interleave(seq_len)
         positions = torch.arange(seq_len, device=tokens_bs.device)

@@ -42,8 +42,9 @@ def _lr_factor(step: int, steps: int) -> float:
 def lm_loss(model: TinyMoELM, rows_bs1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, list]:
     """(cross-entropy, aux loss, gate outputs) for windows of ``seq_len + 1`` bytes."""
     out = model(rows_bs1[:, :-1])
-    loss = F.cross_entropy(out.logits_bsv.reshape(-1, out.logits_bsv.shape[-1]),
-                           rows_bs1[:, 1:].reshape(-1))
+    loss = F.cross_entropy(
+        out.logits_bsv.reshape(-1, out.logits_bsv.shape[-1]), rows_bs1[:, 1:].reshape(-1)
+    )
     return loss, out.aux_loss, out.gates
 
 
@@ -74,8 +75,11 @@ def train(
     The returned model carries ``train_info`` (steps, losses, time, corpus) for capture.
     """
     if steps < 1 or batch_size < 1:
-        raise InputError(f"steps={steps}, batch_size={batch_size}",
-                         field="steps" if steps < 1 else "batch_size", allowed=">= 1")
+        raise InputError(
+            f"steps={steps}, batch_size={batch_size}",
+            field="steps" if steps < 1 else "batch_size",
+            allowed=">= 1",
+        )
     if not lr > 0:
         raise InputError(f"lr={lr}", field="lr", allowed="> 0")
     corpus = corpus if corpus is not None else load_corpus()
@@ -86,10 +90,13 @@ def train(
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr, betas=(0.9, 0.95))
+        lr=lr,
+        betas=(0.9, 0.95),
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, steps))
-    batches = training_batches(corpus.train, batch_size=batch_size, seq_len=config.seq_len,
-                               seed=seed)
+    batches = training_batches(
+        corpus.train, batch_size=batch_size, seq_len=config.seq_len, seed=seed
+    )
     history: History = []
     started = time.perf_counter()
     for step in range(1, steps + 1):
@@ -103,14 +110,16 @@ def train(
         for layer, gate_out in zip(model.moe_layers, gates, strict=True):
             if layer.gate.config.bias_rate > 0:
                 layer.gate.update_bias(
-                    expert_load(gate_out.routing.ids_tk, num_experts=config.num_experts))
+                    expert_load(gate_out.routing.ids_tk, num_experts=config.num_experts)
+                )
         history.append((step, loss.item()))
         if progress is not None:
             progress(step, steps, history[-1][1])
     seconds = time.perf_counter() - started
     eval_rows = min(_HELDOUT_EVAL_SEQUENCES, len(corpus.heldout) // (config.seq_len + 1))
     heldout_rows = torch.from_numpy(
-        heldout_sequences(corpus.heldout, num_sequences=eval_rows, seq_len=config.seq_len + 1))
+        heldout_sequences(corpus.heldout, num_sequences=eval_rows, seq_len=config.seq_len + 1)
+    )
     model.eval()
     model.train_info = {
         "steps": steps,
