@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from moesim.cli.capture_cmd import capture
 from moesim.cli.common import guarded
 from moesim.cli.trace_cmds import trace_app
 from moesim.errors import InputError
@@ -28,6 +29,7 @@ topo_app = typer.Typer(help="Cluster topologies (presets in topologies/*.yaml)."
                        no_args_is_help=True)
 app.add_typer(topo_app, name="topo")
 app.add_typer(trace_app, name="trace")
+app.command()(capture)
 
 
 def _version(value: bool) -> None:

@@ -30,7 +30,7 @@ def stats(
 
     Examples:
 
-      moesim trace stats traces/samples/tiny-v3.npz --ep 4 --max-devices 2
+      moesim trace stats traces/samples/tiny-v3.npz --ep 8 --max-devices 2
 
       moesim trace stats traces/samples/tiny-v3.npz --ep 8 --capacity-factor 1.0 --json
     """
@@ -121,7 +121,7 @@ def synth(
 
       moesim trace synth --experts 256 --top-k 8 --skew 0.8 --correlation 0.2 --out runs/s.npz
 
-      moesim trace synth --experts 256 --top-k 8 --fit traces/samples/tiny-v3.npz --out runs/f.npz
+      moesim trace synth --experts 256 --top-k 8 --fit traces/samples/tiny-v3.npz --out f.npz
     """
     from moesim.routing.synthetic_trace import fit_synthetic, synthetic_trace
     from moesim.trace import RoutingTrace

@@ -127,7 +127,11 @@ def _layer_row(ids_tk: np.ndarray, scores_te: np.ndarray | None, *, num_experts:
         f_e = np.full(num_experts, math.nan)
         f_dev_d = f_comm_d = np.full(ep, math.nan)
     if scores_te is not None and n_tokens:
-        p_e = scores_te.astype(np.float64).mean(axis=0)
+        # Sigmoid scores do not sum to 1 per token; like DeepSeek-V3's sequence-wise
+        # loss, normalise each token's scores so that perfect balance gives 1 again.
+        s_te = scores_te.astype(np.float64)
+        row_t = s_te.sum(axis=1, keepdims=True)
+        p_e = np.divide(s_te, row_t, out=np.zeros_like(s_te), where=row_t > 0).mean(axis=0)
         p_dev_d = p_e.reshape(ep, per_device).sum(axis=1)
         exp_bal = float(f_e @ p_e)
         dev_bal = float(f_dev_d @ p_dev_d)

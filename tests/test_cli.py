@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+import moesim
 from moesim.cli.main import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,19 +33,51 @@ def readme_examples() -> list[str]:
 
 
 def docstring_examples() -> list[str]:
-    from moesim.cli import main
+    from moesim.cli import capture_cmd, main, trace_cmds
 
     found = []
-    for command in (main.simulate, main.topo_show):
+    for command in (main.simulate, main.topo_show, capture_cmd.capture, trace_cmds.stats,
+                    trace_cmds.import_, trace_cmds.synth):
         doc = command.__doc__ or ""
         found += re.findall(r"^\s+moesim (.+)$", doc.split("Examples:")[-1], flags=re.M)
     return found
 
 
+def _tiny_mixtral(path: Path) -> None:
+    """A random-weight Mixtral checkpoint small enough for a test (no tokenizer)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(
+        vocab_size=100, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+        num_experts_per_tok=2, max_position_embeddings=128)
+    transformers.MixtralForCausalLM(config).save_pretrained(path)
+
+
+def _megatron_trace(root: Path) -> None:
+    """Two ranks, two MoE layers, in Megatron-Core's router-trace JSONL format."""
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for rank in range(2):
+        lines = [json.dumps({"step": 0, "stage": "pre_dispatch", "block": "decoder",
+                             "layer": layer, "rank": rank, "num_tokens": 16, "topk": 6,
+                             "top_indices": [rng.permutation(64)[:6].tolist()
+                                             for _ in range(16)]})
+                 for layer in (1, 2)]
+        (root / f"router_trace_rank{rank}.jsonl").write_text("\n".join(lines) + "\n")
+
+
 @pytest.fixture
 def in_sandbox(tmp_path, monkeypatch):
-    """Run from an empty folder that sees the repository's example scenarios."""
+    """Run from an empty folder that sees the repository's example scenarios and sample
+    traces, and holds the inputs the examples name."""
     (tmp_path / "examples").symlink_to(REPO / "examples")
+    (tmp_path / "traces").mkdir()
+    (tmp_path / "traces" / "samples").symlink_to(REPO / "traces" / "samples")
+    _megatron_trace(tmp_path / "runs" / "megatron-trace")
+    _tiny_mixtral(tmp_path / "runs" / "tiny-mixtral")
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -54,7 +88,7 @@ def invoke(args: list[str]):
 
 def test_the_readme_documents_examples():
     assert len(readme_examples()) >= 8
-    assert len(docstring_examples()) >= 4
+    assert len(docstring_examples()) >= 12
 
 
 @pytest.mark.parametrize("example", readme_examples() + docstring_examples())
@@ -64,6 +98,9 @@ def test_documented_example_runs(example, in_sandbox):
     assert result.output.strip()
     for path in re.findall(r"(?:--out|--png) (\S+)", example):
         assert (in_sandbox / path).exists()
+    for path in re.findall(r"(\S+\.npz)", example):
+        if "--out" in example and example.split("--out ")[1].startswith(path):
+            assert moesim.RoutingTrace.load(in_sandbox / path).num_tokens > 0
 
 
 def test_json_summary_has_every_public_key(small_overrides):
@@ -179,3 +216,28 @@ def test_help_does_not_load_heavy_modules():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("content", [b"not a zip", b"PK\x03\x04 truncated"])
+def test_a_corrupted_trace_exits_2_naming_the_file(content, tmp_path):
+    path = tmp_path / "broken.npz"
+    path.write_bytes(content)
+    for args in (["trace", "stats", str(path)],
+                 ["simulate", "--set", f"trace={path}", "--set", "model.num_layers=4"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert str(path) in result.stderr and "Traceback" not in result.output
+
+
+def test_a_trace_of_the_wrong_shape_for_the_scenario_exits_2(tmp_path):
+    """The sample traces have 64 experts; DeepSeek-V3 has 256."""
+    result = runner.invoke(app, ["simulate", "--set",
+                                 f"trace={REPO / 'traces/samples/tiny-v1.npz'}"])
+    assert result.exit_code == 2
+    assert "trace" in result.stderr and "256" in result.stderr
+
+
+def test_capture_needs_exactly_one_source(tmp_path):
+    result = runner.invoke(app, ["capture", "--out", str(tmp_path / "t.npz")])
+    assert result.exit_code == 2 and "--train" in result.stderr
+    assert not (tmp_path / "t.npz").exists()

@@ -179,7 +179,8 @@ def brute_force(ids_tk, scores_te, *, num_experts, ep, gpus_per_node, m):
         n_dev.append(len(devices))
         n_node.append(len({d // gpus_per_node for d in devices}))
     f = num_experts / (top_k * n_tokens) * count
-    p = scores_te.astype(np.float64).mean(axis=0)
+    # P_i averages each token's scores normalised to sum 1 (sigmoid gates do not).
+    p = np.mean([row / row.sum() for row in scores_te.astype(np.float64)], axis=0)
     f_dev = [f[d * per_device:(d + 1) * per_device].mean() for d in range(ep)]
     p_dev = [p[d * per_device:(d + 1) * per_device].sum() for d in range(ep)]
     f_comm = ep / (m * n_tokens) * sent
@@ -213,3 +214,15 @@ def test_vectorised_stats_match_a_per_token_loop(data):
     np.testing.assert_allclose(stats.nodes_reached.iloc[0], node_hist)
     if m is not None:
         assert row["share_over_m_devices"] == pytest.approx(np.mean(np.array(ref["n_dev"]) > m))
+
+
+def test_sigmoid_scores_are_normalised_per_token_for_the_balance_terms():
+    """Sigmoid affinities sum to about E/2 per token; the f_i P_i terms use s/sum(s), so a
+    perfectly balanced sigmoid gate still scores 1 (DeepSeek-V3's sequence-wise rule)."""
+    num_experts, n_tokens = 8, 8
+    ids_tk = np.array([[(2 * t) % 8, (2 * t + 1) % 8] for t in range(n_tokens)])
+    scores_te = np.full((n_tokens, num_experts), 0.5, dtype=np.float16)
+    trace = make_trace(ids_tk[None], num_experts=num_experts, scores_lte=scores_te[None])
+    row = trace_stats(trace, ep=4, gpus_per_node=4).layers.iloc[0]
+    assert row["exp_bal"] == pytest.approx(1.0)
+    assert row["dev_bal"] == pytest.approx(1.0)

@@ -1,0 +1,92 @@
+"""`moesim capture`: routing traces from our own small model or from HF checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moesim.cli.common import guarded, write_trace
+from moesim.errors import InputError
+
+GATES = ("softmax-topk", "device-limited", "group-limited-sigmoid", "switch-top1",
+         "gshard-top2", "noisy-topk")
+
+
+@guarded
+def capture(
+    out: Annotated[Path, typer.Option(help="Trace file to write (.npz).")],
+    train: Annotated[bool, typer.Option(
+        "--train", help="Train our small DeepSeekMoE model on the Python standard library's "
+                        "source, then capture held-out text.")] = False,
+    hf: Annotated[Path | None, typer.Option(
+        help="Capture from this Hugging Face MoE checkpoint folder instead.")] = None,
+    gate: Annotated[str, typer.Option(
+        help=f"Gate of our model: {', '.join(GATES)}.")] = "group-limited-sigmoid",
+    experts: Annotated[int, typer.Option(help="Routed experts of our model.")] = 64,
+    top_k: Annotated[int, typer.Option(help="Experts per token of our model.")] = 6,
+    shared: Annotated[int, typer.Option(help="Shared experts of our model.")] = 2,
+    steps: Annotated[int, typer.Option(help="Training steps of our model.")] = 600,
+    text: Annotated[Path | None, typer.Option(
+        help="Text to feed an HF checkpoint through its tokenizer.")] = None,
+    tokens: Annotated[int, typer.Option(help="Tokens to capture.")] = 4096,
+    seq_len: Annotated[int, typer.Option(help="HF capture: tokens per sequence.")] = 512,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (HF capture).")] = "cpu",
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Capture a routing trace: top-k choices, weights and full scores per MoE layer.
+
+    Examples:
+
+      moesim capture --train --steps 20 --tokens 512 --out runs/tiny.npz
+
+      moesim capture --train --gate device-limited --steps 20 --tokens 512 --out runs/v2.npz
+
+      moesim capture --hf runs/tiny-mixtral --tokens 256 --seq-len 64 --out runs/hf.npz
+    """
+    if (hf is None) == (not train):
+        raise InputError("choose one source: --train (our model) or --hf PATH",
+                         field="--train/--hf")
+    if hf is not None:
+        from moesim.traces.hf_capture import capture_hf
+
+        words = None
+        if text is not None:
+            try:
+                words = text.read_text(encoding="utf-8")
+            except OSError as err:
+                raise InputError(f"cannot read file ({err.strerror})", source=str(text)) from None
+        trace = capture_hf(hf, text=words, num_tokens=tokens, seq_len=seq_len, seed=seed,
+                           device=device)
+    else:
+        trace = _capture_own(gate=gate, experts=experts, top_k=top_k, shared=shared,
+                             steps=steps, tokens=tokens, seed=seed)
+    write_trace(out, trace)
+    typer.echo(f"wrote {out}: {trace.num_layers} MoE layers x {trace.num_tokens} tokens, "
+               f"E = {trace.num_experts}, K = {trace.top_k}, "
+               f"source {trace.metadata['source'].get('kind')}")
+
+
+def _capture_own(*, gate, experts, top_k, shared, steps, tokens, seed):
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from moesim.traces.capture import capture_heldout
+    from moesim.traces.model import tiny_config
+    from moesim.traces.train import train
+
+    if gate not in GATES:
+        raise InputError(f"unknown gate {gate!r}", field="--gate", allowed=", ".join(GATES))
+    config = tiny_config(gate, num_experts=experts, top_k=top_k, num_shared=shared)
+    columns = (TextColumn("training {task.fields[gate]}"), BarColumn(),
+               TextColumn("step {task.completed}/{task.total}  loss {task.fields[loss]}"),
+               TimeRemainingColumn())
+    with Progress(*columns, transient=False) as bar:
+        task = bar.add_task("train", total=steps, gate=gate, loss="-")
+
+        def progress(step, total, loss):
+            bar.update(task, completed=step, loss=f"{loss:.3f}")
+
+        model, history = train(config, steps=steps, seed=seed, progress=progress)
+    typer.echo(f"loss {history[0][1]:.3f} -> {history[-1][1]:.3f} over {len(history)} steps")
+    return capture_heldout(model, num_tokens=tokens)
