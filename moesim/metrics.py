@@ -41,11 +41,12 @@ def exposed_comm_seconds(ops: list[Op], timeline: Timeline) -> np.ndarray:
     return exposed
 
 
-def _per_gpu_sum(ops, timeline, predicate) -> np.ndarray:
+def _per_gpu_sum(ops, begin_og: np.ndarray, end_og: np.ndarray, predicate) -> np.ndarray:
+    """Per GPU, the summed ``end - begin`` of the ops that satisfy ``predicate``."""
     rows = np.array([predicate(op) for op in ops])
     if not rows.any():
-        return np.zeros(timeline.start_og.shape[1])
-    return (timeline.end_og[rows] - timeline.start_og[rows]).sum(axis=0)
+        return np.zeros(begin_og.shape[1])
+    return (end_og[rows] - begin_og[rows]).sum(axis=0)
 
 
 def _load_imbalance(scenario: Scenario, costs, keys_l) -> float:
@@ -73,12 +74,14 @@ def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys
     computed = int(sum(t.sum() for k in keys_l for t in costs[k].tokens_ge))
 
     flops = compute.model_flops_per_token(m, p.seq_len) * tokens * (3 if train else 1)
+    start, end = timeline.start_og, timeline.end_og
     mean = {
-        name: float(_per_gpu_sum(ops, timeline, lambda op, n=name: op.phase == n).mean())
+        name: float(_per_gpu_sum(ops, start, end, lambda op, n=name: op.phase == n).mean())
         for name in ("dispatch", "combine", "attention", "shared", "dense_ffn", "lm_head")
     }
-    experts_g = _per_gpu_sum(ops, timeline, lambda op: op.phase == "experts")
-    comm_wait_g = _per_gpu_sum_wait(ops, timeline)
+    experts_g = _per_gpu_sum(ops, start, end, lambda op: op.phase == "experts")
+    # Collectives start when their last member arrives: the rest waited for it.
+    comm_wait_g = _per_gpu_sum(ops, timeline.arrive_og, start, lambda op: op.collective)
     exposed_g = exposed_comm_seconds(ops, timeline)
     bottlenecks = Counter(
         t.bottleneck
@@ -123,10 +126,3 @@ def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys
         "tokens_computed": computed,
         "tokens_dropped": dropped,
     }
-
-
-def _per_gpu_sum_wait(ops, timeline) -> np.ndarray:
-    rows = np.array([op.collective for op in ops])
-    if not rows.any():
-        return np.zeros(timeline.start_og.shape[1])
-    return (timeline.start_og[rows] - timeline.arrive_og[rows]).sum(axis=0)

@@ -261,25 +261,15 @@ class MoEGate(nn.Module):
     ) -> tuple[Routing, torch.Tensor | None]:
         """The gate's choice before dropping, and the noisy gate's CV^2 losses."""
         cfg = self.config
-        if cfg.kind in ("softmax-topk", "device-limited"):
-            scores_te = score(logits_te, "softmax")
+        if cfg.kind in ("softmax-topk", "device-limited", "group-limited-sigmoid"):
+            sigmoid = cfg.kind == "group-limited-sigmoid"
             return route(
-                scores_te,
+                score(logits_te, "sigmoid" if sigmoid else "softmax"),
                 kind=cfg.kind,
                 top_k=cfg.top_k,
                 group_size=cfg.group_size,
                 max_groups=cfg.max_groups,
-                normalize=cfg.normalize,
-                scale=cfg.scale,
-            ), None
-        if cfg.kind == "group-limited-sigmoid":
-            return route(
-                score(logits_te, "sigmoid"),
-                kind=cfg.kind,
-                top_k=cfg.top_k,
-                group_size=cfg.group_size,
-                max_groups=cfg.max_groups,
-                bias_e=self.bias,
+                bias_e=self.bias if sigmoid else None,
                 normalize=cfg.normalize,
                 scale=cfg.scale,
             ), None
