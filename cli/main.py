@@ -15,6 +15,7 @@ import typer
 
 from moesim.cli.capture_cmd import capture
 from moesim.cli.common import guarded
+from moesim.cli.regress_cmd import regress
 from moesim.cli.trace_cmds import trace_app
 from moesim.errors import InputError
 
@@ -30,6 +31,7 @@ topo_app = typer.Typer(help="Cluster topologies (presets in topologies/*.yaml)."
 app.add_typer(topo_app, name="topo")
 app.add_typer(trace_app, name="trace")
 app.command()(capture)
+app.command()(regress)
 
 
 def _version(value: bool) -> None:

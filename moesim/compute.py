@@ -30,6 +30,18 @@ def _roofline(flops, nbytes, peak: float, eff: float, hw: HardwareSpec):
     return np.maximum(flops / (peak * eff), nbytes / (hw.hbm_GBps * 1e9 * hw.memory_efficiency))
 
 
+def gemm_seconds(
+    hw: HardwareSpec, *, groups: int, m: int, n: int, k: int, dtype: str, align: int = 1
+) -> float:
+    """One (grouped) GEMM of ``groups`` x [m, k] @ [k, n]: ``dtype`` inputs, BF16 output,
+    each group's rows padded to ``align`` (the kernel's block size)."""
+    rows = -(-m // align) * align
+    wb = dtype_bytes(dtype)
+    flops = 2.0 * groups * rows * n * k
+    nbytes = groups * (rows * k * wb + k * n * wb + rows * n * ACT_BYTES)
+    return float(_roofline(flops, nbytes, hw.peak_flops(dtype), hw.gemm_efficiency, hw))
+
+
 def attention_projection_params(m: ModelShape) -> int:
     """Weights of the attention projections (Q, K, V, O or MLA's low-rank factors)."""
     h = m.hidden_size

@@ -33,11 +33,11 @@ def readme_examples() -> list[str]:
 
 
 def docstring_examples() -> list[str]:
-    from moesim.cli import capture_cmd, main, trace_cmds
+    from moesim.cli import capture_cmd, main, regress_cmd, trace_cmds
 
     found = []
     for command in (main.simulate, main.topo_show, capture_cmd.capture, trace_cmds.stats,
-                    trace_cmds.import_, trace_cmds.synth):
+                    trace_cmds.import_, trace_cmds.synth, regress_cmd.regress):
         doc = command.__doc__ or ""
         found += re.findall(r"^\s+moesim (.+)$", doc.split("Examples:")[-1], flags=re.M)
     return found
@@ -75,7 +75,8 @@ def in_sandbox(tmp_path, monkeypatch):
     traces, and holds the inputs the examples name."""
     (tmp_path / "examples").symlink_to(REPO / "examples")
     (tmp_path / "traces").mkdir()
-    (tmp_path / "traces" / "samples").symlink_to(REPO / "traces" / "samples")
+    for folder in ("samples", "recorded"):
+        (tmp_path / "traces" / folder).symlink_to(REPO / "traces" / folder)
     _megatron_trace(tmp_path / "runs" / "megatron-trace")
     _tiny_mixtral(tmp_path / "runs" / "tiny-mixtral")
     monkeypatch.chdir(tmp_path)
@@ -241,3 +242,16 @@ def test_capture_needs_exactly_one_source(tmp_path):
     result = runner.invoke(app, ["capture", "--out", str(tmp_path / "t.npz")])
     assert result.exit_code == 2 and "--train" in result.stderr
     assert not (tmp_path / "t.npz").exists()
+
+
+def test_regress_passes_on_the_shipped_runs_and_fails_on_a_perturbed_one(tmp_path):
+    result = invoke(["regress"])
+    assert result.exit_code == 0 and "MAPE" in result.output and "PASSED" in result.output
+    text = (REPO / "traces/recorded/deepgemm_grouped_h800.yaml").read_text()
+    assert "value: 1346" in text
+    bad = tmp_path / "perturbed.yaml"
+    bad.write_text(text.replace("value: 1346", "value: 2346", 1))
+    result = runner.invoke(app, ["regress", str(bad)])
+    assert result.exit_code == 1 and "FAIL" in result.output
+    result = runner.invoke(app, ["regress", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 2

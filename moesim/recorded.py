@@ -1,0 +1,306 @@
+"""Recorded GPU runs (schema ``moesim.recorded-run/1``): published measurements that
+``moesim regress`` compares the simulator against.
+
+One YAML file per source holds a list of runs; each run names a topology, a workload
+(an EP dispatch/combine, a grouped or dense GEMM, an all-to-all) and the measured
+metrics with a relative tolerance. :func:`load_runs` turns every mistake into one
+:class:`InputError` naming the file, the field path (``runs[3].measured.x.value``) and
+what is allowed, so the CLI can exit with 2 and no traceback.
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from moesim.config.loading import read_yaml
+from moesim.errors import InputError
+
+SCHEMA = "moesim.recorded-run/1"
+KNOWN_GAPS = "known_gaps.yaml"  # runs the model is known to miss; run only on request
+
+Positive = Annotated[int, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    # Unknown keys are errors so that a typo never silently drops a field.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Source(_Strict):
+    """Where the numbers were published; ``note`` says which table or CSV row."""
+
+    repo: str
+    path: str
+    commit: str | None = None
+    note: str = ""
+
+
+class EpDispatchCombine(_Strict):
+    """One DeepEP-style dispatch + combine of ``tokens_per_rank`` tokens on every rank."""
+
+    kind: Literal["ep-dispatch-combine"]
+    kernel: Literal["deepep-normal", "deepep-low-latency", "nccl-alltoall"]
+    tokens_per_rank: Positive
+    hidden: Positive
+    experts: Positive
+    top_k: Positive
+    topk_groups: Positive | None = None  # max nodes a token may reach; None = no limit
+    routing: Literal["uniform-random"] = "uniform-random"
+    comm_sms: Positive | None = None  # recorded for provenance; the model has no SM term
+    dispatch_dtype: Literal["fp8", "bf16"] = "fp8"
+    combine_dtype: Literal["bf16"] = "bf16"
+
+
+class GroupedGemm(_Strict):
+    """``groups`` GEMMs of ``m_per_group x n x k`` in one kernel (DeepGEMM's MoE GEMMs)."""
+
+    kind: Literal["grouped-gemm"]
+    groups: Positive
+    m_per_group: Positive
+    n: Positive
+    k: Positive
+    dtype: Literal["fp8", "bf16"] = "fp8"
+    layout: Literal["contiguous", "masked"]
+
+
+class DenseGemm(_Strict):
+    """One ``m x n x k`` GEMM."""
+
+    kind: Literal["dense-gemm"]
+    m: Positive
+    n: Positive
+    k: Positive
+    dtype: Literal["fp8", "bf16"] = "fp8"
+
+
+class AllToAll(_Strict):
+    """nccl-tests ``alltoall_perf``: each rank's ``bytes_per_rank`` buffer is split evenly
+    over all ranks (itself included)."""
+
+    kind: Literal["alltoall"]
+    bytes_per_rank: Positive
+
+
+Workload = Annotated[
+    Union[EpDispatchCombine, GroupedGemm, DenseGemm, AllToAll],  # noqa: UP007 (pydantic tag)
+    Field(discriminator="kind"),
+]
+WORKLOAD_KINDS = ("ep-dispatch-combine", "grouped-gemm", "dense-gemm", "alltoall")
+
+# Metrics each workload kind can be compared on (the simulator computes exactly these).
+METRICS: dict[str, tuple[str, ...]] = {
+    "ep-dispatch-combine": ("dispatch_bw_GBps", "combine_bw_GBps",
+                            "dispatch_latency_us", "combine_latency_us"),
+    "grouped-gemm": ("tflops",),
+    "dense-gemm": ("tflops",),
+    "alltoall": ("busbw_GBps", "algbw_GBps"),
+}
+
+
+class Measured(_Strict):
+    value: float = Field(gt=0)
+    link: Literal["nvlink", "rdma"] | None = None  # bandwidths: which link class counts
+    unit: str | None = None
+
+
+class Run(_Strict):
+    id: str = Field(min_length=1)
+    topology: str  # preset name or path (relative paths are found beside the file)
+    gpus: Positive
+    workload: Workload
+    measured: dict[str, Measured] = Field(min_length=1)
+    tolerance: float = Field(gt=0, le=1)  # relative: |sim - measured| / measured
+    source: Source | None = None  # this run's own provenance (e.g. its CSV row)
+    note: str = ""
+
+
+class RecordedRuns(_Strict):
+    schema_: Literal["moesim.recorded-run/1"] = Field(alias="schema")
+    source: Source
+    runs: list[Run] = Field(min_length=1)
+    path: str = ""  # the file it came from, filled in by load_runs
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+def recorded_dir() -> Path:
+    """The folder of shipped recorded runs (``traces/recorded``)."""
+    return Path(str(resources.files("moesim.traces").joinpath("recorded")))
+
+
+def load_runs(path: str | os.PathLike[str]) -> RecordedRuns:
+    """Read and check one recorded-run file; every problem is one InputError."""
+    source = str(path)
+    data = read_yaml(path)
+    if not isinstance(data, dict):
+        raise InputError("a recorded-run file holds a YAML mapping", source=source,
+                         allowed="schema, source, runs")
+    if "path" in data:  # filled in by the loader, never read from the file
+        raise InputError("unknown field", field="path", source=source,
+                         allowed=_fields_of(RecordedRuns))
+    try:
+        runs = RecordedRuns.model_validate(data)
+    except ValidationError as err:
+        raise _translate(err).with_source(source) from None
+    _check(runs, Path(path), source)
+    return runs.model_copy(update={"path": source})
+
+
+def resolve_topology(run: Run, file: str | os.PathLike[str] | None) -> str:
+    """A topology path given relative to its recorded-run file, else the name as is."""
+    if file and ("/" in run.topology or run.topology.endswith((".yaml", ".yml"))):
+        beside = Path(file).parent / run.topology
+        if beside.exists():
+            return str(beside)
+    return run.topology
+
+
+def _check(runs: RecordedRuns, path: Path, source: str) -> None:
+    """What the types cannot say: metric names per kind, links, unique ids, topology."""
+    from moesim.topologies import load_topology
+
+    seen: set[str] = set()
+    for i, run in enumerate(runs.runs):
+        at = f"runs[{i}]"
+        if run.id in seen:
+            raise InputError(f"duplicate run id {run.id!r}", field=f"{at}.id", source=source,
+                             allowed="ids unique within a file")
+        seen.add(run.id)
+        kind = run.workload.kind
+        if kind == "ep-dispatch-combine":
+            _check_ep(run, at, source)
+        for name, m in run.measured.items():
+            if name not in METRICS[kind]:
+                raise InputError(f"unknown metric {name!r} for a {kind} run",
+                                 field=f"{at}.measured.{name}", source=source,
+                                 allowed=", ".join(METRICS[kind]))
+            if kind == "ep-dispatch-combine" and name.endswith("_bw_GBps") and m.link is None:
+                raise InputError("a bandwidth must name the link class it counts",
+                                 field=f"{at}.measured.{name}.link", source=source,
+                                 allowed="nvlink, rdma")
+        try:
+            topo = load_topology(resolve_topology(run, path), gpus=run.gpus)
+        except InputError as err:
+            # The topology's own message, re-pointed at this run's field.
+            field = f"{at}.{err.field}" if err.field in ("topology", "gpus") else f"{at}.topology"
+            raise InputError(err.problem, field=field, allowed=err.allowed,
+                             source=source) from None
+        w = run.workload
+        if isinstance(w, EpDispatchCombine) and w.topk_groups is not None:
+            nodes = min(topo.n_domains, run.gpus)
+            if w.topk_groups < nodes and w.topk_groups * (w.experts // nodes) < w.top_k:
+                raise InputError(
+                    f"{w.topk_groups} node(s) hold fewer than top_k={w.top_k} experts",
+                    field=f"{at}.workload.topk_groups", source=source,
+                    allowed=f"null or >= {-(-w.top_k // (w.experts // nodes))}")
+
+
+def _check_ep(run: Run, at: str, source: str) -> None:
+    w = run.workload
+    assert isinstance(w, EpDispatchCombine)
+    if w.experts % run.gpus:
+        raise InputError(f"{w.experts} experts do not split evenly over {run.gpus} GPUs",
+                         field=f"{at}.workload.experts", source=source,
+                         allowed=f"a multiple of gpus ({run.gpus})")
+    if w.top_k > w.experts:
+        raise InputError(f"top_k {w.top_k} exceeds the {w.experts} experts",
+                         field=f"{at}.workload.top_k", source=source,
+                         allowed=f"1..{w.experts}")
+
+
+# ----------------------------------------------------------------- error messages
+
+
+def _field_path(loc: tuple) -> str:
+    """``('runs', 3, 'workload', 'grouped-gemm', 'n')`` -> ``runs[3].workload.n``."""
+    out = ""
+    skip_tag = False
+    for part in loc:
+        if skip_tag:
+            skip_tag = False
+            if part in WORKLOAD_KINDS:
+                continue  # pydantic's union tag is not a field of the file
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + ("schema" if part == "schema_" else str(part))
+        skip_tag = part == "workload"
+    return out
+
+
+_KIND_MODEL: dict[str, type[BaseModel]] = {
+    "ep-dispatch-combine": EpDispatchCombine, "grouped-gemm": GroupedGemm,
+    "dense-gemm": DenseGemm, "alltoall": AllToAll,
+}
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    """The model whose field list applies at ``loc`` (for 'unknown field' errors)."""
+    model: Any = RecordedRuns
+    parts = list(loc)
+    while parts:
+        part = parts.pop(0)
+        if isinstance(part, int):
+            continue
+        if model is Run and part == "workload":
+            return _KIND_MODEL.get(parts[0]) if parts else None
+        if model is Run and part == "measured":
+            return Measured if len(parts) > 1 else None
+        fields = model.model_fields
+        if part not in fields:
+            return model
+        model = {"source": Source, "runs": Run}.get(part)
+        if model is None:
+            return None
+    return model
+
+
+def _fields_of(model: type[BaseModel]) -> str:
+    # RecordedRuns.path is filled in by the loader; Source.path is a real field.
+    names = [n for n in model.model_fields if not (model is RecordedRuns and n == "path")]
+    return ", ".join("schema" if name == "schema_" else name for name in names)
+
+
+def _translate(err: ValidationError) -> InputError:
+    """The first pydantic error as an InputError naming the field and what is allowed."""
+    errors = err.errors(include_url=False)
+    first = errors[0]
+    loc, kind = tuple(first["loc"]), first["type"]
+    field = _field_path(loc)
+    allowed = None
+    if kind == "extra_forbidden":
+        problem = "unknown field"
+        parent = _model_at(loc[:-1])
+        allowed = _fields_of(parent) if parent else None
+    elif kind == "missing":
+        problem = "missing required field"
+        parent = _model_at(loc[:-1])
+        allowed = f"fields of this section: {_fields_of(parent)}" if parent else None
+    elif kind == "union_tag_invalid":
+        problem = f"unknown workload kind {first['ctx']['tag']!r}"
+        field += ".kind"
+        allowed = ", ".join(WORKLOAD_KINDS)
+    elif kind == "union_tag_not_found":
+        problem = "missing workload kind"
+        field += ".kind"
+        allowed = ", ".join(WORKLOAD_KINDS)
+    elif kind == "literal_error":
+        problem = f"invalid value {first.get('input')!r}"
+        allowed = first.get("ctx", {}).get("expected")
+    elif kind == "too_short":
+        problem = "must not be empty"
+        allowed = "at least one entry"
+    else:
+        problem = f"{first['msg'].lower()} (got {first.get('input')!r})"
+        ctx = first.get("ctx") or {}
+        bounds = [f"{op} {ctx[key]}" for key, op in
+                  (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")) if key in ctx]
+        allowed = " and ".join(bounds) or None
+    if len(errors) > 1:
+        problem += f"; {len(errors) - 1} more problem(s) after this one"
+    return InputError(problem, field=field, allowed=allowed)

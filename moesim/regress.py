@@ -1,0 +1,262 @@
+"""Regression against recorded GPU runs: simulate each run with moesim's own models and
+compare every measured metric within the run's relative tolerance.
+
+No model lives here: EP exchanges go through routing (:func:`sample_topk`), traffic
+(:func:`dispatch_loads`, :func:`bytes_per_copy`) and the analytical network model
+(:func:`exchange_time`); GEMMs through the compute model's roofline with the GPU's
+efficiencies. What is defined here is only how each benchmark counts its metric, so that
+the simulated number is the same quantity as the measured one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from moesim import compute
+from moesim.config.loading import hardware_preset
+from moesim.errors import InputError
+from moesim.network.analytical import exchange_time
+from moesim.recorded import (
+    KNOWN_GAPS,
+    AllToAll,
+    DenseGemm,
+    EpDispatchCombine,
+    GroupedGemm,
+    Run,
+    load_runs,
+    resolve_topology,
+)
+from moesim.routing.batch import BatchCounts, RoutedBatch, count_batch
+from moesim.routing.synthetic import expert_popularity, sample_topk
+from moesim.traffic import bytes_per_copy, dispatch_loads
+
+SEED = 0  # one fixed routing draw: a regress run is reproducible to the last digit
+
+
+# ------------------------------------------------------------------ simulation
+
+
+def simulate_run(run: Run, file: str | os.PathLike[str] | None = None) -> dict[str, float]:
+    """Simulated value of every metric ``run`` measured (same names, same units).
+
+    ``file`` is the recorded-run file, to find a topology path given relative to it.
+    """
+    from moesim.topologies import load_topology
+
+    topo = load_topology(resolve_topology(run, file), gpus=run.gpus)
+    hw = hardware_preset(topo.gpu)
+    w = run.workload
+    if isinstance(w, EpDispatchCombine):
+        values = _ep_dispatch_combine(run, w, topo, hw)
+    elif isinstance(w, GroupedGemm):
+        values = {"tflops": _gemm_tflops(hw, groups=w.groups, m=w.m_per_group, n=w.n, k=w.k,
+                                         dtype=w.dtype, align=hw.grouped_gemm_align)}
+    elif isinstance(w, DenseGemm):
+        # A dense GEMM has no per-expert row padding (compute.ffn_seconds has none either).
+        values = {"tflops": _gemm_tflops(hw, groups=1, m=w.m, n=w.n, k=w.k, dtype=w.dtype,
+                                         align=1)}
+    elif isinstance(w, AllToAll):
+        values = _alltoall(run, w, topo, hw)
+    else:  # pragma: no cover - the schema admits no other kind
+        raise AssertionError(w)
+    return {name: values[name] for name in run.measured}
+
+
+def _ep_dispatch_combine(run: Run, w: EpDispatchCombine, topo, hw) -> dict[str, float]:
+    ep = run.gpus
+    per_node = min(ep, topo.gpus_per_domain)
+    nodes = ep // per_node
+    rng = np.random.default_rng(SEED)
+    # DeepEP's tests draw |N(0,1)| + 1 scores per (token, expert) and take the top-k:
+    # every K-of-E set is equally likely, i.e. uniform popularity without replacement.
+    pop_e = expert_popularity(w.experts, assignment="uniform", zipf_exponent=0.0, rng=rng)
+    limit = w.topk_groups if w.topk_groups is not None and w.topk_groups < nodes else None
+    ids_tk = sample_topk(pop_e, n_tokens=ep * w.tokens_per_rank, top_k=w.top_k, rng=rng,
+                         unit_size=w.experts // nodes if limit else None, max_units=limit)
+    batch = RoutedBatch(ids_tk=ids_tk, kept_tk=np.ones(ids_tk.shape, dtype=bool),
+                        tokens_per_rank=w.tokens_per_rank)
+    counts = count_batch(batch, n_experts=w.experts, ep=ep, gpus_per_node=per_node)
+    copies = dispatch_loads(counts, kernel=w.kernel, topology=topo, first_gpu=0,
+                            gpus_per_node=per_node)
+    overhead = hw.comm_overhead_us * 1e-6
+    size = {
+        "dispatch": bytes_per_copy(w.kernel, hidden=w.hidden, dtype=w.dispatch_dtype,
+                                   dispatch=True),
+        "combine": bytes_per_copy(w.kernel, hidden=w.hidden, dtype=w.combine_dtype,
+                                  dispatch=False),
+    }
+    seconds = {
+        "dispatch": exchange_time(copies.scaled(size["dispatch"]), topo,
+                                  overhead_s=overhead).seconds,
+        "combine": exchange_time(copies.reversed().scaled(size["combine"]), topo,
+                                 overhead_s=overhead).seconds,
+    }
+    out: dict[str, float] = {}
+    for name, m in run.measured.items():
+        phase, _, what = name.partition("_")
+        if what == "latency_us":
+            out[name] = seconds[phase] * 1e6
+        else:
+            copies_r0 = _benchmark_copies(counts, w.kernel, m.link or "nvlink")
+            out[name] = copies_r0 * size[phase] / seconds[phase] / 1e9
+    return out
+
+
+def _benchmark_copies(counts: BatchCounts, kernel: str, link: str) -> float:
+    """Token copies of rank 0 that the kernel's own benchmark divides by its time.
+
+    DeepEP counts what the kernel moves *including rank 0's own tokens*, which never
+    cross a link: ``recv_x.numel()`` for NVLink (tests/test_intranode.py and
+    test_internode.py), the (token, node) pairs including its own node for RDMA
+    (test_internode.py), every (token, expert) selection for low-latency
+    (test_low_latency.py). The simulated bandwidth must count the same bytes, or it
+    would be a different quantity from the measured one.
+    """
+    if kernel == "deepep-low-latency":
+        return float(counts.pairs_sg[0].sum())
+    if kernel == "nccl-alltoall":
+        return float(counts.reach_gpu_sg[0].sum())
+    if link == "rdma":
+        return float(counts.reach_node_sn[0].sum())
+    return float(counts.reach_gpu_sg[:, 0].sum())
+
+
+def _gemm_tflops(hw, *, groups: int, m: int, n: int, k: int, dtype: str, align: int) -> float:
+    """DeepGEMM's TFLOPS (2 G m n k / t) with t from the compute model's roofline.
+
+    The benchmark times one GEMM per group, not a SwiGLU FFN, so the roofline gets that
+    GEMM's work: rows padded to the kernel's alignment, ``dtype`` inputs, BF16 output.
+    """
+    seconds = compute.gemm_seconds(hw, groups=groups, m=m, n=n, k=k, dtype=dtype, align=align)
+    return 2.0 * groups * m * n * k / seconds / 1e12
+
+
+def _alltoall(run: Run, w: AllToAll, topo, hw) -> dict[str, float]:
+    """nccl-tests all-to-all: every rank sends ``bytes_per_rank / n`` to every rank."""
+    n = run.gpus
+    per_node = min(n, topo.gpus_per_domain)
+    ones = np.ones((n, n))
+    # One copy per (source, destination) pair; traffic.py routes it (NVLink in a node,
+    # the NIC with PXN between nodes), the network model times it.
+    counts = BatchCounts(routed=n * n, kept_e=np.zeros(n), dropped_e=np.zeros(n),
+                         dropped_unknown=0, pairs_sg=ones, reach_gpu_sg=ones,
+                         reach_node_sn=np.full((n, n // per_node), per_node))
+    copies = dispatch_loads(counts, kernel="nccl-alltoall", topology=topo, first_gpu=0,
+                            gpus_per_node=per_node)
+    seconds = exchange_time(copies.scaled(w.bytes_per_rank / n), topo,
+                            overhead_s=hw.comm_overhead_us * 1e-6).seconds
+    algbw = w.bytes_per_rank / seconds / 1e9
+    return {"algbw_GBps": algbw, "busbw_GBps": algbw * (n - 1) / n}
+
+
+# ------------------------------------------------------------------ comparison
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegressRow:
+    file: str
+    run: str
+    metric: str
+    op: str  # op class: dispatch, combine, grouped-gemm, dense-gemm, alltoall
+    measured: float
+    simulated: float
+    rel_error: float  # (simulated - measured) / measured
+    tolerance: float
+    passed: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegressReport:
+    rows: tuple[RegressRow, ...]
+
+    @property
+    def passed(self) -> bool:
+        return all(row.passed for row in self.rows)
+
+    @property
+    def mape(self) -> float:
+        """Mean absolute relative error over all rows (a fraction, not percent)."""
+        return _mape(self.rows)
+
+    @property
+    def mape_by_op(self) -> dict[str, float]:
+        ops = sorted({row.op for row in self.rows})
+        return {op: _mape([row for row in self.rows if row.op == op]) for op in ops}
+
+    @property
+    def failed(self) -> tuple[RegressRow, ...]:
+        return tuple(row for row in self.rows if not row.passed)
+
+
+def _mape(rows: Sequence[RegressRow]) -> float:
+    return float(np.mean([abs(row.rel_error) for row in rows])) if rows else float("nan")
+
+
+def _op_class(run: Run, metric: str) -> str:
+    if isinstance(run.workload, EpDispatchCombine):
+        return metric.partition("_")[0]
+    return run.workload.kind
+
+
+def recorded_files(
+    paths: Iterable[str | os.PathLike[str]], *, include_known_gaps: bool = False
+) -> list[Path]:
+    """Files named, and the ``*.yaml`` of folders named; a folder's ``known_gaps.yaml``
+    only with ``include_known_gaps`` (naming that file directly always runs it)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files += [f for f in sorted(p.glob("*.yaml"))
+                      if include_known_gaps or f.name != KNOWN_GAPS]
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise InputError("no such file or folder", source=str(p),
+                             allowed="recorded-run YAML files or folders holding them")
+    return files
+
+
+def regress(
+    paths: Iterable[str | os.PathLike[str]], *, include_known_gaps: bool = False
+) -> RegressReport:
+    """Simulate every run of the recorded-run files (or folders) and compare."""
+    rows: list[RegressRow] = []
+    for file in recorded_files(paths, include_known_gaps=include_known_gaps):
+        recorded = load_runs(file)
+        for run in recorded.runs:
+            simulated = simulate_run(run, file)
+            for metric, m in run.measured.items():
+                sim = simulated[metric]
+                rel = (sim - m.value) / m.value
+                rows.append(RegressRow(
+                    file=str(file), run=run.id, metric=metric, op=_op_class(run, metric),
+                    measured=m.value, simulated=sim, rel_error=rel,
+                    tolerance=run.tolerance, passed=abs(rel) <= run.tolerance))
+    return RegressReport(rows=tuple(rows))
+
+
+def format_report(report: RegressReport) -> str:
+    """A plain-text table, one row per (run, metric), then MAPE overall and per op."""
+    head = ("file", "run", "metric", "measured", "simulated", "error", "tol", "")
+    body = [(Path(r.file).name, r.run, r.metric, f"{r.measured:.4g}", f"{r.simulated:.4g}",
+             f"{r.rel_error:+.1%}", f"{r.tolerance:.0%}", "ok" if r.passed else "FAIL")
+            for r in report.rows]
+    widths = [max(len(str(line[i])) for line in [head, *body]) for i in range(len(head))]
+    right = {3, 4, 5, 6}
+
+    def fmt(line) -> str:
+        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
+                         for i, (c, w) in enumerate(zip(line, widths, strict=True))).rstrip()
+
+    lines = [fmt(head), *(fmt(line) for line in body), ""]
+    lines.append(f"MAPE {report.mape:.1%} over {len(report.rows)} metric(s)")
+    lines += [f"  {op}: {value:.1%}" for op, value in report.mape_by_op.items()]
+    n_fail = len(report.failed)
+    lines.append("PASSED" if report.passed else f"FAILED: {n_fail} of {len(report.rows)} "
+                 "metric(s) out of tolerance")
+    return "\n".join(lines)
