@@ -15,6 +15,7 @@ import typer
 
 from moesim.cli.capture_cmd import capture
 from moesim.cli.common import guarded
+from moesim.cli.record_cmd import record
 from moesim.cli.regress_cmd import regress
 from moesim.cli.trace_cmds import trace_app
 from moesim.errors import InputError
@@ -32,6 +33,7 @@ app.add_typer(topo_app, name="topo")
 app.add_typer(trace_app, name="trace")
 app.command()(capture)
 app.command()(regress)
+app.command()(record)
 
 
 def _version(value: bool) -> None:
