@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 
+from moesim.cli.calibrate_cmd import calibrate
 from moesim.cli.capture_cmd import capture
 from moesim.cli.common import guarded
 from moesim.cli.record_cmd import record
@@ -34,6 +35,7 @@ app.add_typer(trace_app, name="trace")
 app.command()(capture)
 app.command()(regress)
 app.command()(record)
+app.command()(calibrate)
 
 
 def _version(value: bool) -> None:

@@ -1,6 +1,19 @@
 """Compute model: roofline time of the layer's kernels on one GPU.
 
 A kernel takes ``max(FLOPs / (peak x efficiency), bytes / (HBM x efficiency))``.
+
+GEMM efficiencies are curves, not constants (small per-expert batches run far below
+peak). For a GEMM whose groups (experts) have ``m`` rows each (after padding to the
+kernel's alignment) and which moves ``B`` bytes::
+
+    compute efficiency = gemm_efficiency   * m / (m + gemm_m_half)
+    memory efficiency  = memory_efficiency * B / (B + memory_bytes_half)
+
+so the compute time is ``sum_g 2 (m_g + gemm_m_half) n k / (peak x gemm_efficiency)``
+over the groups that received rows (each non-empty group costs ``gemm_m_half`` extra
+rows: imbalance costs more at small batches), and the memory time is
+``(B + memory_bytes_half) / (HBM x memory_efficiency)``. With both halves 0 (the
+default) this is the constant-efficiency roofline. ``moesim calibrate`` fits them.
 Expert GEMMs are grouped: each local expert's rows are padded to the kernel's row
 alignment, experts that received no token cost nothing, and the time follows the
 tokens each GPU's experts actually received, so routing imbalance becomes time.
@@ -30,6 +43,32 @@ def _roofline(flops, nbytes, peak: float, eff: float, hw: HardwareSpec):
     return np.maximum(flops / (peak * eff), nbytes / (hw.hbm_GBps * 1e9 * hw.memory_efficiency))
 
 
+def compute_efficiency(hw: HardwareSpec, rows):
+    """Fraction of peak a GEMM with ``rows`` rows per group reaches (see module doc)."""
+    rows = np.asarray(rows, dtype=float)
+    if hw.gemm_m_half == 0:
+        return np.full(rows.shape, hw.gemm_efficiency) if rows.shape else hw.gemm_efficiency
+    return hw.gemm_efficiency * rows / (rows + hw.gemm_m_half)
+
+
+def memory_efficiency(hw: HardwareSpec, nbytes):
+    """Fraction of HBM bandwidth a kernel moving ``nbytes`` reaches (see module doc)."""
+    nbytes = np.asarray(nbytes, dtype=float)
+    if hw.memory_bytes_half == 0:
+        return np.full(nbytes.shape, hw.memory_efficiency) if nbytes.shape \
+            else hw.memory_efficiency
+    return hw.memory_efficiency * nbytes / (nbytes + hw.memory_bytes_half)
+
+
+def _gemm_roofline(flops, nbytes, extra_rows_flops, peak: float, hw: HardwareSpec):
+    """GEMM roofline with the efficiency curves: ``extra_rows_flops`` is the FLOPs of
+    ``gemm_m_half`` extra rows per non-empty group; empty kernels cost nothing."""
+    compute_s = (flops + hw.gemm_m_half * extra_rows_flops) / (peak * hw.gemm_efficiency)
+    moved = np.where(np.asarray(nbytes) > 0, nbytes + hw.memory_bytes_half, 0.0)
+    memory_s = moved / (hw.hbm_GBps * 1e9 * hw.memory_efficiency)
+    return np.maximum(compute_s, memory_s)
+
+
 def gemm_seconds(
     hw: HardwareSpec, *, groups: int, m: int, n: int, k: int, dtype: str, align: int = 1
 ) -> float:
@@ -39,7 +78,7 @@ def gemm_seconds(
     wb = dtype_bytes(dtype)
     flops = 2.0 * groups * rows * n * k
     nbytes = groups * (rows * k * wb + k * n * wb + rows * n * ACT_BYTES)
-    return float(_roofline(flops, nbytes, hw.peak_flops(dtype), hw.gemm_efficiency, hw))
+    return float(_gemm_roofline(flops, nbytes, 2.0 * groups * n * k, hw.peak_flops(dtype), hw))
 
 
 def attention_projection_params(m: ModelShape) -> int:
@@ -106,15 +145,19 @@ def ffn_seconds(
     if tokens == 0 or intermediate == 0:
         return 0.0
     x = BACKWARD_GEMM if backward else 1.0
-    return float(_roofline(x * ffn_flops(m, tokens, intermediate),
-                           x * _ffn_bytes(m, tokens, intermediate, 1),
-                           hw.peak_flops(m.gemm_dtype), hw.gemm_efficiency, hw))
+    return float(_gemm_roofline(x * ffn_flops(m, tokens, intermediate),
+                                x * _ffn_bytes(m, tokens, intermediate, 1),
+                                x * ffn_flops(m, 1, intermediate),
+                                hw.peak_flops(m.gemm_dtype), hw))
 
 
 def grouped_expert_seconds(
     m: ModelShape, hw: HardwareSpec, tokens_ge: np.ndarray, *, backward: bool = False
 ) -> np.ndarray:
-    """Grouped-GEMM time per GPU [G] for ``tokens_ge`` [G, local experts] assignments."""
+    """Grouped-GEMM time per GPU [G] for ``tokens_ge`` [G, local experts] assignments.
+
+    Each expert's padded rows get their own compute efficiency (module doc): every
+    expert that received tokens costs ``gemm_m_half`` extra rows of work."""
     align = hw.grouped_gemm_align
     rows_ge = -(-tokens_ge // align) * align
     rows_g = rows_ge.sum(axis=1)
@@ -122,7 +165,8 @@ def grouped_expert_seconds(
     x = BACKWARD_GEMM if backward else 1.0
     flops = x * ffn_flops(m, rows_g, m.moe_intermediate_size)
     nbytes = x * _ffn_bytes(m, rows_g, m.moe_intermediate_size, active_g)
-    return _roofline(flops, nbytes, hw.peak_flops(m.gemm_dtype), hw.gemm_efficiency, hw)
+    extra = x * ffn_flops(m, active_g, m.moe_intermediate_size)
+    return _gemm_roofline(flops, nbytes, extra, hw.peak_flops(m.gemm_dtype), hw)
 
 
 def lm_head_seconds(m: ModelShape, hw: HardwareSpec, *, tokens: int, backward: bool = False):

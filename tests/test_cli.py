@@ -33,11 +33,12 @@ def readme_examples() -> list[str]:
 
 
 def docstring_examples() -> list[str]:
-    from moesim.cli import capture_cmd, main, regress_cmd, trace_cmds
+    from moesim.cli import calibrate_cmd, capture_cmd, main, regress_cmd, trace_cmds
 
     found = []
     for command in (main.simulate, main.topo_show, capture_cmd.capture, trace_cmds.stats,
-                    trace_cmds.import_, trace_cmds.synth, regress_cmd.regress):
+                    trace_cmds.import_, trace_cmds.synth, regress_cmd.regress,
+                    calibrate_cmd.calibrate):
         doc = command.__doc__ or ""
         found += re.findall(r"^\s+moesim (.+)$", doc.split("Examples:")[-1], flags=re.M)
     return found

@@ -145,6 +145,8 @@ def _apply_override(data: dict, path: list[str], value: Any) -> None:
 def _expand(data: dict, section: str) -> tuple[dict, dict]:
     """Preset name or {preset: name, ...overrides} -> full mapping, plus preset routing."""
     value = data.get(section)
+    if section == "hardware" and isinstance(value, str):
+        value = _hardware_file(value)
     if isinstance(value, str):
         value = {"preset": value}
     if value is None:
@@ -162,6 +164,35 @@ def _expand(data: dict, section: str) -> tuple[dict, dict]:
         base.update(value)
         value = base
     return value, routing
+
+
+def _hardware_file(value: str) -> str | dict:
+    """``hardware: path.yaml`` (not a preset name) -> the file's mapping of HardwareSpec
+    fields, as `moesim calibrate --out` writes; a preset name is returned unchanged."""
+    if value in _preset_table(_PRESET_SECTIONS["hardware"]) or not value.endswith(
+            (".yaml", ".yml")):
+        return value
+    path = Path(value)
+    if not path.is_file():
+        raise InputError("no such hardware file", source=value,
+                         allowed="a hardware preset name or a hardware YAML file")
+    spec = read_yaml(path)
+    if not isinstance(spec, dict):
+        raise InputError(f"a hardware file is a mapping of fields, got {type(spec).__name__}",
+                         source=value)
+    try:
+        if "preset" not in spec:  # {preset: name, ...} is checked once expanded
+            HardwareSpec(**spec)
+    except (TypeError, ValidationError) as err:
+        raise InputError(f"invalid hardware file: {_first_error(err)}", source=value) from None
+    return dict(spec)
+
+
+def _first_error(err: Exception) -> str:
+    if isinstance(err, ValidationError):
+        e = err.errors()[0]
+        return f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
+    return str(err)
 
 
 def _hardware_of_topology(topology: Any) -> str:

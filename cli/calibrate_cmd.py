@@ -1,0 +1,44 @@
+"""`moesim calibrate`: fit a GPU's GEMM efficiency curves to recorded GEMM runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moesim.cli.common import guarded
+
+
+@guarded
+def calibrate(
+    out: Annotated[Path, typer.Option(
+        "--out", help="Hardware YAML to write (usable as `hardware: FILE` in a scenario).")],
+    runs: Annotated[list[Path] | None, typer.Argument(
+        help="Recorded-run YAML files or folders (default: the shipped traces/recorded, "
+             "known_gaps.yaml included). Only their GEMM runs are used.")] = None,
+    base: Annotated[str, typer.Option(
+        help="Hardware preset whose other fields the fitted spec keeps.")] = "h800",
+) -> None:
+    """Fit gemm_efficiency, gemm_m_half, memory_efficiency and memory_bytes_half by least
+    squares on log relative TFLOPS error; print parameters and MAPE before/after, and
+    write the fitted hardware spec. Calibrate on the shared reference GEMM data only.
+
+    Examples:
+
+      moesim calibrate --out runs/h800-fitted.yaml
+
+      moesim calibrate traces/recorded/deepgemm_grouped_h800.yaml --out runs/grouped.yaml
+    """
+    from moesim.calibrate import calibrate as fit
+    from moesim.calibrate import format_fit, hardware_yaml
+    from moesim.cli.output import write_text
+    from moesim.config.loading import hardware_preset
+    from moesim.recorded import recorded_dir
+    from moesim.regress import recorded_files
+
+    files = recorded_files(runs or [recorded_dir()], include_known_gaps=True)
+    hw, report = fit(files, base=hardware_preset(base))
+    typer.echo(format_fit(report))
+    write_text(out, hardware_yaml(hw))
+    typer.echo(f"wrote {out}")
