@@ -12,9 +12,10 @@ from moesim.engine.program import COMM, Op, build_program
 from moesim.engine.simpy_engine import run_program
 from moesim.feasibility import check_feasible
 from moesim.network.analytical import ExchangeTime, exchange_time
+from moesim.network.flow import group_exchange_times
 from moesim.result import SimResult
 from moesim.routing.batch import BatchCounts
-from moesim.traffic import LinkLoads, bytes_per_copy, dispatch_loads
+from moesim.traffic import LinkLoads, bytes_per_copy, dispatch_flows, dispatch_loads
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,14 +67,19 @@ def _layer_costs(scenario: Scenario, topology, counts_gm: list[list[BatchCounts]
     }
     out_direction = {("dispatch", False), ("combine", True)}
     backward_flags = (False, True) if scenario.mode == "train" else (False,)
+    flow_level = scenario.network == "flow"
     exchanges, expert_s, tokens_ge = {}, {}, []
     for mb in range(p.micro_batches):
-        group_copies, group_tokens = [], []
+        group_copies, group_flows, group_tokens = [], [], []
         for group in range(p.ep_groups):
             c = counts_gm[group][mb]
-            group_copies.append(dispatch_loads(
-                c, kernel=kernel, topology=topology, first_gpu=group * p.ep,
-                gpus_per_node=per_node))
+            where = {"kernel": kernel, "topology": topology, "first_gpu": group * p.ep,
+                     "gpus_per_node": per_node}
+            if flow_level:
+                group_flows.append(dispatch_flows(c, **where))
+                group_copies.append(group_flows[-1].loads())
+            else:
+                group_copies.append(dispatch_loads(c, **where))
             group_tokens.append(c.kept_e.reshape(p.ep, -1))
         copies = sum(group_copies[1:], group_copies[0])
         tokens = np.concatenate(group_tokens)
@@ -87,8 +93,13 @@ def _layer_costs(scenario: Scenario, topology, counts_gm: list[list[BatchCounts]
                 return (c if outward else c.reversed()).scaled(nbytes)
 
             loads = as_bytes(copies)
-            times = [exchange_time(loads, topology, overhead_s=overhead, own=as_bytes(g))
-                     for g in group_copies]
+            if flow_level:
+                times = group_exchange_times(
+                    [(f if outward else f.reversed()).scaled(nbytes) for f in group_flows],
+                    topology, overhead_s=overhead)
+            else:
+                times = [exchange_time(loads, topology, overhead_s=overhead, own=as_bytes(g))
+                         for g in group_copies]
             exchanges[mb, phase, backward] = Exchange(loads=loads, times=times)
         for backward in backward_flags:
             expert_s[mb, backward] = compute.grouped_expert_seconds(

@@ -22,7 +22,7 @@ copies for another plane first cross NVLink to the GPU of its node on that plane
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 
@@ -73,21 +73,151 @@ class LinkLoads:
         return float(self.up.sum())
 
 
+@dataclass(frozen=True, kw_only=True)
+class Paths:
+    """Links each flow crosses, CSR-like: flow ``f`` crosses ``link_ids[indptr[f]:indptr[f+1]]``."""
+
+    indptr: np.ndarray  # [F + 1] int64, starts at 0, non-decreasing
+    link_ids: np.ndarray  # [nnz] int64 link indices
+
+    def __post_init__(self) -> None:
+        assert self.indptr[0] == 0 and self.indptr[-1] == len(self.link_ids)
+        assert (np.diff(self.indptr) >= 0).all()
+
+    @classmethod
+    def from_lists(cls, paths: list[list[int]]) -> Paths:
+        """Paths from one list of link ids per flow (hand-made examples)."""
+        indptr = np.concatenate([[0], np.cumsum([len(p) for p in paths])]).astype(np.int64)
+        link_ids = np.array([link for p in paths for link in p], dtype=np.int64)
+        return cls(indptr=indptr, link_ids=link_ids)
+
+    @property
+    def n_flows(self) -> int:
+        return len(self.indptr) - 1
+
+    @property
+    def flow_z(self) -> np.ndarray:
+        """[nnz] the flow of every (flow, link) entry."""
+        return np.repeat(np.arange(self.n_flows), np.diff(self.indptr))
+
+
+def n_links(n_gpus: int, n_leaves: int) -> int:
+    """Directed links in the global index space: nvl_out[g] = g, nvl_in[g] = n + g,
+    nic_out[g] = 2n + g, nic_in[g] = 3n + g, up[leaf] = 4n + leaf, down[leaf] = 4n + L + leaf."""
+    return 4 * n_gpus + 2 * max(n_leaves, 0)
+
+
+def link_capacity(topology) -> np.ndarray:
+    """[n_links] achievable bytes/s of every directed link (0 where a link is missing)."""
+    n, leaves = topology.n_gpus, max(topology.n_leaves, 0)
+    uplink = np.asarray(topology.leaf_uplink_bw, dtype=np.float64).reshape(leaves)
+    return np.concatenate([np.full(2 * n, float(topology.nvlink_bw)),
+                           np.full(2 * n, float(topology.nic_bw)), uplink, uplink])
+
+
+def link_class(n_gpus: int, n_leaves: int) -> np.ndarray:
+    """[n_links] class of every link: nvlink | nic | uplink (as ExchangeTime.bottleneck)."""
+    return np.array(["nvlink"] * (2 * n_gpus) + ["nic"] * (2 * n_gpus)
+                    + ["uplink"] * (2 * max(n_leaves, 0)))
+
+
+@dataclass(frozen=True, kw_only=True)
+class FlowSet:
+    """One exchange as flows: copies (or bytes) ``copies_f`` from GPU ``src_f`` to GPU
+    ``dst_f`` over ``paths`` in the global link space of ``n_gpus`` GPUs and ``n_leaves``
+    leaves (see :func:`n_links`). Summing copies over each flow's links gives LinkLoads.
+    """
+
+    copies_f: np.ndarray  # [F] float64
+    src_f: np.ndarray  # [F] GPU the flow starts at
+    dst_f: np.ndarray  # [F] GPU the flow ends at
+    paths: Paths
+    n_gpus: int
+    n_leaves: int
+
+    def __post_init__(self) -> None:
+        assert self.copies_f.shape == self.src_f.shape == self.dst_f.shape
+        assert self.paths.n_flows == len(self.copies_f)
+        assert self.paths.link_ids.size == 0 or (
+            self.paths.link_ids.min() >= 0 and self.paths.link_ids.max() < self.n_links)
+
+    @property
+    def n_links(self) -> int:
+        return n_links(self.n_gpus, self.n_leaves)
+
+    def scaled(self, factor: float) -> FlowSet:
+        return replace(self, copies_f=self.copies_f * factor)
+
+    def reversed(self) -> FlowSet:
+        """The same exchange run backwards (combine after dispatch): every link is
+        swapped for its opposite direction (out <-> in, up <-> down)."""
+        n, leaves = self.n_gpus, max(self.n_leaves, 0)
+        opposite = np.concatenate([np.arange(n, 2 * n), np.arange(n),
+                                   np.arange(3 * n, 4 * n), np.arange(2 * n, 3 * n),
+                                   4 * n + leaves + np.arange(leaves), 4 * n + np.arange(leaves)])
+        return replace(self, src_f=self.dst_f, dst_f=self.src_f,
+                       paths=Paths(indptr=self.paths.indptr,
+                                   link_ids=opposite[self.paths.link_ids]))
+
+    def loads(self) -> LinkLoads:
+        """Copies per link: every flow's copies on each link of its path."""
+        per_link = np.bincount(self.paths.link_ids, weights=self.copies_f[self.paths.flow_z],
+                               minlength=self.n_links)
+        return _split(per_link, self.n_gpus, self.n_leaves)
+
+
+def concat_flows(flowsets: list[FlowSet]) -> FlowSet:
+    """Several exchanges on the same topology as one (e.g. every EP group's dispatch)."""
+    first = flowsets[0]
+    assert all((f.n_gpus, f.n_leaves) == (first.n_gpus, first.n_leaves) for f in flowsets)
+    sizes = np.cumsum([0] + [f.paths.link_ids.size for f in flowsets[:-1]])
+    indptr = np.concatenate([[0]] + [f.paths.indptr[1:] + off
+                                     for f, off in zip(flowsets, sizes, strict=True)])
+    return replace(
+        first,
+        copies_f=np.concatenate([f.copies_f for f in flowsets]),
+        src_f=np.concatenate([f.src_f for f in flowsets]),
+        dst_f=np.concatenate([f.dst_f for f in flowsets]),
+        paths=Paths(indptr=indptr.astype(np.int64),
+                    link_ids=np.concatenate([f.paths.link_ids for f in flowsets])),
+    )
+
+
+def _split(per_link: np.ndarray, n: int, leaves: int) -> LinkLoads:
+    leaves = max(leaves, 0)
+    return LinkLoads(nvl_out=per_link[:n], nvl_in=per_link[n:2 * n],
+                     nic_out=per_link[2 * n:3 * n], nic_in=per_link[3 * n:4 * n],
+                     up=per_link[4 * n:4 * n + leaves], down=per_link[4 * n + leaves:])
+
+
+_HOPS = 6  # the longest path: NVLink out/in to a proxy, NIC out, uplink, downlink, NIC in
+
+
 class _Accumulator:
-    """Scatters copies onto the links of one topology."""
+    """Turns (src GPU, dst GPU, copies) pairs into flows over the links of one topology.
+
+    Every pair is one flow, its path one row of link ids (-1 = no link). Loads and flows
+    both come from these rows, so the routing of a copy is written once.
+    """
 
     def __init__(self, topology) -> None:
         self.topo = topology
-        n, leaves = topology.n_gpus, topology.n_leaves
-        self.n, self.leaves = n, leaves
-        self.nvl_out, self.nvl_in = np.zeros(n), np.zeros(n)
-        self.nic_out, self.nic_in = np.zeros(n), np.zeros(n)
-        self.up, self.down = np.zeros(leaves), np.zeros(leaves)
+        self.n, self.leaves = topology.n_gpus, max(topology.n_leaves, 0)
+        self._src: list[np.ndarray] = []
+        self._dst: list[np.ndarray] = []
+        self._copies: list[np.ndarray] = []
+        self._links: list[np.ndarray] = []  # [P, hops <= _HOPS] per call
+
+    def _add(self, src, dst, copies, columns: list[np.ndarray]) -> None:
+        links = np.stack(columns, axis=1).astype(np.int64)  # [P, hops], -1 = no link
+        self._src.append(src)
+        self._dst.append(dst)
+        self._copies.append(copies)
+        self._links.append(links)
 
     def nvlink(self, src: np.ndarray, dst: np.ndarray, copies: np.ndarray) -> None:
         assert (self.topo.domain_of[src] == self.topo.domain_of[dst]).all()
-        self.nvl_out += np.bincount(src, weights=copies, minlength=self.n)
-        self.nvl_in += np.bincount(dst, weights=copies, minlength=self.n)
+        self._add(src, dst, copies, [src, self.n + dst])
 
     def network(
         self, src: np.ndarray, dst: np.ndarray, copies: np.ndarray, *, pxn: bool = False
@@ -96,33 +226,59 @@ class _Accumulator:
 
         With ``pxn`` (NCCL's default) a copy for another rail first crosses NVLink to
         the source node's GPU on the destination's rail; a multi-plane fabric has no
-        other way.
+        other way. The NVLink hop and the NIC transfer are one flow: the kernels
+        pipeline them chunk by chunk.
         """
-        topo = self.topo
+        topo, n, none = self.topo, self.n, np.full(len(src), -1, dtype=np.int64)
+        sender = src
+        nvl_out, nvl_in = none, none
         if topo.multi_plane or (pxn and topo.rails > 1):
             # Another rail (plane) is reached through the node's GPU on that rail.
             local = topo.local_of[src]
             proxy_local = local - local % topo.rails + topo.rail_of[dst]
             proxy = topo.domain_of[src] * topo.gpus_per_domain + proxy_local
             hop = proxy != src
-            self.nvlink(src[hop], proxy[hop], copies[hop])
-            src = proxy
-            # A proxy that is the destination itself means the copy never left NVLink.
-            keep = proxy != dst
-            src, dst, copies = src[keep], dst[keep], copies[keep]
-        assert (topo.leaf_of[src] >= 0).all(), "scale-out traffic on a fabric without NICs"
-        self.nic_out += np.bincount(src, weights=copies, minlength=self.n)
-        self.nic_in += np.bincount(dst, weights=copies, minlength=self.n)
-        cross = topo.leaf_of[src] != topo.leaf_of[dst]
-        if cross.any():
-            self.up += np.bincount(topo.leaf_of[src[cross]], weights=copies[cross],
-                                   minlength=self.leaves)
-            self.down += np.bincount(topo.leaf_of[dst[cross]], weights=copies[cross],
-                                     minlength=self.leaves)
+            assert (topo.domain_of[proxy] == topo.domain_of[src]).all()
+            nvl_out, nvl_in = np.where(hop, src, -1), np.where(hop, n + proxy, -1)
+            sender = proxy
+        # A sender that is the destination itself means the copy never left NVLink.
+        rdma = sender != dst
+        assert (topo.leaf_of[sender[rdma]] >= 0).all(), "scale-out traffic without NICs"
+        leaf_src, leaf_dst = topo.leaf_of[sender], topo.leaf_of[dst]
+        cross = rdma & (leaf_src != leaf_dst)
+        self._add(src, dst, copies, [
+            nvl_out, nvl_in,
+            np.where(rdma, 2 * n + sender, -1), np.where(rdma, 3 * n + dst, -1),
+            np.where(cross, 4 * n + leaf_src, -1),
+            np.where(cross, 4 * n + self.leaves + leaf_dst, -1),
+        ])
+
+    def _rows(self):
+        if not self._links:
+            empty = np.zeros(0, dtype=np.int64)
+            return empty, empty, np.zeros(0), np.zeros((0, _HOPS), dtype=np.int64)
+        return (np.concatenate(self._src).astype(np.int64),
+                np.concatenate(self._dst).astype(np.int64),
+                np.concatenate(self._copies),
+                np.concatenate([np.pad(links, ((0, 0), (0, _HOPS - links.shape[1])),
+                                       constant_values=-1) for links in self._links]))
 
     def result(self) -> LinkLoads:
-        return LinkLoads(nvl_out=self.nvl_out, nvl_in=self.nvl_in, nic_out=self.nic_out,
-                         nic_in=self.nic_in, up=self.up, down=self.down)
+        per_link = np.zeros(n_links(self.n, self.leaves))
+        for copies, links in zip(self._copies, self._links, strict=True):
+            for column in links.T:  # one bincount per hop keeps memory at one column
+                used = column >= 0
+                per_link += np.bincount(column[used], weights=copies[used],
+                                        minlength=len(per_link))
+        return _split(per_link, self.n, self.leaves)
+
+    def flows(self) -> FlowSet:
+        src, dst, copies, links = self._rows()
+        used = links >= 0
+        indptr = np.concatenate([[0], np.cumsum(used.sum(axis=1))]).astype(np.int64)
+        return FlowSet(copies_f=copies, src_f=src, dst_f=dst,
+                       paths=Paths(indptr=indptr, link_ids=links[used]),
+                       n_gpus=self.n, n_leaves=self.leaves)
 
 
 def _pairs(matrix_sg: np.ndarray, keep_sg: np.ndarray):
@@ -135,6 +291,29 @@ def dispatch_loads(
 ) -> LinkLoads:
     """Copies per link for dispatching one routed batch of the EP group whose rank 0
     is GPU ``first_gpu``; ``gpus_per_node`` GPUs of the group share an NVLink domain."""
+    return _dispatch(counts, kernel=kernel, topology=topology, first_gpu=first_gpu,
+                     gpus_per_node=gpus_per_node).result()
+
+
+def dispatch_flows(
+    counts: BatchCounts, *, kernel: str, topology, first_gpu: int, gpus_per_node: int
+) -> FlowSet:
+    """The same dispatch as :func:`dispatch_loads`, as flows: one per (src GPU, dst GPU)
+    pair each kernel stage sends, over all the links of its path.
+
+    DeepEP normal's two stages are separate flows: the RDMA copy src -> forwarder (one
+    per token and remote node) and the forwarder's NVLink copies -> expert GPUs (one
+    per token and GPU). One RDMA copy fans out to 0..(gpus_per_node - 1) forwarded
+    copies, so a single flow with one rate cannot carry both; the kernel pipelines
+    them, so they run concurrently. ``reversed()`` gives the combine.
+    """
+    return _dispatch(counts, kernel=kernel, topology=topology, first_gpu=first_gpu,
+                     gpus_per_node=gpus_per_node).flows()
+
+
+def _dispatch(
+    counts: BatchCounts, *, kernel: str, topology, first_gpu: int, gpus_per_node: int
+) -> _Accumulator:
     ep = counts.pairs_sg.shape[0]
     rank = np.arange(ep)
     gpu = first_gpu + rank
@@ -170,7 +349,7 @@ def dispatch_loads(
         acc.nvlink(first_gpu + node[g] * gpus_per_node + local[s], gpu[g], c)
     else:
         raise AssertionError(f"unknown kernel {kernel}")
-    return acc.result()
+    return acc
 
 
 def bytes_per_copy(kernel: str, *, hidden: int, dtype: str, dispatch: bool) -> int:

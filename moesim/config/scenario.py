@@ -24,7 +24,8 @@ class Scenario:
     ``mode: train`` simulates forward and backward of one step; ``inference``
     the forward pass only. ``topology`` is a preset name or a YAML path; ``trace`` a
     routing trace (``.npz``, schema ``moesim.trace/1``) to replay instead of synthetic
-    routing.
+    routing. ``network`` picks the network model: ``analytical`` (latency plus the
+    busiest link) or ``flow`` (max-min fair sharing among all concurrent flows).
     """
 
     name: str = "scenario"
@@ -36,6 +37,7 @@ class Scenario:
     parallel: ParallelConfig
     routing: RoutingPolicy
     trace: str | None = None
+    network: Literal["analytical", "flow"] = "analytical"
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML/JSON ready) that loads back to an equal scenario."""
