@@ -24,6 +24,10 @@ from moesim.recorded import EpDispatchCombine, Measured, Run
 from moesim.regress import simulate_run
 
 TOPOLOGY = "h800-cluster"  # DeepEP's testbed: H800, one 400 Gb/s CX7 IB NIC per GPU
+# Low-latency copies must all cross RDMA; the multi-plane H800 cluster can only reach
+# another plane over NVLink, so those runs use the single-plane rail-optimized fabric
+# with the same 400 Gb/s CX7 NIC per GPU (the GPUs' compute does not enter).
+LL_TOPOLOGY = "dgx-h100-superpod"
 
 
 def normal(ep: int) -> dict[str, float]:
@@ -43,11 +47,11 @@ def normal(ep: int) -> dict[str, float]:
 def low_latency(ep: int) -> dict[str, float]:
     experts = math.ceil(288 / ep) * ep
     run = Run(
-        id=f"ll-ep{ep}", topology=TOPOLOGY, gpus=ep, tolerance=1.0,
+        id=f"ll-ep{ep}", topology=LL_TOPOLOGY, gpus=ep, tolerance=1.0,
         workload=EpDispatchCombine(
             kind="ep-dispatch-combine", kernel="deepep-low-latency", tokens_per_rank=128,
             hidden=7168, experts=experts, top_k=8, dispatch_dtype="fp8",
-            combine_dtype="bf16"),
+            combine_dtype="bf16", nvlink=False),
         measured={"dispatch_latency_us": Measured(value=1),
                   "combine_latency_us": Measured(value=1),
                   "dispatch_bw_GBps": Measured(value=1, link="rdma"),

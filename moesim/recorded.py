@@ -54,6 +54,7 @@ class EpDispatchCombine(_Strict):
     comm_sms: Positive | None = None  # recorded for provenance; the model has no SM term
     dispatch_dtype: Literal["fp8", "bf16"] = "fp8"
     combine_dtype: Literal["bf16"] = "bf16"
+    nvlink: bool = True  # low-latency kernels: False = same-node copies over RDMA too
 
 
 class GroupedGemm(_Strict):

@@ -82,7 +82,7 @@ def _ep_dispatch_combine(run: Run, w: EpDispatchCombine, topo, hw) -> dict[str, 
                         tokens_per_rank=w.tokens_per_rank)
     counts = count_batch(batch, n_experts=w.experts, ep=ep, gpus_per_node=per_node)
     copies = dispatch_loads(counts, kernel=w.kernel, topology=topo, first_gpu=0,
-                            gpus_per_node=per_node)
+                            gpus_per_node=per_node, ll_nvlink=w.nvlink)
     overhead = hw.comm_overhead_us * 1e-6
     size = {
         "dispatch": bytes_per_copy(w.kernel, hidden=w.hidden, dtype=w.dispatch_dtype,

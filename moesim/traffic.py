@@ -287,16 +287,23 @@ def _pairs(matrix_sg: np.ndarray, keep_sg: np.ndarray):
 
 
 def dispatch_loads(
-    counts: BatchCounts, *, kernel: str, topology, first_gpu: int, gpus_per_node: int
+    counts: BatchCounts, *, kernel: str, topology, first_gpu: int, gpus_per_node: int,
+    ll_nvlink: bool = True,
 ) -> LinkLoads:
     """Copies per link for dispatching one routed batch of the EP group whose rank 0
-    is GPU ``first_gpu``; ``gpus_per_node`` GPUs of the group share an NVLink domain."""
+    is GPU ``first_gpu``; ``gpus_per_node`` GPUs of the group share an NVLink domain.
+
+    ``ll_nvlink=False`` makes DeepEP low-latency send same-node copies over RDMA too
+    (DeepEP's ``allow_nvlink_for_low_latency_mode=False``); a multi-plane fabric still
+    needs NVLink to reach another plane.
+    """
     return _dispatch(counts, kernel=kernel, topology=topology, first_gpu=first_gpu,
-                     gpus_per_node=gpus_per_node).result()
+                     gpus_per_node=gpus_per_node, ll_nvlink=ll_nvlink).result()
 
 
 def dispatch_flows(
-    counts: BatchCounts, *, kernel: str, topology, first_gpu: int, gpus_per_node: int
+    counts: BatchCounts, *, kernel: str, topology, first_gpu: int, gpus_per_node: int,
+    ll_nvlink: bool = True,
 ) -> FlowSet:
     """The same dispatch as :func:`dispatch_loads`, as flows: one per (src GPU, dst GPU)
     pair each kernel stage sends, over all the links of its path.
@@ -308,11 +315,12 @@ def dispatch_flows(
     them, so they run concurrently. ``reversed()`` gives the combine.
     """
     return _dispatch(counts, kernel=kernel, topology=topology, first_gpu=first_gpu,
-                     gpus_per_node=gpus_per_node).flows()
+                     gpus_per_node=gpus_per_node, ll_nvlink=ll_nvlink).flows()
 
 
 def _dispatch(
-    counts: BatchCounts, *, kernel: str, topology, first_gpu: int, gpus_per_node: int
+    counts: BatchCounts, *, kernel: str, topology, first_gpu: int, gpus_per_node: int,
+    ll_nvlink: bool = True,
 ) -> _Accumulator:
     ep = counts.pairs_sg.shape[0]
     rank = np.arange(ep)
@@ -323,10 +331,11 @@ def _dispatch(
     acc = _Accumulator(topology)
 
     if kernel == "deepep-low-latency":
-        # NVLink-reachable peers get a P2P copy, the others an RDMA put.
-        s, g, c = _pairs(counts.pairs_sg, not_self & same_node)
+        # NVLink-reachable peers get a P2P copy (unless disabled), the others an RDMA put.
+        via_nvlink = not_self & same_node if ll_nvlink else np.zeros_like(same_node)
+        s, g, c = _pairs(counts.pairs_sg, via_nvlink)
         acc.nvlink(gpu[s], gpu[g], c)
-        s, g, c = _pairs(counts.pairs_sg, ~same_node)
+        s, g, c = _pairs(counts.pairs_sg, not_self & ~via_nvlink)
         acc.network(gpu[s], gpu[g], c)
     elif kernel == "nccl-alltoall":
         s, g, c = _pairs(counts.reach_gpu_sg, not_self & same_node)

@@ -429,3 +429,16 @@ def test_multi_plane_traffic_never_leaves_its_plane(gpus):
         assert loads.up[leaves].sum() == loads.down[leaves].sum()
     if gpus == 512:
         assert topo.n_spines == 32 and loads.up.sum() > 0
+
+
+def test_low_latency_without_nvlink_sends_every_copy_over_rdma():
+    """DeepEP's --disable-nvlink: on a single-plane rail-optimized fabric every
+    (token, expert) copy to another GPU leaves through the NIC, none over NVLink."""
+    topo = load_topology("dgx-h100-superpod", gpus=16)
+    counts = count_batch(uniform_batch(n_experts=64, top_k=6, ep=16, tokens_per_rank=64,
+                                       seed=2), n_experts=64, ep=16, gpus_per_node=8)
+    loads = dispatch_loads(counts, kernel="deepep-low-latency", topology=topo, first_gpu=0,
+                           gpus_per_node=8, ll_nvlink=False)
+    to_others = counts.pairs_sg.sum() - np.trace(counts.pairs_sg)
+    assert loads.nvlink_total == 0
+    assert loads.nic_total == to_others
