@@ -207,13 +207,7 @@ def exchange_time_flow(
     bottleneck is the class of the link that ran at capacity longest. ``rtol`` (see
     :func:`complete`) trades a few 0.1% of accuracy for ~10x speed on EP64; 0 is exact.
     """
-    latency = exchange_time(flows_bytes.loads(), topology, overhead_s=overhead_s).latency_s
-    done = complete(flows_bytes.copies_f, flows_bytes.paths, link_capacity(topology), rtol=rtol)
-    bottleneck = "none"
-    if done.makespan > 0:
-        classes = link_class(flows_bytes.n_gpus, flows_bytes.n_leaves)
-        bottleneck = str(classes[int(np.argmax(done.saturated_l))])
-    return ExchangeTime(seconds=latency + done.makespan, latency_s=latency, bottleneck=bottleneck)
+    return group_exchange_times([flows_bytes], topology, overhead_s=overhead_s, rtol=rtol)[0]
 
 
 def group_exchange_times(
