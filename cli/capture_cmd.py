@@ -32,7 +32,8 @@ def capture(
         help="Text to feed an HF checkpoint through its tokenizer.")] = None,
     tokens: Annotated[int, typer.Option(help="Tokens to capture.")] = 4096,
     seq_len: Annotated[int, typer.Option(help="HF capture: tokens per sequence.")] = 512,
-    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N (HF capture).")] = "cpu",
+    device: Annotated[str, typer.Option(
+        help="cpu, cuda or cuda:N: where the model runs; the trace records it.")] = "cpu",
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Capture a routing trace: top-k choices, weights and full scores per MoE layer.
@@ -61,22 +62,24 @@ def capture(
                            device=device)
     else:
         trace = _capture_own(gate=gate, experts=experts, top_k=top_k, shared=shared,
-                             steps=steps, tokens=tokens, seed=seed)
+                             steps=steps, tokens=tokens, seed=seed, device=device)
     write_trace(out, trace)
     typer.echo(f"wrote {out}: {trace.num_layers} MoE layers x {trace.num_tokens} tokens, "
                f"E = {trace.num_experts}, K = {trace.top_k}, "
                f"source {trace.metadata['source'].get('kind')}")
 
 
-def _capture_own(*, gate, experts, top_k, shared, steps, tokens, seed):
+def _capture_own(*, gate, experts, top_k, shared, steps, tokens, seed, device):
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
     from moesim.traces.capture import capture_heldout
+    from moesim.traces.hf_capture import resolve_device
     from moesim.traces.model import tiny_config
     from moesim.traces.train import train
 
     if gate not in GATES:
         raise InputError(f"unknown gate {gate!r}", field="--gate", allowed=", ".join(GATES))
+    where = resolve_device(device)
     config = tiny_config(gate, num_experts=experts, top_k=top_k, num_shared=shared)
     columns = (TextColumn("training {task.fields[gate]}"), BarColumn(),
                TextColumn("step {task.completed}/{task.total}  loss {task.fields[loss]}"),
@@ -87,6 +90,7 @@ def _capture_own(*, gate, experts, top_k, shared, steps, tokens, seed):
         def progress(step, total, loss):
             bar.update(task, completed=step, loss=f"{loss:.3f}")
 
-        model, history = train(config, steps=steps, seed=seed, progress=progress)
+        model, history = train(config, steps=steps, seed=seed, progress=progress,
+                               device=where)
     typer.echo(f"loss {history[0][1]:.3f} -> {history[-1][1]:.3f} over {len(history)} steps")
     return capture_heldout(model, num_tokens=tokens)

@@ -256,3 +256,10 @@ def test_regress_passes_on_the_shipped_runs_and_fails_on_a_perturbed_one(tmp_pat
     assert result.exit_code == 1 and "FAIL" in result.output
     result = runner.invoke(app, ["regress", str(tmp_path / "missing.yaml")])
     assert result.exit_code == 2
+
+
+def test_capture_on_cuda_without_a_gpu_exits_2(tmp_path):
+    result = runner.invoke(app, ["capture", "--train", "--device", "cuda",
+                                 "--out", str(tmp_path / "t.npz")])
+    assert result.exit_code == 2 and "CUDA" in result.stderr
+    assert not (tmp_path / "t.npz").exists()

@@ -223,3 +223,17 @@ def test_bad_capture_input():
         capture_heldout(model, num_tokens=0)
     with pytest.raises(InputError):
         train(_config(), steps=0)
+
+
+@pytest.mark.gpu
+def test_training_and_capture_run_on_a_gpu_and_the_trace_says_so():
+    """The live-GPU path: train a few steps on CUDA and capture there."""
+    from moesim.traces.capture import capture_heldout
+    from moesim.traces.model import tiny_config
+    from moesim.traces.train import train
+
+    model, history = train(tiny_config("group-limited-sigmoid"), steps=3, batch_size=2,
+                           device="cuda")
+    trace = capture_heldout(model, num_tokens=256)
+    assert trace.metadata["device"].startswith("cuda:0 ")
+    assert len(history) == 3

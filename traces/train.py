@@ -68,11 +68,13 @@ def train(
     lr: float = DEFAULT_LR,
     corpus: Corpus | None = None,
     progress: Progress | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[TinyMoELM, History]:
     """Train a fresh model; same arguments, same machine -> same weights and history.
 
     ``progress(step, steps, loss)`` is called after every step (the CLI draws a bar).
-    The returned model carries ``train_info`` (steps, losses, time, corpus) for capture.
+    The returned model carries ``train_info`` (steps, losses, time, corpus) for capture
+    and stays on ``device`` (a GPU trains and captures the live model there).
     """
     if steps < 1 or batch_size < 1:
         raise InputError(
@@ -84,7 +86,8 @@ def train(
         raise InputError(f"lr={lr}", field="lr", allowed="> 0")
     corpus = corpus if corpus is not None else load_corpus()
     torch.manual_seed(seed)
-    model = TinyMoELM(config)
+    device = torch.device(device)
+    model = TinyMoELM(config).to(device)
     model.train()
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
@@ -100,7 +103,7 @@ def train(
     history: History = []
     started = time.perf_counter()
     for step in range(1, steps + 1):
-        rows = torch.from_numpy(next(batches))
+        rows = torch.from_numpy(next(batches)).to(device)
         loss, aux_loss, gates = lm_loss(model, rows)
         optimizer.zero_grad(set_to_none=True)
         (loss + aux_loss).backward()
@@ -119,7 +122,7 @@ def train(
     eval_rows = min(_HELDOUT_EVAL_SEQUENCES, len(corpus.heldout) // (config.seq_len + 1))
     heldout_rows = torch.from_numpy(
         heldout_sequences(corpus.heldout, num_sequences=eval_rows, seq_len=config.seq_len + 1)
-    )
+    ).to(device)
     model.eval()
     model.train_info = {
         "steps": steps,
