@@ -20,9 +20,11 @@ def calibrate(
     base: Annotated[str, typer.Option(
         help="Hardware preset whose other fields the fitted spec keeps.")] = "h800",
 ) -> None:
-    """Fit gemm_efficiency, gemm_m_half, memory_efficiency and memory_bytes_half by least
-    squares on log relative TFLOPS error; print parameters and MAPE before/after, and
-    write the fitted hardware spec. Calibrate on the shared reference GEMM data only.
+    """Fit the compute model's efficiency curves to recorded GEMM runs.
+
+    Fits gemm_efficiency, gemm_m_half, memory_efficiency and memory_bytes_half by least
+    squares on log relative TFLOPS error; prints parameters and MAPE before/after, and
+    writes the fitted hardware spec. Calibrate on the shared reference GEMM data only.
 
     Examples:
 

@@ -32,10 +32,6 @@ topo_app = typer.Typer(help="Cluster topologies (presets in topologies/*.yaml)."
                        no_args_is_help=True)
 app.add_typer(topo_app, name="topo")
 app.add_typer(trace_app, name="trace")
-app.command()(capture)
-app.command()(regress)
-app.command()(record)
-app.command()(calibrate)
 
 
 def _version(value: bool) -> None:
@@ -218,6 +214,13 @@ def _format_topology(s: dict) -> str:
     if s.get("source"):
         lines.append(f"  source: {s['source']}")
     return "\n".join(lines)
+
+
+# After `simulate`, so that `moesim --help` lists the main command first.
+app.command()(capture)
+app.command()(regress)
+app.command()(calibrate)
+app.command()(record)
 
 
 def main() -> None:

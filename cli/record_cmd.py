@@ -34,8 +34,10 @@ def record(
     repeats: Annotated[int, typer.Option(min=1, help="Timed repeats per shape (median).")] = 20,
     warmup: Annotated[int, typer.Option(min=0, help="Untimed calls before timing.")] = 5,
 ) -> None:
-    """Time BF16 grouped GEMMs of the models' expert shapes and one MoE layer forward on
-    the local CUDA GPU; write a moesim.recorded-run/1 file (grouped-gemm runs, TFLOPS).
+    """Record GPU timings (grouped GEMMs, an MoE layer) as recorded runs (CUDA only).
+
+    Times BF16 grouped GEMMs of the models' expert shapes and one MoE layer forward on
+    the local CUDA GPU; writes a moesim.recorded-run/1 file (grouped-gemm runs, TFLOPS).
 
     Examples:
 

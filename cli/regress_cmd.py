@@ -21,9 +21,11 @@ def regress(
     = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the rows as JSON.")] = False,
 ) -> None:
-    """Print measured vs simulated per run and metric, with the MAPE; exit 1 when any run
-    is outside its tolerance. `--include-known-gaps` adds the measurements the model
-    misses today (traces/recorded/known_gaps.yaml), so it exits 1 by design.
+    """Compare the simulator with recorded GPU runs; exit 1 if any is out of tolerance.
+
+    Prints measured vs simulated per run and metric, the relative error, its tolerance
+    and the MAPE. `--include-known-gaps` adds the measurements the model misses today
+    (traces/recorded/known_gaps.yaml), so it exits 1 by design.
 
     Examples:
 

@@ -78,8 +78,9 @@ def import_(
         help="How logits (if recorded) become scores: softmax, sigmoid, sqrtsoftplus.")]
     = "softmax",
 ) -> None:
-    """Convert Megatron-Core router traces (--moe-routing-trace-path) to moesim.trace/1,
-    keeping each token's source rank.
+    """Convert Megatron-Core router traces to moesim.trace/1, keeping source ranks.
+
+    Reads the JSONL files Megatron-Core writes with --moe-routing-trace-path.
 
     Examples:
 
@@ -114,8 +115,9 @@ def synth(
     = None,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
-    """Write a synthetic trace, optionally fitted to a captured one, for expert counts
-    that no capture has.
+    """Write a synthetic trace, optionally fitted to a captured one.
+
+    For what-ifs over expert counts that no capture has.
 
     Examples:
 
