@@ -60,13 +60,26 @@ def memory_efficiency(hw: HardwareSpec, nbytes):
     return hw.memory_efficiency * nbytes / (nbytes + hw.memory_bytes_half)
 
 
-def _gemm_roofline(flops, nbytes, extra_rows_flops, peak: float, hw: HardwareSpec):
+def _gemm_roofline(flops, nbytes, extra_rows_flops, dtype: str, hw: HardwareSpec):
     """GEMM roofline with the efficiency curves: ``extra_rows_flops`` is the FLOPs of
-    ``gemm_m_half`` extra rows per non-empty group; empty kernels cost nothing."""
-    compute_s = (flops + hw.gemm_m_half * extra_rows_flops) / (peak * hw.gemm_efficiency)
+    ``gemm_m_half`` extra rows per non-empty group; empty kernels cost nothing, others
+    at least ``kernel_overhead_us`` more."""
+    eff = hw.gemm_efficiency_for(dtype)
+    compute_s = (flops + hw.gemm_m_half * extra_rows_flops) / (hw.peak_flops(dtype) * eff)
     moved = np.where(np.asarray(nbytes) > 0, nbytes + hw.memory_bytes_half, 0.0)
     memory_s = moved / (hw.hbm_GBps * 1e9 * hw.memory_efficiency)
-    return np.maximum(compute_s, memory_s)
+    launched = np.asarray(flops) > 0
+    return np.maximum(compute_s, memory_s) + launched * hw.kernel_overhead_us * 1e-6
+
+
+def gemm_time(hw: HardwareSpec, *, groups, m, n, k, dtype: str, align: int = 1):
+    """Array form of :func:`gemm_seconds` (``groups``, ``m``, ``n``, ``k`` broadcast)."""
+    groups, m, n, k = (np.asarray(x, dtype=float) for x in (groups, m, n, k))
+    rows = np.ceil(m / align) * align
+    wb = dtype_bytes(dtype)
+    flops = 2.0 * groups * rows * n * k
+    nbytes = groups * (rows * k * wb + k * n * wb + rows * n * ACT_BYTES)
+    return _gemm_roofline(flops, nbytes, 2.0 * groups * n * k, dtype, hw)
 
 
 def gemm_seconds(
@@ -74,11 +87,84 @@ def gemm_seconds(
 ) -> float:
     """One (grouped) GEMM of ``groups`` x [m, k] @ [k, n]: ``dtype`` inputs, BF16 output,
     each group's rows padded to ``align`` (the kernel's block size)."""
-    rows = -(-m // align) * align
-    wb = dtype_bytes(dtype)
-    flops = 2.0 * groups * rows * n * k
-    nbytes = groups * (rows * k * wb + k * n * wb + rows * n * ACT_BYTES)
-    return float(_gemm_roofline(flops, nbytes, 2.0 * groups * n * k, hw.peak_flops(dtype), hw))
+    return float(gemm_time(hw, groups=groups, m=m, n=n, k=k, dtype=dtype, align=align))
+
+
+# ------------------------------------------------------------ attention kernels
+#
+# The core of attention (scores and values, not the projections) for one batch of
+# sequences. Prefill is compute-bound: ``keys`` keys per query on average (causal, within
+# the sliding window), at ``attention_efficiency x keys / (keys + attention_keys_half)``
+# of the peak (short sequences leave the tensor cores idle). Decode reads every cached
+# key and value once per step, so its time is the KV cache over HBM bandwidth.
+
+
+def causal_keys(seq, window=0):
+    """Mean keys a query attends to in a causal sequence of ``seq`` tokens (window 0:
+    no window)."""
+    seq = np.asarray(seq, dtype=float)
+    full = (seq + 1) / 2
+    if np.all(np.asarray(window) == 0):
+        return full
+    w = np.asarray(window, dtype=float)
+    # Queries past the window see w keys; the first w see 1..w.
+    inside = np.minimum(seq, w)
+    windowed = (inside * (inside + 1) / 2 + (seq - inside) * w) / seq
+    return np.where(w > 0, windowed, full)
+
+
+def attention_prefill_time(
+    hw: HardwareSpec, *, batch, seq, heads, score_dim: int, value_dim: int, window=0,
+    dtype: str = "bf16", act_bytes: int = ACT_BYTES,
+):
+    """Causal self-attention over ``batch`` sequences of ``seq`` new tokens [s]."""
+    keys = causal_keys(seq, window)
+    tokens = np.asarray(batch, dtype=float) * np.asarray(seq, dtype=float)
+    flops = 2.0 * tokens * keys * heads * (score_dim + value_dim)
+    nbytes = tokens * heads * (2 * score_dim + 2 * value_dim) * act_bytes
+    eff = hw.attention_efficiency
+    if hw.attention_keys_half:
+        eff = eff * keys / (keys + hw.attention_keys_half)
+    compute_s = flops / (hw.peak_flops(dtype) * eff)
+    memory_s = nbytes / (hw.hbm_GBps * 1e9 * hw.memory_efficiency)
+    return np.maximum(compute_s, memory_s) + hw.kernel_overhead_us * 1e-6
+
+
+def attention_decode_time(
+    hw: HardwareSpec, *, batch, context, heads, score_dim: int, value_dim: int,
+    kv_bytes_per_token, act_bytes: int = ACT_BYTES,
+):
+    """One decode step: ``batch`` queries, each over ``context`` cached tokens [s].
+
+    ``kv_bytes_per_token`` is what one cached token costs to read (keys and values of
+    every KV head; MLA's shared latent once)."""
+    batch = np.asarray(batch, dtype=float)
+    context = np.asarray(context, dtype=float)
+    flops = 2.0 * batch * context * heads * (score_dim + value_dim)
+    kv = batch * context * kv_bytes_per_token
+    nbytes = kv + batch * heads * (score_dim + value_dim) * act_bytes
+    eff_mem = memory_efficiency(hw, nbytes)
+    compute_s = flops / (hw.peak_flops("bf16") * hw.attention_efficiency)
+    memory_s = nbytes / (hw.hbm_GBps * 1e9 * eff_mem)
+    return np.maximum(compute_s, memory_s) + hw.kernel_overhead_us * 1e-6
+
+
+def attention_dims(m: ModelShape) -> tuple[int, int, int]:
+    """(score dim, value dim, KV elements cached per token) of one attention layer.
+
+    MLA decodes with the up-projections absorbed: scores over the compressed latent plus
+    the RoPE key (``kv_lora_rank + qk_rope_head_dim``), values in the latent
+    (``kv_lora_rank``), and only that latent is cached, shared by all heads."""
+    if m.attention == "mla":
+        latent = m.kv_lora_rank + m.qk_rope_head_dim
+        return latent, m.kv_lora_rank, latent
+    kv_heads = m.num_kv_heads if m.attention == "gqa" else m.num_heads
+    return m.head_dim, m.head_dim, 2 * kv_heads * m.head_dim
+
+
+def kv_cache_bytes_per_token(m: ModelShape, kv_dtype: str = "bf16") -> int:
+    """Bytes one token's KV cache takes in one layer."""
+    return attention_dims(m)[2] * dtype_bytes(kv_dtype)
 
 
 def attention_projection_params(m: ModelShape) -> int:
@@ -120,7 +206,7 @@ def attention_seconds(
     gemm_x = BACKWARD_GEMM if backward else 1.0
     core_x = BACKWARD_ATTENTION_CORE if backward else 1.0
     proj = _roofline(gemm_x * proj_flops, gemm_x * proj_bytes, hw.peak_flops(m.gemm_dtype),
-                     hw.gemm_efficiency, hw)
+                     hw.gemm_efficiency_for(m.gemm_dtype), hw)
     core = _roofline(core_x * core_flops, core_x * core_bytes, hw.peak_flops("bf16"),
                      hw.attention_efficiency, hw)
     return float(proj + core)
@@ -147,8 +233,7 @@ def ffn_seconds(
     x = BACKWARD_GEMM if backward else 1.0
     return float(_gemm_roofline(x * ffn_flops(m, tokens, intermediate),
                                 x * _ffn_bytes(m, tokens, intermediate, 1),
-                                x * ffn_flops(m, 1, intermediate),
-                                hw.peak_flops(m.gemm_dtype), hw))
+                                x * ffn_flops(m, 1, intermediate), m.gemm_dtype, hw))
 
 
 def grouped_expert_seconds(
@@ -166,7 +251,7 @@ def grouped_expert_seconds(
     flops = x * ffn_flops(m, rows_g, m.moe_intermediate_size)
     nbytes = x * _ffn_bytes(m, rows_g, m.moe_intermediate_size, active_g)
     extra = x * ffn_flops(m, active_g, m.moe_intermediate_size)
-    return _gemm_roofline(flops, nbytes, extra, hw.peak_flops(m.gemm_dtype), hw)
+    return _gemm_roofline(flops, nbytes, extra, m.gemm_dtype, hw)
 
 
 def lm_head_seconds(m: ModelShape, hw: HardwareSpec, *, tokens: int, backward: bool = False):

@@ -36,7 +36,21 @@ class HardwareSpec:
     memory_bytes_half: float = Field(default=0.0, ge=0)  # bytes at half memory_efficiency
     grouped_gemm_align: int = Field(default=128, gt=0)
     comm_overhead_us: float = Field(default=10.0, ge=0)
+    # Fitted by `moesim perfdb fit` (defaults keep the plain roofline):
+    fp8_gemm_efficiency: float | None = Field(default=None, gt=0.0, le=1.0)  # None: as BF16
+    kernel_overhead_us: float = Field(default=0.0, ge=0)  # launch-to-end floor per kernel
+    attention_keys_half: float = Field(default=0.0, ge=0)  # keys/query at half attn. eff.
+    nccl_latency_us: float = Field(default=0.0, ge=0)  # per ring/tree step of a collective
+    deepep_overhead_us: float = Field(default=0.0, ge=0)  # DeepEP normal, per dispatch/combine
+    deepep_ll_overhead_us: float = Field(default=0.0, ge=0)  # DeepEP low-latency, per phase
+    deepep_sms_full: int = Field(default=0, ge=0)  # SMs at which DeepEP reaches full link bw
 
     def peak_flops(self, dtype: Literal["bf16", "fp8"]) -> float:
         """Dense peak in FLOP/s for GEMMs in ``dtype``."""
         return (self.fp8_tflops if dtype == "fp8" else self.bf16_tflops) * 1e12
+
+    def gemm_efficiency_for(self, dtype: Literal["bf16", "fp8"]) -> float:
+        """Large-GEMM fraction of ``dtype``'s peak (FP8 kernels reach less of theirs)."""
+        if dtype == "fp8" and self.fp8_gemm_efficiency is not None:
+            return self.fp8_gemm_efficiency
+        return self.gemm_efficiency

@@ -1,0 +1,57 @@
+"""NCCL collectives (all-reduce, all-gather, reduce-scatter, all-to-all) on a topology.
+
+The alpha-beta model of a ring, counted as nccl-tests counts its ``size`` (the bytes of
+the whole buffer: all-reduce's input, all-gather's output, reduce-scatter's input,
+all-to-all's send buffer)::
+
+    time = steps(op, n) x nccl_latency_us + bus_factor(op, n) x size / bus_bandwidth
+
+``bus_factor`` is nccl-tests' bus-bandwidth factor (``2 (n-1)/n`` for all-reduce,
+``(n-1)/n`` for the others), so ``size x bus_factor`` is what each GPU's slowest link
+carries; ``steps`` the ring's sequential hops (``2 (n-1)`` for all-reduce, ``n-1``
+otherwise). Within one NVLink domain the bus bandwidth is a GPU's achievable NVLink
+bandwidth; a ring that spans domains is held back by each GPU's NIC (one NIC per GPU, as
+on rail-optimized DGX fabrics).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+
+from moesim.config.hardware import HardwareSpec
+
+Collective = Literal["all_reduce", "all_gather", "reduce_scatter", "alltoall"]
+COLLECTIVES: tuple[str, ...] = ("all_reduce", "all_gather", "reduce_scatter", "alltoall")
+
+
+def bus_factor(op: str, n):
+    """Bytes on each GPU's busiest link per byte of ``size`` (nccl-tests' busbw factor)."""
+    n = np.asarray(n, dtype=float)
+    return (2.0 if op == "all_reduce" else 1.0) * (n - 1) / n
+
+
+def ring_steps(op: str, n):
+    n = np.asarray(n, dtype=float)
+    return (2.0 if op == "all_reduce" else 1.0) * (n - 1)
+
+
+def bus_bandwidth(topology, n: int) -> float:
+    """Achievable bytes/s per GPU of a ring over ``n`` GPUs of ``topology``."""
+    if n <= topology.gpus_per_domain or topology.nic_bw == 0:
+        return topology.nvlink_bw
+    return min(topology.nvlink_bw, topology.nic_bw)
+
+
+def collective_time(hw: HardwareSpec, topology, *, op: str, size, n):
+    """Seconds of one ``op`` over ``n`` GPUs of a ``size``-byte buffer (arrays broadcast).
+
+    One GPU does no communication (0 s)."""
+    if op not in COLLECTIVES:
+        raise ValueError(f"unknown collective {op!r}; allowed: {', '.join(COLLECTIVES)}")
+    n_arr = np.asarray(n)
+    bw = np.vectorize(lambda g: bus_bandwidth(topology, int(g)), otypes=[float])(n_arr)
+    t = (ring_steps(op, n_arr) * hw.nccl_latency_us * 1e-6
+         + bus_factor(op, n_arr) * np.asarray(size, dtype=float) / bw)
+    return np.where(n_arr > 1, t, 0.0)
