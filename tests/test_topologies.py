@@ -10,12 +10,29 @@ import networkx as nx
 import numpy as np
 import pytest
 
+from moesim.config.loading import hardware_preset
 from moesim.errors import InputError
 from moesim.topologies import Topology, load_topology, preset_names
 from moesim.topologies.analysis import bisection_bandwidth
 
 GB = 1e9
-PRESETS = ["dgx-h100-superpod", "gb200-nvl72", "h800-cluster", "h800-node"]
+PRESETS = [
+    "dgx-b200",
+    "dgx-b200-superpod",
+    "dgx-h100",
+    "dgx-h100-superpod",
+    "dgx-h200",
+    "dgx-h200-superpod",
+    "gb200-nvl72",
+    "h800-cluster",
+    "h800-node",
+]
+# DGX presets: (node preset, SuperPOD preset, GPU hardware preset, NVLink GB/s per direction)
+DGX = [
+    ("dgx-h100", "dgx-h100-superpod", "h100", 450),
+    ("dgx-h200", "dgx-h200-superpod", "h200", 450),
+    ("dgx-b200", "dgx-b200-superpod", "b200", 900),
+]
 
 
 def write_topology(
@@ -56,7 +73,7 @@ fabric:
     return str(path)
 
 
-def test_the_four_presets_are_shipped():
+def test_the_presets_are_shipped():
     assert preset_names() == PRESETS
 
 
@@ -77,6 +94,80 @@ def test_every_preset_loads_with_sound_links(name):
     assert sum(k == "gpu" for k in kinds.values()) == topo.n_gpus
     for array in (topo.domain_of, topo.local_of, topo.rail_of, topo.leaf_of):
         assert array.dtype == np.int32 and array.shape == (topo.n_gpus,)
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_names_a_hardware_preset(name):
+    # The simulator looks the topology's GPU up among the hardware presets.
+    assert hardware_preset(load_topology(name).gpu).bf16_tflops > 0
+
+
+def nics_per_node(topo: Topology, domain: int = 0) -> int:
+    """NIC links leaving the GPUs of one NVLink domain (node)."""
+    return sum(
+        1
+        for u, v, kind in topo.graph.edges(data="kind")
+        if kind == "nic" and u.startswith("gpu") and topo.graph.nodes[u]["domain"] == domain
+    )
+
+
+@pytest.mark.parametrize(("name", "gpu", "nvlink"), [(n, g, bw) for n, _, g, bw in DGX])
+def test_dgx_node_is_one_nvlink_domain_of_8_without_nics(name, gpu, nvlink):
+    topo = load_topology(name)
+    assert (topo.gpu, topo.fabric_kind) == (gpu, "none")
+    assert (topo.n_gpus, topo.n_domains, topo.max_gpus) == (8, 1, 8)
+    assert topo.nvlink_bw_nominal == nvlink * GB
+    assert topo.nvlink_bw == pytest.approx(0.8 * nvlink * GB)
+    assert topo.summary()["nvlink_nominal_GBps"] == nvlink
+    assert (topo.n_leaves, topo.n_spines, nics_per_node(topo)) == (0, 0, 0)
+    assert {k for _, _, k in topo.graph.edges(data="kind")} == {"nvlink"}
+    # Half the node talks to the other half over NVLink only.
+    assert topo.bisection_bw == pytest.approx(4 * 0.8 * nvlink * GB)
+    with pytest.raises(InputError):
+        load_topology(name, gpus=16)
+
+
+@pytest.mark.parametrize("gpus", [16, 64])
+@pytest.mark.parametrize(("name", "gpu", "nvlink"), [(s, g, bw) for _, s, g, bw in DGX])
+def test_dgx_superpod_has_8_rails_of_400g_nics_per_node(name, gpu, nvlink, gpus):
+    topo = load_topology(name, gpus=gpus)
+    assert topo.gpu == gpu and topo.fabric_kind == "rail-optimized"
+    assert (topo.n_gpus, topo.n_domains, topo.gpus_per_domain) == (gpus, gpus // 8, 8)
+    assert topo.nvlink_bw_nominal == nvlink * GB
+    # Eight 400 Gb/s (50 GB/s) ConnectX-7 per node, one per GPU, each on its own rail.
+    assert topo.nic_bw_nominal == 50 * GB and topo.nic_bw == pytest.approx(45 * GB)
+    for domain in range(topo.n_domains):
+        assert nics_per_node(topo, domain) == 8
+    assert topo.rails == 8
+    np.testing.assert_array_equal(topo.rail_of, topo.local_of)
+    # Up to 32 nodes share an SU: one leaf per rail; every leaf reaches all 16 spines.
+    assert (topo.n_leaves, topo.n_spines) == (8, 16)
+    # Non-blocking: half the nodes reach the other half at the full NIC rate.
+    assert topo.bisection_bw == pytest.approx(gpus // 2 * 45 * GB)
+
+
+@pytest.mark.parametrize("name", [s for _, s, _, _ in DGX])
+def test_full_dgx_superpod_is_4_sus_of_32_nodes(name):
+    topo = load_topology(name, gpus=1024)
+    assert (topo.n_domains, topo.n_leaves, topo.n_spines) == (128, 32, 16)
+    assert topo.max_gpus == 1024 and topo.domains_per_leaf == 32
+    # GPU 8 * 33 + 2 sits in node 33 (second SU) on rail 2.
+    assert topo.leaf_of[8 * 33 + 2] == 2 * 4 + 1
+    np.testing.assert_allclose(topo.leaf_uplink_bw, 32 * 45 * GB)
+    with pytest.raises(InputError) as err:
+        load_topology(name, gpus=1032)
+    assert err.value.allowed == "1..1024"
+
+
+def test_b200_nvlink_is_twice_the_h100s_and_the_fabric_is_the_same():
+    for node, pod in (("dgx-b200", "dgx-h100"), ("dgx-b200-superpod", "dgx-h100-superpod")):
+        b200, h100 = load_topology(node), load_topology(pod)
+        assert b200.nvlink_bw_nominal == 2 * h100.nvlink_bw_nominal
+        assert b200.nvlink_bw == pytest.approx(2 * h100.nvlink_bw)
+        assert b200.nic_bw == h100.nic_bw
+    h200 = load_topology("dgx-h200-superpod")
+    assert h200.nvlink_bw_nominal == load_topology("dgx-h100-superpod").nvlink_bw_nominal
+    assert load_topology("dgx-h100-superpod").gpu == "h100"
 
 
 def test_h800_cluster_at_64_gpus_has_8_nodes_on_8_planes():
@@ -270,6 +361,7 @@ def test_rail_optimized_builds_spines_for_cross_rail_traffic(tmp_path):
         ("h800-node", 8, {}),
         ("h800-cluster", 64, {}),
         ("dgx-h100-superpod", 64, {}),
+        ("dgx-b200-superpod", 64, {}),
         ("gb200-nvl72", 144, {}),
         ("tiny", 8, {}),
         ("tiny", 12, {"oversubscription": 3.0}),
