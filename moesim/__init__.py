@@ -19,6 +19,7 @@ _EXPORTS = {
     "HardwareSpec": "moesim.config.hardware",
     "ParallelConfig": "moesim.config.parallel",
     "RoutingPolicy": "moesim.config.routing",
+    "ServingConfig": "moesim.config.serving",
     "simulate": "moesim.simulation",
     "SimResult": "moesim.result",
     "InputError": "moesim.errors",
@@ -33,6 +34,7 @@ __all__ = [
     "RoutingPolicy",
     "RoutingTrace",
     "Scenario",
+    "ServingConfig",
     "SimResult",
     "load_scenario",
     "scenario_from_dict",
@@ -47,6 +49,7 @@ if TYPE_CHECKING:
     from moesim.config.parallel import ParallelConfig
     from moesim.config.routing import RoutingPolicy
     from moesim.config.scenario import Scenario
+    from moesim.config.serving import ServingConfig
     from moesim.errors import InputError
     from moesim.result import SimResult
     from moesim.simulation import simulate

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from moesim.config.scenario import Scenario
+from moesim.config.scenario import SERVING_MODES, Scenario
 from moesim.errors import InputError
 
 
@@ -41,6 +41,80 @@ def check_model(scenario: Scenario) -> None:
             )
 
 
+def check_mode(scenario: Scenario) -> None:
+    """The sections a mode needs: ``tokens_per_gpu`` for train and inference, ``serving``
+    (and no ``tokens_per_gpu``) for prefill and decode; tensor parallelism only in the
+    serving modes."""
+    p, mode = scenario.parallel, scenario.mode
+    if mode in SERVING_MODES:
+        if scenario.serving is None:
+            raise InputError(
+                f"mode {mode} needs the serving section (the request batch)", field="serving",
+                allowed="a mapping {batch: requests per attention-DP rank, isl: N, osl: N, "
+                        "kv_dtype: bf16 | fp8}")
+        if p.tokens_per_gpu is not None:
+            raise InputError(
+                f"in mode {mode} the tokens per GPU follow from serving.batch and serving.isl",
+                field="parallel.tokens_per_gpu", allowed="null (leave it out)")
+        return
+    if scenario.serving is not None:
+        raise InputError(
+            f"mode {mode} takes no serving section (only prefill and decode do)",
+            field="serving", allowed=f"null, or mode: {' | '.join(SERVING_MODES)}")
+    if p.tokens_per_gpu is None:
+        raise InputError(f"missing required field (mode {mode})",
+                         field="parallel.tokens_per_gpu", allowed="a positive integer")
+    for name in ("attention_tp", "moe_tp"):
+        if getattr(p, name) != 1:
+            raise InputError(
+                f"tensor parallelism is modelled in the serving modes only, not in mode {mode}",
+                field=f"parallel.{name}",
+                allowed=f"1, or mode: {' | '.join(SERVING_MODES)}")
+
+
+def _attention_tp_ok(scenario: Scenario, tp: int) -> bool:
+    m = scenario.model
+    if scenario.parallel.total_gpus % tp or m.num_heads % tp:
+        return False
+    if m.attention == "gqa" and m.num_kv_heads % tp and tp % m.num_kv_heads:
+        return False  # KV heads are split, or replicated whole (vLLM, SGLang)
+    return not (m.first_dense_layers and m.dense_intermediate_size % tp)
+
+
+def check_serving_layout(scenario: Scenario) -> None:
+    """Tensor-parallel sizes and micro-batches of a prefill or decode scenario."""
+    m, p, sv = scenario.model, scenario.parallel, scenario.serving
+    gpus = p.total_gpus
+    tp = p.attention_tp
+    if not _attention_tp_ok(scenario, tp):
+        ok = [d for d in range(1, gpus + 1) if _attention_tp_ok(scenario, d)]
+        if gpus % tp:
+            why = f"{gpus} GPUs are not a whole number of attention-TP groups of {tp}"
+        elif m.num_heads % tp:
+            why = f"attention_tp {tp} does not divide the {m.num_heads} attention heads"
+        elif m.attention == "gqa" and m.num_kv_heads % tp and tp % m.num_kv_heads:
+            why = (f"attention_tp {tp} neither divides nor is a multiple of the "
+                   f"{m.num_kv_heads} KV heads")
+        else:
+            why = (f"attention_tp {tp} does not divide the dense FFN width "
+                   f"{m.dense_intermediate_size}")
+        raise InputError(why, field="parallel.attention_tp", allowed=", ".join(map(str, ok)))
+    instance = p.ep * p.moe_tp
+    if gpus % instance or m.moe_intermediate_size % p.moe_tp:
+        ok = [d for d in range(1, gpus // p.ep + 1)
+              if (gpus // p.ep) % d == 0 and m.moe_intermediate_size % d == 0]
+        why = (f"moe_tp {p.moe_tp} does not divide the expert width {m.moe_intermediate_size}"
+               if m.moe_intermediate_size % p.moe_tp else
+               f"{gpus} GPUs are not a whole number of MoE instances of ep x moe_tp = "
+               f"{p.ep} x {p.moe_tp}")
+        raise InputError(why, field="parallel.moe_tp", allowed=", ".join(map(str, ok)))
+    if sv.batch % p.micro_batches:
+        raise InputError(
+            f"{sv.batch} requests per attention-DP rank do not split into {p.micro_batches} "
+            "equal micro-batches",
+            field="parallel.micro_batches", allowed=f"divisors of {sv.batch}")
+
+
 def check_feasible(scenario: Scenario, topology=None) -> None:
     """Raise InputError when the scenario is impossible; return None otherwise.
 
@@ -49,6 +123,7 @@ def check_feasible(scenario: Scenario, topology=None) -> None:
     from moesim.topologies import load_topology
 
     check_model(scenario)
+    check_mode(scenario)
     m, p, r = scenario.model, scenario.parallel, scenario.routing
     E = m.routed_experts
     if E % p.ep:
@@ -61,7 +136,9 @@ def check_feasible(scenario: Scenario, topology=None) -> None:
             f"{p.total_gpus} GPUs are not a whole number of EP groups of {p.ep}",
             field="parallel.gpus", allowed=f"multiples of {p.ep}",
         )
-    if p.tokens_per_gpu % p.micro_batches:
+    if scenario.mode in SERVING_MODES:
+        check_serving_layout(scenario)
+    elif p.tokens_per_gpu % p.micro_batches:
         raise InputError(
             f"{p.tokens_per_gpu} tokens per GPU do not split into {p.micro_batches} "
             "equal micro-batches",

@@ -63,17 +63,30 @@ def _load_imbalance(scenario: Scenario, costs, keys_l) -> float:
 
 
 def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys_l,
-              links: pd.DataFrame) -> dict:
+              links: pd.DataFrame, *, serving_fixed=None) -> dict:
+    """The summary dict; ``serving_fixed`` (prefill, decode) is
+    :func:`moesim.serving.fixed_costs`, whose all-reduce times it reports."""
+    from moesim import serving
+
     m, p, hw = scenario.model, scenario.parallel, scenario.hardware
     step = float(timeline.end_og.max())
-    tokens = p.total_gpus * p.tokens_per_gpu
+    serve = serving.is_serving(scenario)
     train = scenario.mode == "train"
 
     dispatched = sum(costs[k].routed for k in keys_l)
     dropped = int(sum(costs[k].dropped_e.sum() + costs[k].dropped_unknown for k in keys_l))
     computed = int(sum(t.sum() for k in keys_l for t in costs[k].tokens_ge))
 
-    flops = compute.model_flops_per_token(m, p.seq_len) * tokens * (3 if train else 1)
+    if serve:
+        tokens = serving.step_tokens(scenario)
+        flops = serving.model_flops(scenario)
+        moe_ar = sum(c for k in keys_l for c in costs[k].expert_comm_s.values())
+        extra = serving.summary_keys(scenario, step, fixed=serving_fixed,
+                                     moe_ar_s=float(np.mean(moe_ar)))
+    else:
+        tokens = p.total_gpus * p.tokens_per_gpu
+        flops = compute.model_flops_per_token(m, p.seq_len) * tokens * (3 if train else 1)
+        extra = {}
     start, end = timeline.start_og, timeline.end_og
     mean = {
         name: float(_per_gpu_sum(ops, start, end, lambda op, n=name: op.phase == n).mean())
@@ -105,6 +118,7 @@ def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys
         "step_time_s": step,
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / step,
+        **extra,
         "dispatch_time_s": mean["dispatch"],
         "combine_time_s": mean["combine"],
         "expert_compute_time_s": float(experts_g.mean()),

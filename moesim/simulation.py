@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from moesim import compute
+from moesim import compute, serving
 from moesim.config.scenario import Scenario
 from moesim.engine.program import COMM, Op, build_program
 from moesim.engine.simpy_engine import run_program
@@ -41,6 +41,9 @@ class LayerCosts:
     kept_e: np.ndarray  # [E] assignments computed, all groups and micro-batches
     dropped_e: np.ndarray  # [E] assignments dropped
     dropped_unknown: int  # replayed slots recorded as dropped, expert unknown
+    # Serving with moe_tp > 1: (microbatch, backward) -> [gpus] MoE-TP all-reduce seconds
+    # that follow the expert GEMMs (not slowed by communication SMs).
+    expert_comm_s: dict[tuple[int, bool], np.ndarray] = field(default_factory=dict)
 
 
 def _group_gpus_per_node(scenario: Scenario, topology) -> int:
@@ -68,9 +71,9 @@ def _layer_costs(scenario: Scenario, topology, counts_gm: list[list[BatchCounts]
     out_direction = {("dispatch", False), ("combine", True)}
     backward_flags = (False, True) if scenario.mode == "train" else (False,)
     flow_level = scenario.network == "flow"
-    exchanges, expert_s, tokens_ge = {}, {}, []
+    exchanges, expert_s, expert_comm_s, tokens_ge = {}, {}, {}, []
     for mb in range(p.micro_batches):
-        group_copies, group_flows, group_tokens = [], [], []
+        group_copies, group_flows, group_tokens, group_received = [], [], [], []
         for group in range(p.ep_groups):
             c = counts_gm[group][mb]
             where = {"kernel": kernel, "topology": topology, "first_gpu": group * p.ep,
@@ -81,6 +84,7 @@ def _layer_costs(scenario: Scenario, topology, counts_gm: list[list[BatchCounts]
             else:
                 group_copies.append(dispatch_loads(c, **where))
             group_tokens.append(c.kept_e.reshape(p.ep, -1))
+            group_received.append(c.reach_gpu_sg.sum(axis=0))
         copies = sum(group_copies[1:], group_copies[0])
         tokens = np.concatenate(group_tokens)
         tokens_ge.append(tokens)
@@ -101,12 +105,17 @@ def _layer_costs(scenario: Scenario, topology, counts_gm: list[list[BatchCounts]
                 times = [exchange_time(loads, topology, overhead_s=overhead, own=as_bytes(g))
                          for g in group_copies]
             exchanges[mb, phase, backward] = Exchange(loads=loads, times=times)
+        if serving.is_serving(scenario):
+            expert_s[mb, False], expert_comm_s[mb, False] = serving.expert_seconds(
+                scenario, topology, tokens, np.concatenate(group_received))
+            continue
         for backward in backward_flags:
             expert_s[mb, backward] = compute.grouped_expert_seconds(
                 m, hw, tokens, backward=backward)
     every = [c for per_group in counts_gm for c in per_group]
     return LayerCosts(
-        exchanges=exchanges, expert_s=expert_s, tokens_ge=tokens_ge,
+        exchanges=exchanges, expert_s=expert_s, expert_comm_s=expert_comm_s,
+        tokens_ge=tokens_ge,
         routed=sum(c.routed for c in every),
         kept_e=np.sum([c.kept_e for c in every], axis=0),
         dropped_e=np.sum([c.dropped_e for c in every], axis=0),
@@ -114,14 +123,10 @@ def _layer_costs(scenario: Scenario, topology, counts_gm: list[list[BatchCounts]
     )
 
 
-def _durations(scenario: Scenario, ops: list[Op], costs: list[LayerCosts], keys_l: list[int],
-               n_gpus: int):
-    """[ops, gpus] durations of every op on every GPU."""
+def _fixed_costs(scenario: Scenario, slowdown: float) -> dict[tuple[str, bool], float]:
+    """Seconds of the ops whose cost does not depend on the routing (train, inference)."""
     m, p, hw = scenario.model, scenario.parallel, scenario.hardware
     tokens = p.tokens_per_gpu // p.micro_batches
-    # With overlapped micro-batches a communication kernel runs beside compute all step
-    # long, so its SMs are lost to compute; one micro-batch mostly alternates the two.
-    slowdown = hw.sms / (hw.sms - p.comm_sms) if p.micro_batches > 1 else 1.0
     fixed: dict[tuple[str, bool], float] = {}
     for backward in (False, True):
         fixed["attention", backward] = compute.attention_seconds(
@@ -133,14 +138,34 @@ def _durations(scenario: Scenario, ops: list[Op], costs: list[LayerCosts], keys_
             m, hw, tokens=tokens, intermediate=m.dense_intermediate_size, backward=backward)
         fixed["lm_head", backward] = compute.lm_head_seconds(
             m, hw, tokens=tokens, backward=backward)
+    return {key: value * slowdown for key, value in fixed.items()}
+
+
+def _durations(scenario: Scenario, ops: list[Op], costs: list[LayerCosts], keys_l: list[int],
+               n_gpus: int, serving_fixed=None):
+    """[ops, gpus] durations of every op on every GPU.
+
+    ``serving_fixed`` (prefill, decode): :func:`moesim.serving.fixed_costs`."""
+    m, p, hw = scenario.model, scenario.parallel, scenario.hardware
+    # With overlapped micro-batches a communication kernel runs beside compute all step
+    # long, so its SMs are lost to compute; one micro-batch mostly alternates the two.
+    slowdown = hw.sms / (hw.sms - p.comm_sms) if p.micro_batches > 1 else 1.0
+    if serving_fixed is None:
+        fixed = _fixed_costs(scenario, slowdown)
+    else:  # tensor-parallel all-reduces are not slowed by the communication SMs
+        fixed = {(phase, False): compute_s * slowdown + comm_g
+                 for phase, (compute_s, comm_g) in serving_fixed.items()}
     duration = np.zeros((len(ops), n_gpus))
     for op in ops:
         if (op.phase, op.backward) in fixed:
-            duration[op.index] = fixed[op.phase, op.backward] * slowdown
+            duration[op.index] = fixed[op.phase, op.backward]
             continue
         layer_costs = costs[keys_l[op.layer - m.first_dense_layers]]
         if op.phase == "experts":
             duration[op.index] = layer_costs.expert_s[op.microbatch, op.backward] * slowdown
+            comm = layer_costs.expert_comm_s.get((op.microbatch, op.backward))
+            if comm is not None:
+                duration[op.index] += comm
         else:
             assert op.stream == COMM
             ex = layer_costs.exchanges[op.microbatch, op.phase, op.backward]
@@ -164,13 +189,16 @@ def simulate(scenario: Scenario, trace=None) -> SimResult:
     topology = load_topology(scenario.topology, gpus=p.total_gpus)
     check_feasible(scenario, topology)
     rng = np.random.default_rng(scenario.seed)
+    serve = serving.is_serving(scenario)
+    # What routing sees: the tokens each GPU dispatches (serving: from the request batch).
+    routed = serving.routing_view(scenario) if serve else scenario
 
     if trace is None and scenario.trace is not None:
         trace = RoutingTrace.load(scenario.trace)
     if trace is None:
-        source = SyntheticSource(scenario, gpus_per_domain=topology.gpus_per_domain, rng=rng)
+        source = SyntheticSource(routed, gpus_per_domain=topology.gpus_per_domain, rng=rng)
     else:
-        source = TraceSource(scenario, trace, gpus_per_domain=topology.gpus_per_domain,
+        source = TraceSource(routed, trace, gpus_per_domain=topology.gpus_per_domain,
                              rng=rng)
     keys_l = source.keys_per_layer(scenario.model.moe_layers)
     costs = [_layer_costs(scenario, topology, source.key_counts(key))
@@ -181,13 +209,15 @@ def simulate(scenario: Scenario, trace=None) -> SimResult:
         micro_batches=p.micro_batches,
         train=scenario.mode == "train",
     )
-    duration_og = _durations(scenario, ops, costs, keys_l, p.total_gpus)
+    fixed = serving.fixed_costs(scenario, topology) if serve else None
+    duration_og = _durations(scenario, ops, costs, keys_l, p.total_gpus, fixed)
     timeline = run_program(ops, duration_og, ep=p.ep)
 
     spans = spans_table(ops, timeline, ep=p.ep)
     links = links_table(scenario, topology, ops, costs, keys_l)
     experts = experts_table(scenario, costs, keys_l)
-    summary = summarize(scenario, topology, ops, timeline, costs, keys_l, links)
+    summary = summarize(scenario, topology, ops, timeline, costs, keys_l, links,
+                        serving_fixed=fixed)
     if trace is None:
         summary["routing_source"] = "synthetic"
         summary["routing_draws"] = source.n_keys

@@ -18,6 +18,16 @@ _COMPARE = [
 ]
 
 
+def _batch(sc) -> str:
+    """The batch of one step in words."""
+    sv, p = sc.serving, sc.parallel
+    if sv is None:
+        return f"{p.tokens_per_gpu} tokens per GPU"
+    what = "prompts" if sc.mode == "prefill" else "decoding requests"
+    return (f"{sv.batch} {what} per attention-DP rank of {p.attention_tp} GPU(s) (isl "
+            f"{sv.isl}, osl {sv.osl}, {sv.kv_dtype} KV cache; expert TP {p.moe_tp})")
+
+
 def build_report(result, variants: list[tuple[str, object]] = ()) -> tuple[list[Block], dict]:
     """Blocks of the report and its figures ``{file name: matplotlib Figure}``.
 
@@ -31,7 +41,7 @@ def build_report(result, variants: list[tuple[str, object]] = ()) -> tuple[list[
             f"Model {sc.model.name} ({sc.model.num_layers} layers, {sc.model.moe_layers} MoE, "
             f"{sc.model.routed_experts} routed + {sc.model.shared_experts} shared experts, "
             f"top-{sc.model.top_k}); GPU {sc.hardware.name}; "
-            f"{sc.parallel.tokens_per_gpu} tokens per GPU in {sc.parallel.micro_batches} "
+            f"{_batch(sc)} in {sc.parallel.micro_batches} "
             f"micro-batch(es); routing {sc.routing.gate}, M = {sc.routing.max_devices} "
             f"{sc.routing.limit_scope}s, {sc.routing.assignment} assignment, capacity factor "
             f"{sc.routing.capacity_factor}."
@@ -59,7 +69,10 @@ def build_report(result, variants: list[tuple[str, object]] = ()) -> tuple[list[
         Heading("What the model includes"),
         Paragraph(
             "One training step (forward and backward) or one forward pass of every layer on "
-            "every GPU, attention data-parallel, routed experts expert-parallel; analytical "
+            "every GPU (for prefill: whole prompts, the time to first token; for decode: one "
+            "new token per request over its KV cache, the time per output token), attention "
+            "data-parallel (tensor-parallel in groups of attention_tp when serving), routed "
+            "experts expert-parallel; analytical "
             "network (latency plus the busiest link); roofline compute with the efficiencies "
             "of the hardware preset. Not modelled yet: pipeline parallelism, data-parallel "
             "gradient reduction, optimizer step, recomputation, multi-token prediction."

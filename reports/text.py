@@ -18,9 +18,28 @@ def nbytes(value: float) -> str:
     return f"{value:.0f} B"
 
 
+def serving_rows(s: dict) -> list[tuple[str, str]]:
+    """The serving rows (prefill, decode summaries); none for other modes."""
+    if "ttft_s" in s:
+        rows = [("time to first token", seconds(s["ttft_s"])),
+                ("input tokens/s per GPU", f"{s['input_tokens_per_s_per_gpu']:,.0f}")]
+    elif "tpot_s" in s:
+        rows = [("time per output token", seconds(s["tpot_s"])),
+                ("output tokens/s per GPU", f"{s['output_tokens_per_s_per_gpu']:,.0f}")]
+    else:
+        return []
+    return rows + [
+        ("requests", f"{s['requests_per_step']:,} ({s['attention_dp']} attention-DP ranks "
+                     f"x TP{s['attention_tp']}; isl {s['isl']}, osl {s['osl']})"),
+        ("KV cache per GPU", f"{nbytes(s['kv_cache_bytes_per_gpu'])} ({s['kv_dtype']})"),
+        ("TP all-reduces", f"attention {seconds(s['attention_tp_allreduce_time_s'])}, "
+                           f"MoE (TP{s['moe_tp']}) {seconds(s['moe_tp_allreduce_time_s'])}"),
+    ]
+
+
 def breakdown_rows(s: dict) -> list[tuple[str, str]]:
     """(label, value) rows shared by the terminal output and the report."""
-    return [
+    return serving_rows(s) + [
         ("step time", seconds(s["step_time_s"])),
         ("tokens/s", f"{s['tokens_per_s']:,.0f} ({s['tokens_per_s'] / s['gpus']:,.0f} per GPU)"),
         ("MFU", f"{s['mfu']:.1%} ({s['model_tflops_per_gpu']:.0f} model TFLOP/s per GPU)"),
@@ -52,6 +71,7 @@ def format_summary(s: dict, topology: str) -> str:
     width = max(len(label) for label, _ in rows)
     lines = [headline(s, topology)]
     lines += [f"  {label:<{width}}  {value}" for label, value in rows]
+    passes = "forward+backward" if s["mode"] == "train" else "the forward pass"
     lines.append("  (times are per GPU and per step, summed over layers, micro-batches and "
-                 "forward+backward; see docs/metrics.md)")
+                 f"{passes}; see docs/metrics.md)")
     return "\n".join(lines)

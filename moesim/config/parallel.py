@@ -22,21 +22,40 @@ class ParallelConfig:
     GPU runs attention on its own ``tokens_per_gpu`` tokens, split into
     ``micro_batches`` that overlap one micro-batch's compute with another's
     communication when there are two or more.
+
+    ``tokens_per_gpu`` is required by ``mode: train`` and ``inference``; in ``prefill``
+    and ``decode`` the tokens follow from the scenario's ``serving`` batch and must not
+    be given. Those two modes also take tensor parallelism (1 elsewhere):
+
+    * ``attention_tp``: attention heads split over ``attention_tp`` consecutive GPUs
+      (one attention data-parallel rank; ``gpus / attention_tp`` ranks), as SGLang's
+      ``--tp N --dp N/attention_tp --enable-dp-attention`` (TensorRT-LLM's
+      ``enable_attention_dp`` is ``attention_tp: 1``, plain ``--tp`` serving is
+      ``attention_tp = gpus``).
+    * ``moe_tp``: every routed expert's intermediate split over ``moe_tp`` GPUs. One
+      MoE instance is ``ep x moe_tp`` GPUs (TensorRT-LLM's ``moe_ep_size x
+      moe_tp_size = tp_size``); ``gpus`` (default: one instance) must be a multiple of
+      it. As in TensorRT-LLM's mapping, EP ranks vary fastest: the instance's ``moe_tp``
+      slices are EP groups of ``ep`` consecutive GPUs, and the GPUs holding the shards
+      of one expert are ``ep`` apart.
     """
 
     ep: int = Field(gt=0)
     gpus: int | None = Field(default=None, gt=0)
-    tokens_per_gpu: int = Field(gt=0)
+    tokens_per_gpu: int | None = Field(default=None, gt=0)
     seq_len: int = Field(default=4096, gt=0)
     micro_batches: int = Field(default=1, gt=0)
     comm_sms: int = Field(default=20, ge=0)
     dispatch_kernel: DispatchKernel = "deepep-normal"
     dispatch_dtype: Literal["bf16", "fp8"] = "bf16"
     combine_dtype: Literal["bf16"] = "bf16"
+    attention_tp: int = Field(default=1, gt=0)
+    moe_tp: int = Field(default=1, gt=0)
 
     @property
     def total_gpus(self) -> int:
-        return self.gpus if self.gpus is not None else self.ep
+        """``gpus``, by default one MoE instance: ``ep x moe_tp``."""
+        return self.gpus if self.gpus is not None else self.ep * self.moe_tp
 
     @property
     def ep_groups(self) -> int:

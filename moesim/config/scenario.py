@@ -13,23 +13,29 @@ from moesim.config.hardware import HardwareSpec
 from moesim.config.model import ModelShape
 from moesim.config.parallel import ParallelConfig
 from moesim.config.routing import RoutingPolicy
+from moesim.config.serving import ServingConfig
 
 SCHEMA = "moesim.scenario/1"
+SERVING_MODES = ("prefill", "decode")  # the modes that take a `serving` section
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)
 class Scenario:
     """A model on a cluster with a parallel layout and a routing policy.
 
-    ``mode: train`` simulates forward and backward of one step; ``inference``
-    the forward pass only. ``topology`` is a preset name or a YAML path; ``trace`` a
-    routing trace (``.npz``, schema ``moesim.trace/1``) to replay instead of synthetic
-    routing. ``network`` picks the network model: ``analytical`` (latency plus the
-    busiest link) or ``flow`` (max-min fair sharing among all concurrent flows).
+    ``mode: train`` simulates forward and backward of one step; ``inference`` the
+    forward pass only (of ``parallel.tokens_per_gpu`` tokens). The serving modes run one
+    forward step of the request batch in ``serving`` (required there, refused
+    elsewhere): ``prefill`` the whole prompts (time to first token), ``decode`` one new
+    token per request over its KV cache (time per output token). ``topology`` is a
+    preset name or a YAML path; ``trace`` a routing trace (``.npz``, schema
+    ``moesim.trace/1``) to replay instead of synthetic routing. ``network`` picks the
+    network model: ``analytical`` (latency plus the busiest link) or ``flow`` (max-min
+    fair sharing among all concurrent flows).
     """
 
     name: str = "scenario"
-    mode: Literal["train", "inference"] = "train"
+    mode: Literal["train", "inference", "prefill", "decode"] = "train"
     seed: int = Field(default=0, ge=0)
     model: ModelShape
     hardware: HardwareSpec
@@ -38,6 +44,7 @@ class Scenario:
     routing: RoutingPolicy
     trace: str | None = None
     network: Literal["analytical", "flow"] = "analytical"
+    serving: ServingConfig | None = None
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML/JSON ready) that loads back to an equal scenario."""
