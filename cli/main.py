@@ -13,9 +13,11 @@ from typing import Annotated
 
 import typer
 
+from moesim.cli import perfdb_fit_cmd
 from moesim.cli.calibrate_cmd import calibrate
 from moesim.cli.capture_cmd import capture
 from moesim.cli.common import guarded
+from moesim.cli.perfdb_cmd import perfdb_app
 from moesim.cli.record_cmd import record
 from moesim.cli.regress_cmd import regress
 from moesim.cli.trace_cmds import trace_app
@@ -32,6 +34,9 @@ topo_app = typer.Typer(help="Cluster topologies (presets in topologies/*.yaml)."
                        no_args_is_help=True)
 app.add_typer(topo_app, name="topo")
 app.add_typer(trace_app, name="trace")
+app.add_typer(perfdb_app, name="perfdb")
+perfdb_app.command("fit")(perfdb_fit_cmd.fit)
+perfdb_app.command("subset")(perfdb_fit_cmd.subset)
 
 
 def _version(value: bool) -> None:

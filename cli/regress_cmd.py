@@ -14,7 +14,8 @@ from moesim.cli.common import guarded
 @guarded
 def regress(
     runs: Annotated[list[Path] | None, typer.Argument(
-        help="Recorded-run YAML files or folders (default: the shipped traces/recorded).")]
+        help="Recorded-run YAML or Parquet-table files, or folders of them (default: the "
+             "shipped traces/recorded).")]
     = None,
     include_known_gaps: Annotated[bool, typer.Option(
         "--include-known-gaps", help="Also run the measured cases the model misses today.")]
@@ -24,8 +25,11 @@ def regress(
     """Compare the simulator with recorded GPU runs; exit 1 if any is out of tolerance.
 
     Prints measured vs simulated per run and metric, the relative error, its tolerance
-    and the MAPE. `--include-known-gaps` adds the measurements the model misses today
-    (traces/recorded/known_gaps.yaml), so it exits 1 by design.
+    and the MAPE. Recorded-run tables (.parquet, e.g. the shipped perfdb_subset.parquet
+    of aiconfigurator-core's measured kernels) print their MAPE per system and op class,
+    in and out of sample, and the rows out of tolerance. `--include-known-gaps` adds the
+    measurements the model misses today (traces/recorded/known_gaps.yaml), so it exits 1
+    by design.
 
     Examples:
 
@@ -33,17 +37,27 @@ def regress(
 
       moesim regress traces/recorded/deepgemm_grouped_h800.yaml --json
     """
+    from moesim.perfdb.regress import format_table_report
     from moesim.recorded import recorded_dir
-    from moesim.regress import format_report
+    from moesim.regress import format_report, regress_tables
     from moesim.regress import regress as run_regress
 
-    report = run_regress(runs or [recorded_dir()], include_known_gaps=include_known_gaps)
+    paths = runs or [recorded_dir()]
+    report = run_regress(paths, include_known_gaps=include_known_gaps)
+    tables = regress_tables(paths, include_known_gaps=include_known_gaps)
     if as_json:
         typer.echo(json.dumps({
-            "passed": report.passed, "mape": report.mape, "mape_by_op": report.mape_by_op,
+            "passed": report.passed and all(t.passed for t in tables),
+            "mape": report.mape, "mape_by_op": report.mape_by_op,
             "rows": [row.__dict__ for row in report.rows],
+            "tables": [{"file": t.file, "passed": t.passed, "rows": len(t.rows),
+                        "mape": t.mape, "mape_by": t.mape_by().to_dict(orient="records"),
+                        "failed": t.failed.to_dict(orient="records")} for t in tables],
         }, indent=1, default=str))
     else:
-        typer.echo(format_report(report))
-    if not report.passed:
+        if report.rows:
+            typer.echo(format_report(report))
+        for table in tables:
+            typer.echo("\n" + format_table_report(table))
+    if not report.passed or not all(t.passed for t in tables):
         raise typer.Exit(1)

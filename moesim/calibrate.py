@@ -101,6 +101,8 @@ def gemm_cases(
     cases: list[GemmCase] = []
     skipped = 0
     for file in run_files:
+        if str(file).endswith(".parquet"):
+            continue  # a recorded-run table: `moesim perfdb fit` fits those
         for run in load_runs(file).runs:
             w = run.workload
             if "tflops" not in run.measured or not isinstance(w, GroupedGemm | DenseGemm):

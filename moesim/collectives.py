@@ -4,14 +4,19 @@ The alpha-beta model of a ring, counted as nccl-tests counts its ``size`` (the b
 the whole buffer: all-reduce's input, all-gather's output, reduce-scatter's input,
 all-to-all's send buffer)::
 
-    time = steps(op, n) x nccl_latency_us + bus_factor(op, n) x size / bus_bandwidth
+    time = nccl_latency_us + bus_factor(op, n) x size / bus_bandwidth
 
 ``bus_factor`` is nccl-tests' bus-bandwidth factor (``2 (n-1)/n`` for all-reduce,
 ``(n-1)/n`` for the others), so ``size x bus_factor`` is what each GPU's slowest link
-carries; ``steps`` the ring's sequential hops (``2 (n-1)`` for all-reduce, ``n-1``
-otherwise). Within one NVLink domain the bus bandwidth is a GPU's achievable NVLink
+carries. The latency is one fixed cost per collective: on NVSwitch nodes the measured
+small-message time barely depends on the GPU count or the collective
+(aiconfigurator's NCCL tables: 15-20 µs from 2 to 8 H100s), unlike a ring's
+``n - 1`` sequential steps. Within one NVLink domain the bus bandwidth is a GPU's achievable NVLink
 bandwidth; a ring that spans domains is held back by each GPU's NIC (one NIC per GPU, as
-on rail-optimized DGX fabrics).
+on rail-optimized DGX fabrics). NCCL reaches less of it with fewer GPUs (fewer channels
+and NVSwitch ports in use): the bus bandwidth is scaled by ``n / (n + nccl_gpus_half)``
+(measured on 8-GPU NVSwitch nodes: all-gather reaches 57% of NVLink on 2 GPUs and 75% on
+8; aiconfigurator-core's NCCL tables).
 """
 
 from __future__ import annotations
@@ -32,11 +37,6 @@ def bus_factor(op: str, n):
     return (2.0 if op == "all_reduce" else 1.0) * (n - 1) / n
 
 
-def ring_steps(op: str, n):
-    n = np.asarray(n, dtype=float)
-    return (2.0 if op == "all_reduce" else 1.0) * (n - 1)
-
-
 def bus_bandwidth(topology, n: int) -> float:
     """Achievable bytes/s per GPU of a ring over ``n`` GPUs of ``topology``."""
     if n <= topology.gpus_per_domain or topology.nic_bw == 0:
@@ -52,6 +52,6 @@ def collective_time(hw: HardwareSpec, topology, *, op: str, size, n):
         raise ValueError(f"unknown collective {op!r}; allowed: {', '.join(COLLECTIVES)}")
     n_arr = np.asarray(n)
     bw = np.vectorize(lambda g: bus_bandwidth(topology, int(g)), otypes=[float])(n_arr)
-    t = (ring_steps(op, n_arr) * hw.nccl_latency_us * 1e-6
-         + bus_factor(op, n_arr) * np.asarray(size, dtype=float) / bw)
+    bw = bw * n_arr / (n_arr + hw.nccl_gpus_half)
+    t = hw.nccl_latency_us * 1e-6 + bus_factor(op, n_arr) * np.asarray(size, dtype=float) / bw
     return np.where(n_arr > 1, t, 0.0)

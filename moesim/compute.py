@@ -60,12 +60,20 @@ def memory_efficiency(hw: HardwareSpec, nbytes):
     return hw.memory_efficiency * nbytes / (nbytes + hw.memory_bytes_half)
 
 
-def _gemm_roofline(flops, nbytes, extra_rows_flops, dtype: str, hw: HardwareSpec):
+def _gemm_roofline(flops, nbytes, extra_rows_flops, dtype: str, hw: HardwareSpec, *,
+                   grouped: bool = False):
     """GEMM roofline with the efficiency curves: ``extra_rows_flops`` is the FLOPs of
     ``gemm_m_half`` extra rows per non-empty group; empty kernels cost nothing, others
-    at least ``kernel_overhead_us`` more."""
+    at least ``kernel_overhead_us`` more. ``grouped`` (MoE expert) GEMMs use the MoE
+    curve where the spec has one."""
     eff = hw.gemm_efficiency_for(dtype)
-    compute_s = (flops + hw.gemm_m_half * extra_rows_flops) / (hw.peak_flops(dtype) * eff)
+    m_half = hw.gemm_m_half
+    if dtype == "fp8" and hw.fp8_gemm_m_half is not None:
+        m_half = hw.fp8_gemm_m_half
+    if grouped:
+        eff = hw.moe_gemm_efficiency if hw.moe_gemm_efficiency is not None else eff
+        m_half = hw.moe_m_half if hw.moe_m_half is not None else m_half
+    compute_s = (flops + m_half * extra_rows_flops) / (hw.peak_flops(dtype) * eff)
     moved = np.where(np.asarray(nbytes) > 0, nbytes + hw.memory_bytes_half, 0.0)
     memory_s = moved / (hw.hbm_GBps * 1e9 * hw.memory_efficiency)
     launched = np.asarray(flops) > 0
@@ -96,7 +104,8 @@ def gemm_seconds(
 # sequences. Prefill is compute-bound: ``keys`` keys per query on average (causal, within
 # the sliding window), at ``attention_efficiency x keys / (keys + attention_keys_half)``
 # of the peak (short sequences leave the tensor cores idle). Decode reads every cached
-# key and value once per step, so its time is the KV cache over HBM bandwidth.
+# key and value once per step, so its time is the KV cache over HBM bandwidth, plus a
+# fixed ``decode_query_head_ns`` per (request, head) and ``decode_overhead_us``.
 
 
 def causal_keys(seq, window=0):
@@ -127,7 +136,8 @@ def attention_prefill_time(
         eff = eff * keys / (keys + hw.attention_keys_half)
     compute_s = flops / (hw.peak_flops(dtype) * eff)
     memory_s = nbytes / (hw.hbm_GBps * 1e9 * hw.memory_efficiency)
-    return np.maximum(compute_s, memory_s) + hw.kernel_overhead_us * 1e-6
+    return np.maximum(compute_s, memory_s) + (hw.kernel_overhead_us
+                                              + hw.attention_overhead_us) * 1e-6
 
 
 def attention_decode_time(
@@ -146,7 +156,11 @@ def attention_decode_time(
     eff_mem = memory_efficiency(hw, nbytes)
     compute_s = flops / (hw.peak_flops("bf16") * hw.attention_efficiency)
     memory_s = nbytes / (hw.hbm_GBps * 1e9 * eff_mem)
-    return np.maximum(compute_s, memory_s) + hw.kernel_overhead_us * 1e-6
+    # Each (request, head) pair also costs a fixed setup (load Q, softmax bookkeeping,
+    # write O): with many heads over short caches this, not HBM, sets the time.
+    per_query_s = batch * heads * hw.decode_query_head_ns * 1e-9
+    return (np.maximum(compute_s, memory_s) + per_query_s
+            + (hw.kernel_overhead_us + hw.decode_overhead_us) * 1e-6)
 
 
 def attention_dims(m: ModelShape) -> tuple[int, int, int]:
@@ -218,9 +232,16 @@ def ffn_flops(m: ModelShape, tokens, intermediate: int):
 
 
 def _ffn_bytes(m: ModelShape, rows, intermediate: int, active_experts):
-    wb = dtype_bytes(m.gemm_dtype)
-    weights = 3 * m.hidden_size * intermediate * wb * active_experts
-    acts = rows * (m.hidden_size * (wb + ACT_BYTES) + intermediate * (2 * ACT_BYTES + wb))
+    return ffn_bytes(hidden=m.hidden_size, intermediate=intermediate, rows=rows,
+                     active_experts=active_experts, dtype=m.gemm_dtype)
+
+
+def ffn_bytes(*, hidden: int, intermediate: int, rows, active_experts, dtype: str):
+    """HBM bytes of SwiGLU FFNs: each active expert's weights, and every row's input,
+    gate/up activations and output."""
+    wb = dtype_bytes(dtype)
+    weights = 3 * hidden * intermediate * wb * active_experts
+    acts = rows * (hidden * (wb + ACT_BYTES) + intermediate * (2 * ACT_BYTES + wb))
     return weights + acts
 
 
@@ -236,22 +257,43 @@ def ffn_seconds(
                                 x * ffn_flops(m, 1, intermediate), m.gemm_dtype, hw))
 
 
+def grouped_ffn_time(
+    hw: HardwareSpec, *, hidden: int, intermediate: int, tokens_ge: np.ndarray, dtype: str,
+    backward: bool = False,
+) -> np.ndarray:
+    """Time per GPU [G] of a fused MoE's SwiGLU expert GEMMs for ``tokens_ge`` [G, local
+    experts] rows, plus ``moe_overhead_us`` on GPUs with any rows.
+
+    Each expert's rows are padded to ``grouped_gemm_align`` and get their own compute
+    efficiency (module doc): every expert that received tokens costs ``gemm_m_half``
+    extra rows of work."""
+    align = hw.grouped_gemm_align
+    rows_g = (-(-tokens_ge // align) * align).sum(axis=1)
+    active_g = (tokens_ge > 0).sum(axis=1)
+    return expert_ffn_time(hw, hidden=hidden, intermediate=intermediate, rows=rows_g,
+                           active_experts=active_g, dtype=dtype, backward=backward)
+
+
+def expert_ffn_time(hw: HardwareSpec, *, hidden: int, intermediate: int, rows, active_experts,
+                    dtype: str, backward: bool = False):
+    """:func:`grouped_ffn_time` from each GPU's padded ``rows`` and ``active_experts``."""
+    rows = np.asarray(rows, dtype=float)
+    active = np.asarray(active_experts, dtype=float)
+    x = BACKWARD_GEMM if backward else 1.0
+    flops = x * 2.0 * 3 * rows * hidden * intermediate
+    nbytes = x * ffn_bytes(hidden=hidden, intermediate=intermediate, rows=rows,
+                           active_experts=active, dtype=dtype)
+    extra = x * 2.0 * 3 * active * hidden * intermediate
+    return (_gemm_roofline(flops, nbytes, extra, dtype, hw, grouped=True)
+            + (rows > 0) * hw.moe_overhead_us * 1e-6)
+
+
 def grouped_expert_seconds(
     m: ModelShape, hw: HardwareSpec, tokens_ge: np.ndarray, *, backward: bool = False
 ) -> np.ndarray:
-    """Grouped-GEMM time per GPU [G] for ``tokens_ge`` [G, local experts] assignments.
-
-    Each expert's padded rows get their own compute efficiency (module doc): every
-    expert that received tokens costs ``gemm_m_half`` extra rows of work."""
-    align = hw.grouped_gemm_align
-    rows_ge = -(-tokens_ge // align) * align
-    rows_g = rows_ge.sum(axis=1)
-    active_g = (tokens_ge > 0).sum(axis=1)
-    x = BACKWARD_GEMM if backward else 1.0
-    flops = x * ffn_flops(m, rows_g, m.moe_intermediate_size)
-    nbytes = x * _ffn_bytes(m, rows_g, m.moe_intermediate_size, active_g)
-    extra = x * ffn_flops(m, active_g, m.moe_intermediate_size)
-    return _gemm_roofline(flops, nbytes, extra, m.gemm_dtype, hw)
+    """Grouped-GEMM time per GPU [G] of the model's routed experts (:func:`grouped_ffn_time`)."""
+    return grouped_ffn_time(hw, hidden=m.hidden_size, intermediate=m.moe_intermediate_size,
+                            tokens_ge=tokens_ge, dtype=m.gemm_dtype, backward=backward)
 
 
 def lm_head_seconds(m: ModelShape, hw: HardwareSpec, *, tokens: int, backward: bool = False):

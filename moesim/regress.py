@@ -19,6 +19,7 @@ import numpy as np
 
 from moesim import compute
 from moesim.config.loading import hardware_preset
+from moesim.ep_exchange import ep_exchange
 from moesim.errors import InputError
 from moesim.network.analytical import exchange_time
 from moesim.recorded import (
@@ -31,12 +32,8 @@ from moesim.recorded import (
     load_runs,
     resolve_topology,
 )
-from moesim.routing.batch import BatchCounts, RoutedBatch, count_batch
-from moesim.routing.synthetic import expert_popularity, sample_topk
-from moesim.traffic import bytes_per_copy, dispatch_loads
-
-SEED = 0  # one fixed routing draw: a regress run is reproducible to the last digit
-
+from moesim.routing.batch import BatchCounts
+from moesim.traffic import dispatch_loads
 
 # ------------------------------------------------------------------ simulation
 
@@ -68,42 +65,18 @@ def simulate_run(run: Run, file: str | os.PathLike[str] | None = None) -> dict[s
 
 
 def _ep_dispatch_combine(run: Run, w: EpDispatchCombine, topo, hw) -> dict[str, float]:
-    ep = run.gpus
-    per_node = min(ep, topo.gpus_per_domain)
-    nodes = ep // per_node
-    rng = np.random.default_rng(SEED)
-    # DeepEP's tests draw |N(0,1)| + 1 scores per (token, expert) and take the top-k:
-    # every K-of-E set is equally likely, i.e. uniform popularity without replacement.
-    pop_e = expert_popularity(w.experts, assignment="uniform", zipf_exponent=0.0, rng=rng)
-    limit = w.topk_groups if w.topk_groups is not None and w.topk_groups < nodes else None
-    ids_tk = sample_topk(pop_e, n_tokens=ep * w.tokens_per_rank, top_k=w.top_k, rng=rng,
-                         unit_size=w.experts // nodes if limit else None, max_units=limit)
-    batch = RoutedBatch(ids_tk=ids_tk, kept_tk=np.ones(ids_tk.shape, dtype=bool),
-                        tokens_per_rank=w.tokens_per_rank)
-    counts = count_batch(batch, n_experts=w.experts, ep=ep, gpus_per_node=per_node)
-    copies = dispatch_loads(counts, kernel=w.kernel, topology=topo, first_gpu=0,
-                            gpus_per_node=per_node, ll_nvlink=w.nvlink)
-    overhead = hw.comm_overhead_us * 1e-6
-    size = {
-        "dispatch": bytes_per_copy(w.kernel, hidden=w.hidden, dtype=w.dispatch_dtype,
-                                   dispatch=True),
-        "combine": bytes_per_copy(w.kernel, hidden=w.hidden, dtype=w.combine_dtype,
-                                  dispatch=False),
-    }
-    seconds = {
-        "dispatch": exchange_time(copies.scaled(size["dispatch"]), topo,
-                                  overhead_s=overhead).seconds,
-        "combine": exchange_time(copies.reversed().scaled(size["combine"]), topo,
-                                 overhead_s=overhead).seconds,
-    }
+    ex = ep_exchange(topo, overhead_s=hw.comm_overhead_us * 1e-6, kernel=w.kernel,
+                     tokens_per_rank=w.tokens_per_rank, hidden=w.hidden, experts=w.experts,
+                     top_k=w.top_k, topk_groups=w.topk_groups, dispatch_dtype=w.dispatch_dtype,
+                     combine_dtype=w.combine_dtype, nvlink=w.nvlink)
     out: dict[str, float] = {}
     for name, m in run.measured.items():
         phase, _, what = name.partition("_")
         if what == "latency_us":
-            out[name] = seconds[phase] * 1e6
+            out[name] = ex.seconds[phase] * 1e6
         else:
-            copies_r0 = _benchmark_copies(counts, w.kernel, m.link or "nvlink")
-            out[name] = copies_r0 * size[phase] / seconds[phase] / 1e9
+            copies_r0 = _benchmark_copies(ex.counts, w.kernel, m.link or "nvlink") * ex.scale
+            out[name] = copies_r0 * ex.bytes_per_copy[phase] / ex.seconds[phase] / 1e9
     return out
 
 
@@ -206,18 +179,19 @@ def _op_class(run: Run, metric: str) -> str:
 def recorded_files(
     paths: Iterable[str | os.PathLike[str]], *, include_known_gaps: bool = False
 ) -> list[Path]:
-    """Files named, and the ``*.yaml`` of folders named; a folder's ``known_gaps.yaml``
-    only with ``include_known_gaps`` (naming that file directly always runs it)."""
+    """Files named, and the ``*.yaml`` and ``*.parquet`` (recorded-run tables) of folders
+    named; a folder's ``known_gaps.yaml`` only with ``include_known_gaps`` (naming that
+    file directly always runs it)."""
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += [f for f in sorted(p.glob("*.yaml"))
+            files += [f for f in sorted([*p.glob("*.yaml"), *p.glob("*.parquet")])
                       if include_known_gaps or f.name != KNOWN_GAPS]
         elif p.is_file():
             files.append(p)
         else:
             raise InputError("no such file or folder", source=str(p),
-                             allowed="recorded-run YAML files or folders holding them")
+                             allowed="recorded-run YAML or Parquet files, or folders of them")
     return files
 
 
@@ -227,6 +201,8 @@ def regress(
     """Simulate every run of the recorded-run files (or folders) and compare."""
     rows: list[RegressRow] = []
     for file in recorded_files(paths, include_known_gaps=include_known_gaps):
+        if file.suffix == ".parquet":
+            continue  # recorded-run tables: regress_tables
         recorded = load_runs(file)
         for run in recorded.runs:
             simulated = simulate_run(run, file)
@@ -238,6 +214,22 @@ def regress(
                     measured=m.value, simulated=sim, rel_error=rel,
                     tolerance=run.tolerance, passed=abs(rel) <= run.tolerance))
     return RegressReport(rows=tuple(rows))
+
+
+def regress_tables(
+    paths: Iterable[str | os.PathLike[str]], *, include_known_gaps: bool = False
+) -> list:
+    """:func:`moesim.perfdb.regress.regress_table` on every recorded-run table among
+    ``paths`` (files or folders)."""
+    from moesim.perfdb.regress import regress_table
+    from moesim.perfdb.table import read_table
+
+    reports = []
+    for file in recorded_files(paths, include_known_gaps=include_known_gaps):
+        if file.suffix == ".parquet":
+            table, _ = read_table(file)
+            reports.append(regress_table(table, file=str(file)))
+    return reports
 
 
 def format_report(report: RegressReport) -> str:

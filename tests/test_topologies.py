@@ -117,12 +117,15 @@ def test_dgx_node_is_one_nvlink_domain_of_8_without_nics(name, gpu, nvlink):
     assert (topo.gpu, topo.fabric_kind) == (gpu, "none")
     assert (topo.n_gpus, topo.n_domains, topo.max_gpus) == (8, 1, 8)
     assert topo.nvlink_bw_nominal == nvlink * GB
-    assert topo.nvlink_bw == pytest.approx(0.8 * nvlink * GB)
+    # The efficiency is fitted (test_perfdb_models checks it against the fitted spec).
+    eff = topo.spec.links.nvlink.efficiency
+    assert 0.3 < eff < 1.0
+    assert topo.nvlink_bw == pytest.approx(eff * nvlink * GB)
     assert topo.summary()["nvlink_nominal_GBps"] == nvlink
     assert (topo.n_leaves, topo.n_spines, nics_per_node(topo)) == (0, 0, 0)
     assert {k for _, _, k in topo.graph.edges(data="kind")} == {"nvlink"}
     # Half the node talks to the other half over NVLink only.
-    assert topo.bisection_bw == pytest.approx(4 * 0.8 * nvlink * GB)
+    assert topo.bisection_bw == pytest.approx(4 * eff * nvlink * GB)
     with pytest.raises(InputError):
         load_topology(name, gpus=16)
 
@@ -163,7 +166,6 @@ def test_b200_nvlink_is_twice_the_h100s_and_the_fabric_is_the_same():
     for node, pod in (("dgx-b200", "dgx-h100"), ("dgx-b200-superpod", "dgx-h100-superpod")):
         b200, h100 = load_topology(node), load_topology(pod)
         assert b200.nvlink_bw_nominal == 2 * h100.nvlink_bw_nominal
-        assert b200.nvlink_bw == pytest.approx(2 * h100.nvlink_bw)
         assert b200.nic_bw == h100.nic_bw
     h200 = load_topology("dgx-h200-superpod")
     assert h200.nvlink_bw_nominal == load_topology("dgx-h100-superpod").nvlink_bw_nominal

@@ -39,11 +39,19 @@ class HardwareSpec:
     # Fitted by `moesim perfdb fit` (defaults keep the plain roofline):
     fp8_gemm_efficiency: float | None = Field(default=None, gt=0.0, le=1.0)  # None: as BF16
     kernel_overhead_us: float = Field(default=0.0, ge=0)  # launch-to-end floor per kernel
+    moe_overhead_us: float = Field(default=0.0, ge=0)  # a fused MoE's routing/permute kernels
+    moe_gemm_efficiency: float | None = Field(default=None, gt=0.0, le=1.0)  # None: dense's
+    moe_m_half: float | None = Field(default=None, ge=0)  # None: gemm_m_half
+    attention_overhead_us: float = Field(default=0.0, ge=0)  # prefill, beyond kernel_overhead
+    decode_overhead_us: float = Field(default=0.0, ge=0)  # decode attention, beyond kernel_...
+    decode_query_head_ns: float = Field(default=0.0, ge=0)  # decode: per (request, head)
+    fp8_gemm_m_half: float | None = Field(default=None, ge=0)  # None: gemm_m_half
     attention_keys_half: float = Field(default=0.0, ge=0)  # keys/query at half attn. eff.
-    nccl_latency_us: float = Field(default=0.0, ge=0)  # per ring/tree step of a collective
+    nccl_latency_us: float = Field(default=0.0, ge=0)  # fixed cost of one NCCL collective
+    nccl_gpus_half: float = Field(default=0.0, ge=0)  # GPUs at half NCCL's link bandwidth
     deepep_overhead_us: float = Field(default=0.0, ge=0)  # DeepEP normal, per dispatch/combine
     deepep_ll_overhead_us: float = Field(default=0.0, ge=0)  # DeepEP low-latency, per phase
-    deepep_sms_full: int = Field(default=0, ge=0)  # SMs at which DeepEP reaches full link bw
+    deepep_sms_full: float = Field(default=0.0, ge=0)  # SMs at which DeepEP reaches full link bw
 
     def peak_flops(self, dtype: Literal["bf16", "fp8"]) -> float:
         """Dense peak in FLOP/s for GEMMs in ``dtype``."""

@@ -28,6 +28,7 @@ from moesim.config.model import ModelShape
 from moesim.config.parallel import ParallelConfig
 from moesim.config.routing import RoutingPolicy
 from moesim.config.scenario import SCHEMA, Scenario
+from moesim.config.serving import ServingConfig
 from moesim.errors import InputError
 
 DEFAULT_SCENARIO = "default-scenario.yaml"
@@ -37,6 +38,7 @@ _SECTION_TYPES: dict[str, type] = {
     "hardware": HardwareSpec,
     "parallel": ParallelConfig,
     "routing": RoutingPolicy,
+    "serving": ServingConfig,
 }
 
 
@@ -58,8 +60,17 @@ def read_yaml(path: str | Path) -> Any:
 
 @cache
 def _preset_table(filename: str) -> dict[str, dict]:
-    text = resources.files("moesim.config.presets").joinpath(filename).read_text("utf-8")
-    return yaml.safe_load(text)
+    presets = resources.files("moesim.config.presets")
+    table = yaml.safe_load(presets.joinpath(filename).read_text("utf-8"))
+    if filename == _PRESET_SECTIONS["hardware"]:
+        # GPUs fitted to measured kernels (`moesim perfdb fit`): one file per GPU,
+        # ``fitted/<name>.yaml``, whose ``hardware`` section is the spec.
+        for entry in sorted(presets.joinpath("fitted").iterdir(), key=lambda e: e.name):
+            if entry.name.endswith(".yaml"):
+                doc = yaml.safe_load(entry.read_text("utf-8"))
+                spec = {k: v for k, v in doc["hardware"].items() if k != "name"}
+                table[entry.name[: -len(".yaml")]] = spec
+    return table
 
 
 def preset_names(section: str) -> list[str]:

@@ -1,0 +1,110 @@
+"""`moesim perfdb fit` and `moesim perfdb subset`: fitted GPU specs and the regression
+subset from an imported recorded-run table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moesim.cli.common import guarded
+
+SYSTEM_HELP = "aiconfigurator system: h100_sxm, h200_sxm, b200_sxm or gb200."
+
+
+def _representative(table_path: Path, systems: list[str] | None):
+    from moesim.errors import InputError
+    from moesim.perfdb.predict import SYSTEMS
+    from moesim.perfdb.subset import representative
+    from moesim.perfdb.table import read_table
+
+    df, provenance = read_table(table_path)
+    for system in systems or []:
+        if system not in SYSTEMS:
+            raise InputError(f"unknown system {system!r}", field="--system",
+                             allowed=", ".join(SYSTEMS))
+    if systems:
+        df = df[df["system"].isin(systems)]
+    df = df[representative(df)]
+    if df.empty:
+        raise InputError("no rows moesim models in this table", source=str(table_path),
+                         allowed=f"rows of {', '.join(SYSTEMS)} (see `moesim perfdb import`)")
+    return df, provenance
+
+
+@guarded
+def fit(
+    table: Annotated[Path, typer.Argument(help="Recorded-run table (moesim perfdb import).")],
+    system: Annotated[str, typer.Option(help=SYSTEM_HELP)],
+    out: Annotated[Path, typer.Option(help="Write the fitted spec here (YAML).")],
+    max_rows: Annotated[int, typer.Option(
+        min=10, help="Rows per fit stage (a seeded sample of larger stages).")] = 1500,
+) -> None:
+    """Fit one system's GPU spec to its measured kernels; write it as YAML.
+
+    Stages in order: dense GEMMs, context attention and MLA, balanced MoE, NCCL (with
+    the NVLink efficiency), DeepEP normal and low-latency on one node. Decode attention,
+    power-law MoE and multi-node DeepEP rows are never fitted (out-of-sample). Copy the
+    result to moesim/config/presets/fitted/<gpu>.yaml and its nvlink_efficiency into the
+    system's topology presets to ship it.
+
+    Examples:
+
+      moesim perfdb fit traces/recorded/perfdb_subset.parquet --system h100_sxm --out h100.yaml
+    """
+    import yaml
+
+    from moesim.cli.output import write_text
+    from moesim.perfdb.fit import fit_system, fitted_document
+    from moesim.perfdb.predict import base_model
+
+    df, provenance = _representative(table, [system])
+    model, results = fit_system(df, base_model(system), max_rows=max_rows)
+    doc = fitted_document(model, results, provenance=provenance)
+    typer.echo(f"{system}: fitted on {sum(r.rows for r in results)} rows")
+    typer.echo(f"  {'stage':<10} {'rows':>6} {'MAPE before':>12} {'after':>7}")
+    for r in results:
+        typer.echo(f"  {r.stage:<10} {r.rows:>6} {r.mape_before:>12.1%} {r.mape_after:>7.1%}")
+    write_text(out, yaml.safe_dump(doc, sort_keys=False))
+    typer.echo(f"wrote {out}")
+
+
+@guarded
+def subset(
+    table: Annotated[Path, typer.Argument(help="Recorded-run table (moesim perfdb import).")],
+    out: Annotated[Path, typer.Option(help="Write the subset here (Parquet table).")],
+    per_group: Annotated[int, typer.Option(
+        min=1, help="Rows per (system, op, phase, dtype, distribution, nodes), spread over sizes.")]
+    = 30,
+    system: Annotated[list[str] | None, typer.Option(help=SYSTEM_HELP + " Repeatable.")]
+    = None,
+) -> None:
+    """Pick a regression subset covering every system, op class and size range, and
+    give each (system, op) the tolerance its measured error needs with the shipped specs.
+
+    Examples:
+
+      moesim perfdb subset traces/recorded/perfdb_subset.parquet --per-group 3 --out small.parquet
+    """
+    import json
+
+    from moesim.cli.output import write_atomic
+    from moesim.perfdb.predict import base_model, predict
+    from moesim.perfdb.regress import format_table_report, regress_table
+    from moesim.perfdb.subset import stratified, with_tolerances
+    from moesim.perfdb.table import table_to_parquet_bytes
+
+    df, provenance = _representative(table, system)
+    picked = stratified(df, per_group=per_group)
+    models = {s: base_model(s) for s in picked["system"].unique()}
+    picked = with_tolerances(picked, predict(picked, models))
+    provenance = {**provenance, "subset": {
+        "from": str(table), "per_group": per_group,
+        "selection": "moesim.perfdb.subset.representative + stratified",
+        "tolerance": "per (system, op): measured max |error| with the shipped specs, "
+                     "rounded up to 5%"}}
+    data = table_to_parquet_bytes(picked, provenance)
+    typer.echo(format_table_report(regress_table(picked, file=str(out))))
+    typer.echo(json.dumps({"rows": len(picked), "bytes": len(data)}))
+    write_atomic(out, lambda tmp: tmp.write_bytes(data))
