@@ -10,6 +10,10 @@ and compares.
 
     python bench/silicon_check.py [--csv PATH] [--limit N] [--per-group K] [--json]
 
+By default every usable row is simulated (aiconfigurator-core 0.12.0: 238 rows, about
+25 s on 2 cores); ``--per-group K`` keeps at most K rows per (system, backend, mode),
+evenly spread, and ``--limit N`` at most N in all (round-robin over the groups).
+
 How a row becomes a scenario (``decode`` mode, the step time is the TPOT):
 
 * Layout. In these rows ``tp_size`` is the attention tensor-parallel size of one
@@ -28,20 +32,29 @@ How a row becomes a scenario (``decode`` mode, the step time is the TPOT):
   the KV-cache transfer and the first decode step, so it is reported beside, never in
   the headline MAPE.
 * agg rows: TPOT only, a pure decode step of ``batch_size`` requests per rank. An agg
-  engine mixes prefill chunks into its decode steps, so this is approximate (the
-  measured TPOT is the larger).
+  engine mixes prefill chunks into its decode steps (they lengthen the measured TPOT,
+  most with long prompts at high concurrency), so this is approximate.
 * Both backends: DeepEP's low-latency kernels with FP8 dispatch, an FP8 KV cache,
   FP8 GEMMs (the preset's), no node limit on routing (as ``examples/v3-decode-h200.yaml``),
   one micro-batch. For TensorRT-LLM moesim has nothing closer: its own all-to-all
   (or all-gather / reduce-scatter) MoE communication is not modelled.
+* GPUs: the topologies' own presets (``h100``, ``h200``, ``b200``, ``gb200``: fitted to
+  aiconfigurator-core's measured kernel tables, never to this file).
+
+Not in the simulated step, and so in the measured TPOT only: speculative decoding (MTP;
+the CSV does not say which runs used it), sampling and the scheduler's CPU time, and an
+agg engine's prefill chunks. A second table splits the MAPE by data source
+(``silicon_data_source``: NVIDIA's ``db-dump`` or a collector ``source_file``).
 
 Skipped and counted, with the reason: DeepSeek rows of another precision (FP4 is not
 modelled) or system (no moesim topology), repeated measurements (the same system,
 backend, mode, isl/osl, TTFT and TPOT under several ids: kept once, preferring the row
-whose layout is complete), rows without a per-rank batch, agg rows whose layout is a
-collector artifact (``moe_tp x moe_ep = 8 x 8`` with ``tp x attention_dp = 64`` for a
-run whose id says ``tp8 ep8``; the same measurements appear under 8-GPU layouts), and
-rows moesim refuses (its InputError message). Other models' rows are ignored.
+whose layout is complete), rows without a per-rank batch (disagg rows without
+``decode_batch_size`` and ``decode_num_workers``), agg rows whose layout is a collector
+artifact (``moe_tp x moe_ep = 8 x 8`` with ``tp x attention_dp = 64`` on an 8-GPU node:
+the ids that name a layout say ``tp8 ep8``, and their measurements recur under 8-GPU
+layouts), and rows moesim refuses (its InputError message). Other models' rows are
+ignored.
 """
 
 from __future__ import annotations
@@ -68,6 +81,8 @@ TOPOLOGIES = {
 DECODE_KERNEL = "deepep-low-latency"
 PREFILL_KERNEL = "deepep-normal"
 CSV_NAME = "silicon_sample.csv"
+INSTALL_HINT = (f"pip install 'moesim[perfdb]' (aiconfigurator-core==0.12.0, whose "
+                f"systems/{CSV_NAME} is the default), or --csv PATH to that file")
 
 
 # ------------------------------------------------------------------ rows
@@ -109,6 +124,7 @@ class Case:
     sim_tpot_ms: float | None = None
     sim_ttft_ms: float | None = None  # disagg: prefill step of one prefill worker
     prefill_note: str | None = None  # why the prefill step was not simulated
+    source: str = ""  # the data source: db-dump, or the collector's source_file
 
     @property
     def group(self) -> tuple[str, str, str]:
@@ -184,7 +200,7 @@ def classify(rows: list[dict]) -> tuple[list[Case], list[tuple[str, str]], int]:
     for i in order:
         row, case, why = candidates[i]
         key = tuple(row.get(k, "") for k in ("system", "backend", "mode", "isl", "osl"))
-        key += (_float(row.get("silicon_ttft_ms", "")), _float(row.get("silicon_tpot_ms", "")))
+        key += tuple(_same(_float(row.get(k, ""))) for k in ("silicon_ttft_ms", "silicon_tpot_ms"))
         if key in first:
             skipped.append((row.get("id", "?"), f"repeated measurement (kept {first[key]})"))
             continue
@@ -193,7 +209,13 @@ def classify(rows: list[dict]) -> tuple[list[Case], list[tuple[str, str]], int]:
             skipped.append((row.get("id", "?"), why))
             continue
         keep[i] = True
-    return [c for (_, c, _), k in zip(candidates, keep) if k], skipped, ignored
+    return [c for (_, c, _), k in zip(candidates, keep, strict=True) if k], skipped, ignored
+
+
+def _same(value: float | None) -> str:
+    """A measured value to 9 significant digits: the copies of one measurement under
+    several ids differ in the last printed digit."""
+    return "" if value is None else f"{value:.9g}"
 
 
 def _case(row: dict) -> tuple[Case | None, str | None]:
@@ -222,14 +244,21 @@ def _case(row: dict) -> tuple[Case | None, str | None]:
                       if mode == "disagg" else "batch_size missing")
     if pp != 1:
         return None, f"pipeline parallelism pp {pp}: not modelled"
-    if mode == "agg" and decode.moe_tp > 1 and decode.ep > 1:
+    if mode == "agg" and decode.moe_tp > 1 and decode.ep > 1 and decode.gpus > 8:
         return None, (f"layout artifact: tp {decode.tp} x attention_dp {decode.dp} = "
-                      f"moe_tp {decode.moe_tp} x moe_ep {decode.ep} GPUs for an agg run "
-                      "(ids say tp8 ep8; its measurements recur under 8-GPU layouts)")
+                      f"moe_tp {decode.moe_tp} x moe_ep {decode.ep} GPUs for an agg run on "
+                      "an 8-GPU node (ids say tp8 ep8; its measurements recur under 8-GPU "
+                      "layouts)")
     return Case(id=row.get("id", "?"), system=row["system"], backend=row.get("backend", ""),
                 mode=mode, isl=isl, osl=osl, batch=batch, decode=decode, tpot_ms=tpot,
                 ttft_ms=ttft if ttft is not None else math.nan, prefill=prefill,
-                prefill_batch=pbatch), None
+                prefill_batch=pbatch, source=data_source(row)), None
+
+
+def data_source(row: dict) -> str:
+    """``db-dump`` or ``source_file=NAME`` from ``silicon_data_source``."""
+    first = (row.get("silicon_data_source") or "").split(";")[0].strip()
+    return "db-dump" if first.startswith("db-dump") else first or "unknown"
 
 
 def sample(cases: list[Case], per_group: int | None, limit: int | None) -> list[Case]:
@@ -320,6 +349,9 @@ def summarize(out: Outcome) -> dict:
               "median_signed_err_pct": 100.0 * _median(signed[(s, b, m)])}
              for (s, b, m), errs in sorted(groups.items())]
     every = [c.error for c in out.cases]
+    by_source: dict[tuple, list[float]] = defaultdict(list)
+    for c in out.cases:
+        by_source[(c.source, c.backend, c.mode)].append(c.error)
     ttft = [c for c in out.cases if c.sim_ttft_ms and math.isfinite(c.ttft_ms)]
     ratios = [c.ttft_ms / c.sim_ttft_ms for c in ttft]
     return {
@@ -327,6 +359,10 @@ def summarize(out: Outcome) -> dict:
         "tpot_mape_overall_pct": mape(every),
         "tpot_mape_disagg_pct": mape([c.error for c in out.cases if c.mode == "disagg"]),
         "tpot_mape_agg_pct": mape([c.error for c in out.cases if c.mode == "agg"]),
+        "tpot_mape_by_source": [
+            {"source": src, "backend": b, "mode": m, "rows": len(errs),
+             "tpot_mape_pct": mape(errs), "median_signed_err_pct": 100.0 * _median(errs)}
+            for (src, b, m), errs in sorted(by_source.items())],
         "simulated": len(out.cases),
         "skipped": dict(Counter(_reason_class(r) for _, r in out.skipped).most_common()),
         "sampled_out": out.sampled_out,
@@ -367,7 +403,8 @@ def _reason_class(reason: str) -> str:
     if reason.startswith("moesim refuses"):
         return "moesim refuses: " + reason.split(": ", 1)[1]
     if reason.startswith("layout artifact"):
-        return "layout artifact: moe_tp x moe_ep = 8 x 8 on a 64-GPU agg layout (ids say tp8 ep8)"
+        return ("layout artifact: moe_tp x moe_ep = 8 x 8 = 64 GPUs for an 8-GPU agg run "
+                "(ids say tp8 ep8)")
     return reason
 
 
@@ -377,7 +414,8 @@ def print_report(out: Outcome, summary: dict, *, csv_path: Path, seconds: float,
     print("DeepSeek-V3/R1 FP8 on h100_sxm, h200_sxm, b200_sxm, gb200; nothing fitted to "
           "this file.")
     print(f"decode: {DECODE_KERNEL} (both backends; TensorRT-LLM's own MoE communication is "
-          "not modelled), FP8 dispatch, FP8 KV cache, FP8 GEMMs.")
+          "not modelled), FP8 dispatch, FP8 KV cache, FP8 GEMMs; GPU specs: the topologies' "
+          "presets (fitted to aiconfigurator's kernel tables, not to this file).")
     print("agg TPOT is approximate (a pure decode step; the engine mixes prefill chunks in). "
           "disagg sim TTFT = one prefill step of prefill_batch_size prompts per rank on one "
           "prefill worker (measured TTFT adds queueing and KV transfer): not in the MAPE.")
@@ -401,8 +439,17 @@ def print_report(out: Outcome, summary: dict, *, csv_path: Path, seconds: float,
     for g in summary["tpot_mape"]:
         print(f"{g['system']:<9} {g['backend']:<7} {g['mode']:<7} {g['rows']:>5} "
               f"{g['tpot_mape_pct']:6.1f}% {g['median_signed_err_pct']:+10.1f}%")
-    print(f"{'overall':<25} {summary['simulated']:>5} {summary['tpot_mape_overall_pct']:6.1f}%  "
-          f"(disagg {summary['tpot_mape_disagg_pct']:.1f}%, agg {summary['tpot_mape_agg_pct']:.1f}%)")
+    print(f"{'overall':<25} {summary['simulated']:>5} "
+          f"{summary['tpot_mape_overall_pct']:6.1f}%  "
+          f"(disagg {summary['tpot_mape_disagg_pct']:.1f}%, "
+          f"agg {summary['tpot_mape_agg_pct']:.1f}%)")
+    print()
+    print("TPOT MAPE by data source (silicon_data_source; the CSV does not say whether a run "
+          "used speculative decoding)")
+    print(f"{'source':<27} {'backend':<7} {'mode':<7} {'rows':>5} {'MAPE':>7} {'median err':>11}")
+    for g in summary["tpot_mape_by_source"]:
+        print(f"{g['source']:<27} {g['backend']:<7} {g['mode']:<7} {g['rows']:>5} "
+              f"{g['tpot_mape_pct']:6.1f}% {g['median_signed_err_pct']:+10.1f}%")
     t = summary["ttft_disagg"]
     if t["rows"]:
         print()
@@ -447,11 +494,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = args.csv if args.csv is not None else default_csv()
     except InputError as err:
-        print(f"silicon_check: error: {err}", file=sys.stderr)
+        print(f"silicon_check: error: {err.problem} (allowed: {INSTALL_HINT})", file=sys.stderr)
         return 2
     if not path.is_file():
-        print(f"silicon_check: error: {path}: no such file (allowed: aiconfigurator-core's "
-              f"systems/{CSV_NAME}, e.g. pip install 'moesim[perfdb]', or --csv PATH)",
+        print(f"silicon_check: error: {path}: no such file (allowed: {INSTALL_HINT})",
               file=sys.stderr)
         return 2
     with path.open(newline="", encoding="utf-8") as fh:
@@ -468,9 +514,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             out.skipped.append((case.id, why))
     seconds = time.perf_counter() - start
-    sampling = ("all usable rows" if not out.sampled_out else
-                f"sample: --per-group {args.per_group} --limit {args.limit} "
-                f"({len(chosen)} of {len(cases)} usable rows, deterministic)")
+    options = " ".join(f"--{name} {value}" for name, value in
+                       (("per-group", args.per_group), ("limit", args.limit))
+                       if value is not None)
+    sampling = (f"all {len(cases)} usable rows" if not out.sampled_out else
+                f"deterministic sample ({options}): {len(chosen)} of {len(cases)} usable "
+                "rows, stratified by (system, backend, mode)")
     summary = summarize(out)
     if args.json:
         print(json.dumps(_finite({

@@ -90,6 +90,14 @@ def gemm_time(hw: HardwareSpec, *, groups, m, n, k, dtype: str, align: int = 1):
     return _gemm_roofline(flops, nbytes, 2.0 * groups * n * k, dtype, hw)
 
 
+def quantize_time(hw: HardwareSpec, *, m, k):
+    """Dynamic FP8 quantization of a [m, k] BF16 activation (one more kernel: read BF16,
+    write FP8 and one scale per 128 values), as FP8 GEMM benchmarks that start from BF16
+    inputs time it."""
+    nbytes = np.asarray(m, dtype=float) * np.asarray(k, dtype=float) * (ACT_BYTES + 1 + 4 / 128)
+    return nbytes / (hw.hbm_GBps * 1e9 * hw.memory_efficiency) + hw.kernel_overhead_us * 1e-6
+
+
 def gemm_seconds(
     hw: HardwareSpec, *, groups: int, m: int, n: int, k: int, dtype: str, align: int = 1
 ) -> float:

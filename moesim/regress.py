@@ -19,7 +19,7 @@ import numpy as np
 
 from moesim import compute
 from moesim.config.loading import hardware_preset
-from moesim.ep_exchange import ep_exchange
+from moesim.ep_exchange import ep_exchange, kernel_overhead_s
 from moesim.errors import InputError
 from moesim.network.analytical import exchange_time
 from moesim.recorded import (
@@ -65,7 +65,7 @@ def simulate_run(run: Run, file: str | os.PathLike[str] | None = None) -> dict[s
 
 
 def _ep_dispatch_combine(run: Run, w: EpDispatchCombine, topo, hw) -> dict[str, float]:
-    ex = ep_exchange(topo, overhead_s=hw.comm_overhead_us * 1e-6, kernel=w.kernel,
+    ex = ep_exchange(topo, overhead_s=kernel_overhead_s(hw, w.kernel), kernel=w.kernel,
                      tokens_per_rank=w.tokens_per_rank, hidden=w.hidden, experts=w.experts,
                      top_k=w.top_k, topk_groups=w.topk_groups, dispatch_dtype=w.dispatch_dtype,
                      combine_dtype=w.combine_dtype, nvlink=w.nvlink)

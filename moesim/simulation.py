@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,6 +11,7 @@ from moesim import compute, serving
 from moesim.config.scenario import Scenario
 from moesim.engine.program import COMM, Op, build_program
 from moesim.engine.simpy_engine import run_program
+from moesim.ep_exchange import kernel_overhead_s, sms_stretch
 from moesim.feasibility import check_feasible
 from moesim.network.analytical import ExchangeTime, exchange_time
 from moesim.network.flow import group_exchange_times
@@ -54,8 +56,9 @@ def _layer_costs(scenario: Scenario, topology, counts_gm: list[list[BatchCounts]
     """Costs of one routing key from its counts per EP group and micro-batch."""
     m, p, hw = scenario.model, scenario.parallel, scenario.hardware
     per_node = _group_gpus_per_node(scenario, topology)
-    overhead = hw.comm_overhead_us * 1e-6
     kernel = p.dispatch_kernel
+    overhead = kernel_overhead_s(hw, kernel)
+    stretch = sms_stretch(hw, kernel, p.comm_sms)
     size = {
         ("dispatch", False): bytes_per_copy(kernel, hidden=m.hidden_size,
                                             dtype=p.dispatch_dtype, dispatch=True),
@@ -104,6 +107,9 @@ def _layer_costs(scenario: Scenario, topology, counts_gm: list[list[BatchCounts]
             else:
                 times = [exchange_time(loads, topology, overhead_s=overhead, own=as_bytes(g))
                          for g in group_copies]
+            if stretch > 1.0:  # too few SMs: the transfer, not the fixed cost, slows
+                times = [dataclasses.replace(t, seconds=overhead + (t.seconds - overhead)
+                                             * stretch) for t in times]
             exchanges[mb, phase, backward] = Exchange(loads=loads, times=times)
         if serving.is_serving(scenario):
             expert_s[mb, False], expert_comm_s[mb, False] = serving.expert_seconds(

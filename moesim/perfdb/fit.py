@@ -55,11 +55,11 @@ STAGES = (
     Stage("moe", ("moe",), (
         ("moe_gemm_efficiency", 0.1, 1.0), ("moe_m_half", 0.0, 4096.0),
         ("moe_overhead_us", 0.0, 500.0))),
-    Stage("nccl", ("nccl",), (("nccl_latency_us", 0.0, 100.0), (NVLINK, 0.1, 1.0),
+    Stage("nccl", ("nccl",), (("nccl_latency_us", 0.1, 100.0), (NVLINK, 0.1, 1.0),
                               ("nccl_gpus_half", 0.0, 16.0))),
     Stage("deepep", ("deepep_normal",), (
-        ("deepep_overhead_us", 0.0, 500.0), ("deepep_sms_full", 1.0, 132.0))),
-    Stage("deepep_ll", ("deepep_ll",), (("deepep_ll_overhead_us", 0.0, 500.0),)),
+        ("deepep_overhead_us", 0.1, 500.0), ("deepep_sms_full", 1.0, 132.0))),
+    Stage("deepep_ll", ("deepep_ll",), (("deepep_ll_overhead_us", 0.1, 500.0),)),
 )
 FITTED = tuple(name for stage in STAGES for name, _, _ in stage.params)
 

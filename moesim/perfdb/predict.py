@@ -2,7 +2,9 @@
 
 Each op class goes through the model the simulator itself uses:
 
-- ``gemm``: :func:`moesim.compute.gemm_time` (roofline with the efficiency curves).
+- ``gemm``: :func:`moesim.compute.gemm_time` (roofline with the efficiency curves); FP8
+  rows add :func:`moesim.compute.quantize_time`, since the benchmark times the dynamic
+  quantization of its BF16 input too.
 - ``moe``: one fused MoE on EP rank 0: its ``experts / moe_ep`` local experts' two
   grouped GEMMs (``inter / moe_tp`` wide) through the same roofline, plus
   ``moe_overhead_us`` for routing, quantisation and (un)permutation. ``balanced`` rows
@@ -34,6 +36,7 @@ import pandas as pd
 from moesim import compute
 from moesim.collectives import collective_time
 from moesim.config.hardware import HardwareSpec
+from moesim.ep_exchange import kernel_overhead_s, sms_stretch
 
 # aiconfigurator system -> (GPU hardware preset, one-node topology, multi-node topology)
 SYSTEMS: dict[str, tuple[str, str, str]] = {
@@ -141,6 +144,8 @@ def _gemm(rows: pd.DataFrame, model: SystemModel) -> np.ndarray:
         r = rows.iloc[idx]
         out[idx] = compute.gemm_time(model.hardware, groups=1, m=_f(r, "m"), n=_f(r, "n"),
                                      k=_f(r, "k"), dtype=DTYPES[dtype])
+        if DTYPES[dtype] == "fp8":  # the benchmark quantizes its BF16 input first
+            out[idx] += compute.quantize_time(model.hardware, m=_f(r, "m"), k=_f(r, "k"))
     return out
 
 
@@ -252,18 +257,14 @@ def _nccl(rows: pd.DataFrame, model: SystemModel) -> np.ndarray:
 def _deepep(kernel: str):
     def predict_rows(rows: pd.DataFrame, model: SystemModel) -> np.ndarray:
         hw = model.hardware
-        low_latency = kernel == "deepep-low-latency"
-        overhead = hw.deepep_ll_overhead_us if low_latency else hw.deepep_overhead_us
         link_s = np.array([
             _deepep_link_seconds(model.system, model.nvlink_efficiency, kernel, int(r.nodes),
                                  int(r.tokens), int(r.hidden), int(r.experts), int(r.topk),
                                  str(r.phase))
             for r in rows.itertuples()])
-        sms = np.nan_to_num(_f(rows, "sms"))
-        # Fewer SMs than it takes to saturate the links stretch the transfer.
-        stretch = np.where((sms > 0) & (hw.deepep_sms_full > 0),
-                           np.maximum(1.0, hw.deepep_sms_full / np.maximum(sms, 1)), 1.0)
-        return overhead * 1e-6 + link_s * stretch
+        sms = np.nan_to_num(_f(rows, "sms")).astype(int)
+        stretch = np.array([sms_stretch(hw, kernel, n) for n in sms])
+        return kernel_overhead_s(hw, kernel) + link_s * stretch
 
     return predict_rows
 
