@@ -70,12 +70,15 @@ def _gemm_roofline(flops, nbytes, extra_rows_flops, dtype: str, hw: HardwareSpec
     m_half = hw.gemm_m_half
     if dtype == "fp8" and hw.fp8_gemm_m_half is not None:
         m_half = hw.fp8_gemm_m_half
+    mem_eff = hw.memory_efficiency
     if grouped:
         eff = hw.moe_gemm_efficiency if hw.moe_gemm_efficiency is not None else eff
         m_half = hw.moe_m_half if hw.moe_m_half is not None else m_half
+        if hw.moe_memory_efficiency is not None:
+            mem_eff = hw.moe_memory_efficiency
     compute_s = (flops + m_half * extra_rows_flops) / (hw.peak_flops(dtype) * eff)
     moved = np.where(np.asarray(nbytes) > 0, nbytes + hw.memory_bytes_half, 0.0)
-    memory_s = moved / (hw.hbm_GBps * 1e9 * hw.memory_efficiency)
+    memory_s = moved / (hw.hbm_GBps * 1e9 * mem_eff)
     launched = np.asarray(flops) > 0
     return np.maximum(compute_s, memory_s) + launched * hw.kernel_overhead_us * 1e-6
 

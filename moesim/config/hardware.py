@@ -42,6 +42,7 @@ class HardwareSpec:
     moe_overhead_us: float = Field(default=0.0, ge=0)  # a fused MoE's routing/permute kernels
     moe_gemm_efficiency: float | None = Field(default=None, gt=0.0, le=1.0)  # None: dense's
     moe_m_half: float | None = Field(default=None, ge=0)  # None: gemm_m_half
+    moe_memory_efficiency: float | None = Field(default=None, gt=0.0, le=1.0)  # None: dense's
     attention_overhead_us: float = Field(default=0.0, ge=0)  # prefill, beyond kernel_overhead
     decode_overhead_us: float = Field(default=0.0, ge=0)  # decode attention, beyond kernel_...
     decode_query_head_ns: float = Field(default=0.0, ge=0)  # decode: per (request, head)

@@ -8,7 +8,8 @@ the earlier stages' parameters held fixed::
     attention   attention_efficiency, attention_keys_half,
                 attention_overhead_us                           <- context attention + MLA
     decode      decode_overhead_us, decode_query_head_ns        <- decode attention + MLA
-    moe         moe_gemm_efficiency, moe_m_half, moe_overhead_us  <- balanced MoE rows only
+    moe         moe_gemm_efficiency, moe_m_half, moe_memory_efficiency,
+                moe_overhead_us                                 <- balanced MoE rows only
     nccl        nccl_latency_us, NVLink efficiency, nccl_gpus_half  <- one-node NCCL rows
     deepep      deepep_overhead_us, deepep_sms_full             <- DeepEP normal, 1 node only
     deepep_ll   deepep_ll_overhead_us                           <- DeepEP LL, 1 node only
@@ -54,7 +55,7 @@ STAGES = (
         ("decode_overhead_us", 0.0, 100.0), ("decode_query_head_ns", 0.0, 1000.0))),
     Stage("moe", ("moe",), (
         ("moe_gemm_efficiency", 0.1, 1.0), ("moe_m_half", 0.0, 4096.0),
-        ("moe_overhead_us", 0.0, 500.0))),
+        ("moe_memory_efficiency", 0.2, 1.0), ("moe_overhead_us", 0.0, 500.0))),
     Stage("nccl", ("nccl",), (("nccl_latency_us", 0.1, 100.0), (NVLINK, 0.1, 1.0),
                               ("nccl_gpus_half", 0.0, 16.0))),
     Stage("deepep", ("deepep_normal",), (
@@ -79,6 +80,7 @@ def _get(model: SystemModel, name: str) -> float:
     value = getattr(model.hardware, name)
     if value is None:  # an optional curve not set yet starts from the dense one
         value = {"moe_m_half": model.hardware.gemm_m_half,
+                 "moe_memory_efficiency": model.hardware.memory_efficiency,
                  "fp8_gemm_m_half": model.hardware.gemm_m_half}.get(
             name, model.hardware.gemm_efficiency)
     if name == "deepep_sms_full" and value < 4:
