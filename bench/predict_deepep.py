@@ -19,15 +19,17 @@ tests/test_low_latency.py):
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 from moesim.recorded import EpDispatchCombine, Measured, Run
 from moesim.regress import simulate_run
 
 TOPOLOGY = "h800-cluster"  # DeepEP's testbed: H800, one 400 Gb/s CX7 IB NIC per GPU
 # Low-latency copies must all cross RDMA; the multi-plane H800 cluster can only reach
-# another plane over NVLink, so those runs use the single-plane rail-optimized fabric
-# with the same 400 Gb/s CX7 NIC per GPU (the GPUs' compute does not enter).
-LL_TOPOLOGY = "dgx-h100-superpod"
+# another plane over NVLink, so those runs use a single-plane rail-optimized fabric of
+# H800 nodes with the same 400 Gb/s CX7 NIC per GPU (bench/h800-rail-optimized.yaml:
+# the h800 preset, calibrated on the shared reference only).
+LL_TOPOLOGY = str(Path(__file__).with_name("h800-rail-optimized.yaml"))
 
 
 def normal(ep: int) -> dict[str, float]:
