@@ -210,3 +210,22 @@ def test_decode_attention_reads_the_kv_cache_once():
     t2 = compute.attention_decode_time(slow, batch=64, context=4096, heads=64, score_dim=128,
                                        value_dim=128, kv_bytes_per_token=8 * 128 * 2 * 2)
     assert t2 - t == pytest.approx(64 * 64 * 10e-9)
+
+
+def test_fit_finds_the_sm_count_that_saturates_deepep():
+    """DeepEP's SM count is searched on whole SMs: a table made with 20 is fitted back."""
+    truth = base_model("h100_sxm")
+    truth = dataclasses.replace(truth, hardware=dataclasses.replace(
+        truth.hardware, deepep_sms_full=20.0, deepep_overhead_us=30.0))
+    shapes = [(tokens, sms, phase) for tokens in (64, 512, 4096)
+              for sms in (4, 8, 12, 16, 20, 24) for phase in ("dispatch", "combine")]
+    df = _table(len(shapes), system="h100_sxm", op="deepep_normal", kernel="deepep",
+                phase=[p for _, _, p in shapes], tokens=[t for t, _, _ in shapes],
+                sms=[s for _, s, _ in shapes], nodes=1, hidden=7168, experts=256, topk=8)
+    df["latency_us"] = predict(df, {"h100_sxm": truth})
+    start = dataclasses.replace(base_model("h100_sxm"), hardware=dataclasses.replace(
+        truth.hardware, deepep_sms_full=8.0, deepep_overhead_us=5.0))
+    fitted, results = fit_system(df, start)
+    assert [r.stage for r in results] == ["deepep"]
+    assert fitted.hardware.deepep_sms_full == 20
+    assert fitted.hardware.deepep_overhead_us == pytest.approx(30.0, rel=0.02)

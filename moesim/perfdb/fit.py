@@ -83,13 +83,11 @@ def _get(model: SystemModel, name: str) -> float:
                  "moe_memory_efficiency": model.hardware.memory_efficiency,
                  "fp8_gemm_m_half": model.hardware.gemm_m_half}.get(
             name, model.hardware.gemm_efficiency)
-    if name == "deepep_sms_full" and value < 4:
-        value = 16.0  # below the sweep's smallest SM count the fit sees no gradient
     return float(value)
 
 
 def _set(model: SystemModel, values: dict[str, float]) -> SystemModel:
-    hw_values = {k: (int(round(v)) if k == "deepep_sms_full" else v)
+    hw_values = {k: (float(round(v)) if k == "deepep_sms_full" else v)
                  for k, v in values.items() if k != NVLINK}
     hardware = dataclasses.replace(model.hardware, **hw_values)
     nvlink = values.get(NVLINK, model.nvlink_efficiency)
@@ -139,14 +137,32 @@ def fit_system(df: pd.DataFrame, model: SystemModel, *, max_rows: int = 4000,
         x0 = np.array([_get(model, n) for n in names])
         z0 = np.clip((x0 - lo) / span, 1e-3, 1 - 1e-3)
         before = float(np.mean(np.abs(np.expm1(residuals(z0)))))
-        sol = least_squares(residuals, z0, bounds=(0.0, 1.0), loss="soft_l1", f_scale=0.1,
-                            diff_step=1e-3, max_nfev=200)
-        values = dict(zip(names, lo + sol.x * span, strict=True))
+        # An SM count is a step function of the kernel's time (max(1, full / sms) over
+        # the swept counts): gradients see flats, so it is searched on whole SMs (4-48),
+        # the other parameters fitted at each.
+        at = names.index("deepep_sms_full") if "deepep_sms_full" in names else None
+        grid = [None] if at is None else [(sms - lo[at]) / span[at] for sms in range(4, 49)]
+        best = min((_solve(least_squares, residuals, z0, at, fixed) for fixed in grid),
+                   key=lambda cost_z: cost_z[0])
+        values = dict(zip(names, lo + best[1] * span, strict=True))
         model = _set(model, values)
-        after = float(np.mean(np.abs(np.expm1(residuals(sol.x)))))
+        after = float(np.mean(np.abs(np.expm1(residuals(best[1])))))
         results.append(StageResult(stage=stage.name, rows=len(sub), params=values,
                                    mape_before=before, mape_after=after))
     return model, results
+
+
+def _solve(least_squares, residuals, z0, at, fixed):
+    """(cost, z): bounded robust least squares on ``z`` in [0, 1], with ``z[at]`` held
+    at ``fixed`` when ``at`` is not None."""
+    options = {"bounds": (0.0, 1.0), "loss": "soft_l1", "f_scale": 0.1, "diff_step": 1e-3,
+               "max_nfev": 200}
+    if at is None:
+        sol = least_squares(residuals, z0, **options)
+        return sol.cost, sol.x
+    sol = least_squares(lambda z: residuals(np.insert(z, at, fixed)), np.delete(z0, at),
+                        **options)
+    return sol.cost, np.insert(sol.x, at, fixed)
 
 
 FITTED_SCHEMA = "moesim.fitted-system/1"
