@@ -50,12 +50,10 @@ class EpExchange:
 def ep_exchange(
     topology, *, overhead_s: float, kernel: str, tokens_per_rank: int, hidden: int,
     experts: int, top_k: int, topk_groups: int | None = None, dispatch_dtype: str = "fp8",
-    combine_dtype: str = "bf16", nvlink: bool = True, sms_factor: float = 1.0,
+    combine_dtype: str = "bf16", nvlink: bool = True,
 ) -> EpExchange:
-    """Dispatch and combine seconds of one exchange over all GPUs of ``topology``.
-
-    ``sms_factor`` >= 1 stretches the link time when the kernel runs on fewer SMs than it
-    needs to saturate the links (the fixed overhead is not stretched)."""
+    """Dispatch and combine seconds of one exchange over all GPUs of ``topology``, each
+    ``overhead_s`` plus hop latencies plus the busiest link's time."""
     ep = topology.n_gpus
     per_node = min(ep, topology.gpus_per_domain)
     nodes = ep // per_node
@@ -84,5 +82,5 @@ def ep_exchange(
     }
     return EpExchange(
         counts=counts, scale=scale, bytes_per_copy=size,
-        seconds={phase: overhead_s + t.seconds * sms_factor for phase, t in seconds.items()},
+        seconds={phase: overhead_s + t.seconds for phase, t in seconds.items()},
     )

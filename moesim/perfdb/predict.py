@@ -67,17 +67,18 @@ class SystemModel:
     hardware: HardwareSpec
     nvlink_efficiency: float
 
-    @property
-    def topologies(self) -> tuple[str, str]:
-        return SYSTEMS[self.system][1:]
-
     def topology(self, gpus: int):
-        """The system's node (``gpus <= 8``) or cluster topology with the fitted NVLink."""
-        from moesim.topologies import load_topology
+        return system_topology(self.system, self.nvlink_efficiency, gpus)
 
-        node, cluster = self.topologies
-        topo = load_topology(node if gpus <= GPUS_PER_NODE else cluster, gpus=gpus)
-        return dataclasses.replace(topo, nvlink_bw=topo.nvlink_bw_nominal * self.nvlink_efficiency)
+
+@functools.lru_cache(maxsize=256)
+def system_topology(system: str, nvlink_efficiency: float, gpus: int):
+    """The system's node (``gpus <= 8``) or cluster topology with this NVLink efficiency."""
+    from moesim.topologies import load_topology
+
+    _, node, cluster = SYSTEMS[system]
+    topo = load_topology(node if gpus <= GPUS_PER_NODE else cluster, gpus=gpus)
+    return dataclasses.replace(topo, nvlink_bw=topo.nvlink_bw_nominal * nvlink_efficiency)
 
 
 def base_model(system: str) -> SystemModel:
@@ -275,21 +276,12 @@ def _deepep_link_seconds(system: str, nvlink_efficiency: float, kernel: str, nod
     """Hop latency plus busiest-link time of one DeepEP phase (no kernel overhead)."""
     from moesim.ep_exchange import ep_exchange
 
-    model = SystemModel(system=system, hardware=_hardware(system),
-                        nvlink_efficiency=nvlink_efficiency)
-    topo = model.topology(GPUS_PER_NODE * nodes)
+    topo = system_topology(system, nvlink_efficiency, GPUS_PER_NODE * nodes)
     low_latency = kernel == "deepep-low-latency"
     ex = ep_exchange(topo, overhead_s=0.0, kernel=kernel, tokens_per_rank=tokens,
                      hidden=hidden, experts=experts, top_k=topk,
                      topk_groups=None if low_latency else min(nodes, 4))
     return ex.seconds[phase]
-
-
-@functools.cache
-def _hardware(system: str) -> HardwareSpec:
-    from moesim.config.loading import hardware_preset
-
-    return hardware_preset(SYSTEMS[system][0])
 
 
 _PREDICT = {
