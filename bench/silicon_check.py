@@ -488,6 +488,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="at most K rows per (system, backend, mode), evenly spread")
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
+    for flag, value in (("--limit", args.limit), ("--per-group", args.per_group)):
+        if value is not None and value < 1:
+            print(f"silicon_check: error: {flag} {value} (allowed: 1 or more)", file=sys.stderr)
+            return 2
 
     from moesim.errors import InputError
 

@@ -63,17 +63,17 @@ def import_(
     typer.echo(f"wrote {out} ({len(data) / 1e6:.1f} MB)")
 
 
-def _check_out(out: Path) -> None:
-    """Fail before the import if ``out`` cannot be a file."""
+def _check_out(out: Path, suffix: str = ".parquet") -> None:
+    """Fail before the work starts if ``out`` cannot be a file."""
+    allowed = f"a file name ending in {suffix}"
     if out.is_dir():
-        raise InputError("is a folder", field="--out", source=str(out),
-                         allowed="a file name ending in .parquet")
+        raise InputError("is a folder", field="--out", source=str(out), allowed=allowed)
     parent = out.parent
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if parent.exists() and not parent.is_dir():
         raise InputError(f"{parent} is not a folder", field="--out", source=str(out),
-                         allowed="a file name ending in .parquet")
+                         allowed=allowed)
 
 
 def format_counts(frame) -> str:

@@ -43,11 +43,11 @@ def fit(
 ) -> None:
     """Fit one system's GPU spec to its measured kernels; write it as YAML.
 
-    Stages in order: dense GEMMs, context attention and MLA, balanced MoE, NCCL (with
-    the NVLink efficiency), DeepEP normal and low-latency on one node. Decode attention,
-    power-law MoE and multi-node DeepEP rows are never fitted (out-of-sample). Copy the
-    result to moesim/config/presets/fitted/<gpu>.yaml and its nvlink_efficiency into the
-    system's topology presets to ship it.
+    Stages in order: dense GEMMs, context attention and MLA, decode attention and MLA,
+    balanced MoE, NCCL (with the NVLink efficiency), DeepEP normal and low-latency on
+    one node. Power-law MoE and multi-node DeepEP rows are never fitted (out-of-sample).
+    Copy the result to moesim/config/presets/fitted/<gpu>.yaml and its
+    nvlink_efficiency into the system's topology presets to ship it.
 
     Examples:
 
@@ -55,10 +55,11 @@ def fit(
     """
     import yaml
 
-    from moesim.cli.output import write_text
+    from moesim.cli.perfdb_cmd import _check_out, _write_bytes
     from moesim.perfdb.fit import fit_system, fitted_document
     from moesim.perfdb.predict import base_model
 
+    _check_out(out, suffix=".yaml")
     df, provenance = _representative(table, [system])
     model, results = fit_system(df, base_model(system), max_rows=max_rows)
     doc = fitted_document(model, results, provenance=provenance)
@@ -66,7 +67,7 @@ def fit(
     typer.echo(f"  {'stage':<10} {'rows':>6} {'MAPE before':>12} {'after':>7}")
     for r in results:
         typer.echo(f"  {r.stage:<10} {r.rows:>6} {r.mape_before:>12.1%} {r.mape_after:>7.1%}")
-    write_text(out, yaml.safe_dump(doc, sort_keys=False))
+    _write_bytes(out, yaml.safe_dump(doc, sort_keys=False).encode())
     typer.echo(f"wrote {out}")
 
 
@@ -89,12 +90,13 @@ def subset(
     """
     import json
 
-    from moesim.cli.output import write_atomic
+    from moesim.cli.perfdb_cmd import _check_out, _write_bytes
     from moesim.perfdb.predict import base_model, predict
     from moesim.perfdb.regress import format_table_report, regress_table
     from moesim.perfdb.subset import stratified, with_tolerances
     from moesim.perfdb.table import table_to_parquet_bytes
 
+    _check_out(out)
     df, provenance = _representative(table, system)
     picked = stratified(df, per_group=per_group)
     models = {s: base_model(s) for s in picked["system"].unique()}
@@ -107,4 +109,4 @@ def subset(
     data = table_to_parquet_bytes(picked, provenance)
     typer.echo(format_table_report(regress_table(picked, file=str(out))))
     typer.echo(json.dumps({"rows": len(picked), "bytes": len(data)}))
-    write_atomic(out, lambda tmp: tmp.write_bytes(data))
+    _write_bytes(out, data)

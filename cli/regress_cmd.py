@@ -48,7 +48,7 @@ def regress(
     if as_json:
         typer.echo(json.dumps({
             "passed": report.passed and all(t.passed for t in tables),
-            "mape": report.mape, "mape_by_op": report.mape_by_op,
+            "mape": report.mape if report.rows else None, "mape_by_op": report.mape_by_op,
             "rows": [row.__dict__ for row in report.rows],
             "tables": [{"file": t.file, "passed": t.passed, "rows": len(t.rows),
                         "mape": t.mape, "mape_by": t.mape_by().to_dict(orient="records"),

@@ -6,6 +6,8 @@ all-to-all's send buffer)::
 
     time = nccl_latency_us + bus_factor(op, n) x size / bus_bandwidth
 
+(``comm_overhead_us`` where the GPU has no fitted ``nccl_latency_us``).
+
 ``bus_factor`` is nccl-tests' bus-bandwidth factor (``2 (n-1)/n`` for all-reduce,
 ``(n-1)/n`` for the others), so ``size x bus_factor`` is what each GPU's slowest link
 carries. The latency is one fixed cost per collective: on NVSwitch nodes the measured
@@ -53,5 +55,5 @@ def collective_time(hw: HardwareSpec, topology, *, op: str, size, n):
     n_arr = np.asarray(n)
     bw = np.vectorize(lambda g: bus_bandwidth(topology, int(g)), otypes=[float])(n_arr)
     bw = bw * n_arr / (n_arr + hw.nccl_gpus_half)
-    t = hw.nccl_latency_us * 1e-6 + bus_factor(op, n_arr) * np.asarray(size, dtype=float) / bw
+    t = hw.comm_overhead_s("nccl") + bus_factor(op, n_arr) * np.asarray(size, dtype=float) / bw
     return np.where(n_arr > 1, t, 0.0)

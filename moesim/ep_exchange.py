@@ -22,15 +22,6 @@ SEED = 0  # one fixed routing draw: reproducible to the last digit
 SAMPLED_TOKENS = 2048  # per rank; larger batches are this draw scaled (loads are linear)
 
 
-def kernel_overhead_s(hw, kernel: str) -> float:
-    """Fixed cost of one dispatch or combine with ``kernel``: the GPU's fitted overhead of
-    that kernel (``moesim perfdb fit``), else the generic ``comm_overhead_us``."""
-    fitted = {"deepep-normal": hw.deepep_overhead_us,
-              "deepep-low-latency": hw.deepep_ll_overhead_us,
-              "nccl-alltoall": hw.nccl_latency_us}[kernel]
-    return (fitted or hw.comm_overhead_us) * 1e-6
-
-
 def sms_stretch(hw, kernel: str, sms) -> float:
     """How much longer (>= 1) DeepEP's normal kernels move their bytes on ``sms`` SMs than
     on the ``deepep_sms_full`` it takes to saturate the links (1 when not fitted)."""

@@ -19,7 +19,7 @@ import numpy as np
 
 from moesim import compute
 from moesim.config.loading import hardware_preset
-from moesim.ep_exchange import ep_exchange, kernel_overhead_s
+from moesim.ep_exchange import ep_exchange
 from moesim.errors import InputError
 from moesim.network.analytical import exchange_time
 from moesim.recorded import (
@@ -65,7 +65,7 @@ def simulate_run(run: Run, file: str | os.PathLike[str] | None = None) -> dict[s
 
 
 def _ep_dispatch_combine(run: Run, w: EpDispatchCombine, topo, hw) -> dict[str, float]:
-    ex = ep_exchange(topo, overhead_s=kernel_overhead_s(hw, w.kernel), kernel=w.kernel,
+    ex = ep_exchange(topo, overhead_s=hw.comm_overhead_s(w.kernel), kernel=w.kernel,
                      tokens_per_rank=w.tokens_per_rank, hidden=w.hidden, experts=w.experts,
                      top_k=w.top_k, topk_groups=w.topk_groups, dispatch_dtype=w.dispatch_dtype,
                      combine_dtype=w.combine_dtype, nvlink=w.nvlink)
@@ -122,7 +122,7 @@ def _alltoall(run: Run, w: AllToAll, topo, hw) -> dict[str, float]:
     copies = dispatch_loads(counts, kernel="nccl-alltoall", topology=topo, first_gpu=0,
                             gpus_per_node=per_node)
     seconds = exchange_time(copies.scaled(w.bytes_per_rank / n), topo,
-                            overhead_s=hw.comm_overhead_us * 1e-6).seconds
+                            overhead_s=hw.comm_overhead_s("nccl-alltoall")).seconds
     algbw = w.bytes_per_rank / seconds / 1e9
     return {"algbw_GBps": algbw, "busbw_GBps": algbw * (n - 1) / n}
 

@@ -11,7 +11,7 @@ from moesim import compute, serving
 from moesim.config.scenario import Scenario
 from moesim.engine.program import COMM, Op, build_program
 from moesim.engine.simpy_engine import run_program
-from moesim.ep_exchange import kernel_overhead_s, sms_stretch
+from moesim.ep_exchange import sms_stretch
 from moesim.feasibility import check_feasible
 from moesim.network.analytical import ExchangeTime, exchange_time
 from moesim.network.flow import group_exchange_times
@@ -57,7 +57,7 @@ def _layer_costs(scenario: Scenario, topology, counts_gm: list[list[BatchCounts]
     m, p, hw = scenario.model, scenario.parallel, scenario.hardware
     per_node = _group_gpus_per_node(scenario, topology)
     kernel = p.dispatch_kernel
-    overhead = kernel_overhead_s(hw, kernel)
+    overhead = hw.comm_overhead_s(kernel)
     stretch = sms_stretch(hw, kernel, p.comm_sms)
     size = {
         ("dispatch", False): bytes_per_copy(kernel, hidden=m.hidden_size,

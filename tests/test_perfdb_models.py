@@ -18,7 +18,7 @@ from moesim.collectives import collective_time
 from moesim.config.loading import hardware_preset
 from moesim.errors import InputError
 from moesim.perfdb.fit import fit_system, in_sample
-from moesim.perfdb.predict import SYSTEMS, balanced_loads, base_model, predict
+from moesim.perfdb.predict import SYSTEMS, balanced_loads, base_model, modeled, predict
 from moesim.perfdb.regress import regress_table
 from moesim.perfdb.table import (
     COLUMNS,
@@ -103,7 +103,6 @@ def test_fitted_spec_and_its_topologies_agree(system):
     gpu, node, cluster = SYSTEMS[system]
     doc = yaml.safe_load((FITTED / f"{gpu}.yaml").read_text())
     assert doc["schema"] == "moesim.fitted-system/1" and doc["system"] == system
-    assert hardware_preset(gpu).kernel_overhead_us == doc["hardware"]["kernel_overhead_us"]
     for name in {node, cluster}:
         topo = load_topology(name, gpus=16 if name != node else None)
         assert topo.gpu == gpu
@@ -134,6 +133,7 @@ def test_fit_keeps_out_of_sample_rows_out():
         distribution=["balanced", "power_law_1.2", "", "", ""],
         nodes=[pd.NA, pd.NA, 1, 2, pd.NA], dtype=["fp8_block", "fp8_block", "", "", "bfloat16"],
         kv_dtype=["", "", "", "", "bfloat16"], moe_ep=[1, 1, pd.NA, pd.NA, pd.NA],
+        moe_tp=[1, 1, pd.NA, pd.NA, pd.NA], tokens=[16, 16, 16, 16, pd.NA],
         experts=[256, 256, 256, 256, pd.NA], topk=[8, 8, 8, 8, pd.NA])
     assert in_sample(df).tolist() == [True, False, True, False, True]
 
@@ -229,3 +229,19 @@ def test_fit_finds_the_sm_count_that_saturates_deepep():
     assert [r.stage for r in results] == ["deepep"]
     assert fitted.hardware.deepep_sms_full == 20
     assert fitted.hardware.deepep_overhead_us == pytest.approx(30.0, rel=0.02)
+
+
+def test_moe_shapes_moesim_cannot_place_are_not_predicted():
+    df = _table(3, system="h100_sxm", op="moe", kernel="k", dtype="fp8_block",
+                distribution="balanced", tokens=16, hidden=7168, inter=2048, topk=8,
+                experts=[256, 60, 256], moe_ep=[8, 8, 8], moe_tp=[1, 1, 0])
+    why = modeled(df).tolist()
+    assert why[0] == "" and "moe_ep" in why[1] and "moe_tp" in why[2]
+
+
+def test_fitting_a_table_without_in_sample_rows_is_refused():
+    df = _table(2, system="h100_sxm", op="moe", kernel="k", dtype="fp8_block",
+                distribution="power_law_1.2", tokens=64, hidden=7168, inter=2048, topk=8,
+                experts=256, moe_ep=8, moe_tp=1)
+    with pytest.raises(InputError, match="no rows"):
+        fit_system(df, base_model("h100_sxm"))

@@ -92,9 +92,11 @@ def test_mape_is_the_mean_absolute_relative_error(tmp_path):
 def test_alltoall_busbw_by_hand(tmp_path):
     """Each rank sends 7/8 of its buffer over its NVLink: t = overheads + bytes / bw."""
     run = load_runs(write(tmp_path, VALID)).runs[1]
-    topo, hw = load_topology("dgx-h100-superpod", gpus=8), hardware_preset("h100-sxm")
+    topo = load_topology("dgx-h100-superpod", gpus=8)
+    hw = hardware_preset(topo.gpu)
     size = 2**30
-    seconds = hw.comm_overhead_us * 1e-6 + topo.nvlink_latency + size * 7 / 8 / topo.nvlink_bw
+    seconds = (hw.comm_overhead_s("nccl-alltoall") + topo.nvlink_latency
+               + size * 7 / 8 / topo.nvlink_bw)
     busbw = size / seconds * 7 / 8 / 1e9
     assert simulate_run(run)["busbw_GBps"] == pytest.approx(busbw)
 

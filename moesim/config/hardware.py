@@ -48,15 +48,23 @@ class HardwareSpec:
     decode_query_head_ns: float = Field(default=0.0, ge=0)  # decode: per (request, head)
     fp8_gemm_m_half: float | None = Field(default=None, ge=0)  # None: gemm_m_half
     attention_keys_half: float = Field(default=0.0, ge=0)  # keys/query at half attn. eff.
-    nccl_latency_us: float = Field(default=0.0, ge=0)  # fixed cost of one NCCL collective
+    nccl_latency_us: float | None = Field(default=None, ge=0)  # per collective; None: comm_...
     nccl_gpus_half: float = Field(default=0.0, ge=0)  # GPUs at half NCCL's link bandwidth
-    deepep_overhead_us: float = Field(default=0.0, ge=0)  # DeepEP normal, per dispatch/combine
-    deepep_ll_overhead_us: float = Field(default=0.0, ge=0)  # DeepEP low-latency, per phase
+    deepep_overhead_us: float | None = Field(default=None, ge=0)  # DeepEP normal, per phase
+    deepep_ll_overhead_us: float | None = Field(default=None, ge=0)  # DeepEP LL, per phase
     deepep_sms_full: float = Field(default=0.0, ge=0)  # SMs at which DeepEP reaches full link bw
 
     def peak_flops(self, dtype: Literal["bf16", "fp8"]) -> float:
         """Dense peak in FLOP/s for GEMMs in ``dtype``."""
         return (self.fp8_tflops if dtype == "fp8" else self.bf16_tflops) * 1e12
+
+    def comm_overhead_s(self, kernel: str) -> float:
+        """Fixed cost of one collective of ``kernel`` (deepep-normal, deepep-low-latency,
+        nccl-alltoall or nccl): its fitted overhead, else ``comm_overhead_us``."""
+        fitted = {"deepep-normal": self.deepep_overhead_us,
+                  "deepep-low-latency": self.deepep_ll_overhead_us,
+                  "nccl-alltoall": self.nccl_latency_us, "nccl": self.nccl_latency_us}[kernel]
+        return (self.comm_overhead_us if fitted is None else fitted) * 1e-6
 
     def gemm_efficiency_for(self, dtype: Literal["bf16", "fp8"]) -> float:
         """Large-GEMM fraction of ``dtype``'s peak (FP8 kernels reach less of theirs)."""

@@ -56,11 +56,11 @@ STAGES = (
     Stage("moe", ("moe",), (
         ("moe_gemm_efficiency", 0.1, 1.0), ("moe_m_half", 0.0, 4096.0),
         ("moe_memory_efficiency", 0.2, 1.0), ("moe_overhead_us", 0.0, 500.0))),
-    Stage("nccl", ("nccl",), (("nccl_latency_us", 0.1, 100.0), (NVLINK, 0.1, 1.0),
+    Stage("nccl", ("nccl",), (("nccl_latency_us", 0.0, 100.0), (NVLINK, 0.1, 1.0),
                               ("nccl_gpus_half", 0.0, 16.0))),
     Stage("deepep", ("deepep_normal",), (
-        ("deepep_overhead_us", 0.1, 500.0), ("deepep_sms_full", 1.0, 132.0))),
-    Stage("deepep_ll", ("deepep_ll",), (("deepep_ll_overhead_us", 0.1, 500.0),)),
+        ("deepep_overhead_us", 0.0, 500.0), ("deepep_sms_full", 0.0, 48.0))),
+    Stage("deepep_ll", ("deepep_ll",), (("deepep_ll_overhead_us", 0.0, 500.0),)),
 )
 FITTED = tuple(name for stage in STAGES for name, _, _ in stage.params)
 
@@ -79,7 +79,10 @@ def _get(model: SystemModel, name: str) -> float:
         return model.nvlink_efficiency
     value = getattr(model.hardware, name)
     if value is None:  # an optional curve not set yet starts from the dense one
-        value = {"moe_m_half": model.hardware.gemm_m_half,
+        value = {"nccl_latency_us": model.hardware.comm_overhead_us,
+                 "deepep_overhead_us": model.hardware.comm_overhead_us,
+                 "deepep_ll_overhead_us": model.hardware.comm_overhead_us,
+                 "moe_m_half": model.hardware.gemm_m_half,
                  "moe_memory_efficiency": model.hardware.memory_efficiency,
                  "fp8_gemm_m_half": model.hardware.gemm_m_half}.get(
             name, model.hardware.gemm_efficiency)
@@ -87,8 +90,7 @@ def _get(model: SystemModel, name: str) -> float:
 
 
 def _set(model: SystemModel, values: dict[str, float]) -> SystemModel:
-    hw_values = {k: (float(round(v)) if k == "deepep_sms_full" else v)
-                 for k, v in values.items() if k != NVLINK}
+    hw_values = {k: v for k, v in values.items() if k != NVLINK}
     hardware = dataclasses.replace(model.hardware, **hw_values)
     nvlink = values.get(NVLINK, model.nvlink_efficiency)
     return dataclasses.replace(model, hardware=hardware, nvlink_efficiency=nvlink)
@@ -103,11 +105,12 @@ class StageResult:
     mape_after: float
 
 
-def fit_system(df: pd.DataFrame, model: SystemModel, *, max_rows: int = 4000,
+def fit_system(df: pd.DataFrame, model: SystemModel, *, max_rows: int = 1500,
                seed: int = 0) -> tuple[SystemModel, list[StageResult]]:
     """Fit ``model`` stage by stage on ``df``'s in-sample rows of its system.
 
-    A stage with more than ``max_rows`` rows fits a seeded random sample of them."""
+    A stage with more than ``max_rows`` rows fits a seeded random sample of them; a stage
+    whose fit would raise the MAPE keeps its starting values."""
     try:
         from scipy.optimize import least_squares
     except ImportError:
@@ -144,11 +147,17 @@ def fit_system(df: pd.DataFrame, model: SystemModel, *, max_rows: int = 4000,
         grid = [None] if at is None else [(sms - lo[at]) / span[at] for sms in range(4, 49)]
         best = min((_solve(least_squares, residuals, z0, at, fixed) for fixed in grid),
                    key=lambda cost_z: cost_z[0])
+        after = float(np.mean(np.abs(np.expm1(residuals(best[1])))))
+        if after > before:  # the robust cost is not the MAPE: never hand back a worse spec
+            best, after = (np.nan, z0), before
         values = dict(zip(names, lo + best[1] * span, strict=True))
         model = _set(model, values)
-        after = float(np.mean(np.abs(np.expm1(residuals(best[1])))))
         results.append(StageResult(stage=stage.name, rows=len(sub), params=values,
                                    mape_before=before, mape_after=after))
+    if not results:
+        raise InputError(f"no rows of {model.system} that a fit stage uses",
+                         field="--system", allowed="a table with in-sample rows of the system "
+                         "(dense ops, balanced MoE, one-node DeepEP; see docs/perfdb.md)")
     return model, results
 
 

@@ -5,11 +5,11 @@ Each op class goes through the model the simulator itself uses:
 - ``gemm``: :func:`moesim.compute.gemm_time` (roofline with the efficiency curves); FP8
   rows add :func:`moesim.compute.quantize_time`, since the benchmark times the dynamic
   quantization of its BF16 input too.
-- ``moe``: one fused MoE on EP rank 0: its ``experts / moe_ep`` local experts' two
+- ``moe``: one fused MoE on the timed EP rank: its ``experts / moe_ep`` local experts' two
   grouped GEMMs (``inter / moe_tp`` wide) through the same roofline, plus
   ``moe_overhead_us`` for routing, quantisation and (un)permutation. ``balanced`` rows
   spread the ``tokens x topk`` picks evenly; ``power_law_<a>`` rows take the expert
-  loads from :func:`moesim.routing.power_law.power_law_loads` (moesim's load model,
+  loads from :func:`moesim.routing.power_law.power_law_loads` (moesim's power-law model,
   five seeded draws) and time the most loaded rank, as the benchmark does.
 - ``attention_context`` / ``mla_context``: :func:`moesim.compute.attention_prefill_time`.
 - ``attention_generation`` / ``mla_generation``: :func:`moesim.compute.attention_decode_time`
@@ -36,7 +36,7 @@ import pandas as pd
 from moesim import compute
 from moesim.collectives import collective_time
 from moesim.config.hardware import HardwareSpec
-from moesim.ep_exchange import kernel_overhead_s, sms_stretch
+from moesim.ep_exchange import sms_stretch
 
 # aiconfigurator system -> (GPU hardware preset, one-node topology, multi-node topology)
 SYSTEMS: dict[str, tuple[str, str, str]] = {
@@ -112,6 +112,10 @@ def modeled(df: pd.DataFrame) -> pd.Series:
     why[inflated & (why == "")] = "sglang Triton EP>1 computes remote slots on expert 0"
     why[moe & df["kernel"].str.contains("nongated") & (why == "")] = (
         "non-gated (two-matrix) experts not modelled")
+    bad_moe = moe & ((df["moe_ep"] < 1) | (df["moe_tp"] < 1) | (df["experts"] % df["moe_ep"] != 0)
+                     | (df["topk"] > df["experts"]) | (df["tokens"] < 1))
+    why[bad_moe.fillna(True) & moe & (why == "")] = (
+        "MoE shape: experts not split over moe_ep, moe_tp < 1, or topk > experts")
     deepep = df["op"].isin(["deepep_normal", "deepep_ll"])
     ranks = GPUS_PER_NODE * df["nodes"]
     bad_ep = deepep & ((df["experts"] % ranks != 0) | (df["topk"] > df["experts"]))
@@ -265,7 +269,7 @@ def _deepep(kernel: str):
             for r in rows.itertuples()])
         sms = np.nan_to_num(_f(rows, "sms")).astype(int)
         stretch = np.array([sms_stretch(hw, kernel, n) for n in sms])
-        return kernel_overhead_s(hw, kernel) + link_s * stretch
+        return hw.comm_overhead_s(kernel) + link_s * stretch
 
     return predict_rows
 

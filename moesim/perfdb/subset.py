@@ -75,12 +75,10 @@ def stratified(df: pd.DataFrame, *, per_group: int, seed: int = 0) -> pd.DataFra
 
 
 def with_tolerances(subset: pd.DataFrame, predicted_us: np.ndarray) -> pd.DataFrame:
-    """Each (system, op) gets the smallest multiple of 5% that covers its rows' measured
-    errors: the bound a later model change must not exceed."""
+    """Each row's tolerance is its own measured error plus 5 points, rounded up to a
+    multiple of 5%: a later model change that worsens any row by more fails regress."""
     err = np.abs(predicted_us / subset["latency_us"].to_numpy() - 1.0)
     out = subset.copy()
-    group_max = pd.Series(err, index=subset.index).groupby(
-        [subset["system"], subset["op"]]).transform("max").to_numpy()
-    tol = np.ceil(group_max / TOLERANCE_STEP + 1e-9) * TOLERANCE_STEP
+    tol = np.ceil((err + TOLERANCE_STEP) / TOLERANCE_STEP - 1e-9) * TOLERANCE_STEP
     out["tolerance"] = np.round(tol, 2)
     return out
