@@ -101,8 +101,10 @@ def check_serving_layout(scenario: Scenario) -> None:
         raise InputError(why, field="parallel.attention_tp", allowed=", ".join(map(str, ok)))
     instance = p.ep * p.moe_tp
     if gpus % instance or m.moe_intermediate_size % p.moe_tp:
-        ok = [d for d in range(1, gpus // p.ep + 1)
-              if (gpus // p.ep) % d == 0 and m.moe_intermediate_size % d == 0]
+        # With gpus left to its default (ep x moe_tp) any divisor of the width fits.
+        most = 64 if p.gpus is None else gpus // p.ep
+        ok = [d for d in range(1, most + 1) if m.moe_intermediate_size % d == 0
+              and (p.gpus is None or (gpus // p.ep) % d == 0)]
         why = (f"moe_tp {p.moe_tp} does not divide the expert width {m.moe_intermediate_size}"
                if m.moe_intermediate_size % p.moe_tp else
                f"{gpus} GPUs are not a whole number of MoE instances of ep x moe_tp = "

@@ -282,6 +282,8 @@ def test_serving_modes_and_other_modes_keep_to_their_fields():
      "parallel.attention_tp", "1"),  # 2 neither divides nor is a multiple of 3 KV heads
     ({"ep": 8, "attention_tp": 3}, {}, "parallel.attention_tp", "1, 2, 4, 8"),  # 8 GPUs
     ({"ep": 4, "gpus": 8, "moe_tp": 3}, {}, "parallel.moe_tp", "1, 2"),
+    # gpus left to ep x moe_tp: every divisor of the 14336 width (up to 64) would fit
+    ({"ep": 2, "moe_tp": 3}, {}, "parallel.moe_tp", "1, 2, 4, 7, 8, 14, 16, 28, 32, 56, 64"),
     ({"ep": 8, "micro_batches": 3}, {}, "parallel.micro_batches", "divisors of 4"),
 ])
 def test_impossible_layouts_name_the_field_and_the_allowed_values(parallel, model, field,
