@@ -245,3 +245,27 @@ def test_fitting_a_table_without_in_sample_rows_is_refused():
                 experts=256, moe_ep=8, moe_tp=1)
     with pytest.raises(InputError, match="no rows"):
         fit_system(df, base_model("h100_sxm"))
+
+
+def test_the_simulators_power_law_routing_loads_the_busiest_rank_like_the_load_model():
+    """``routing.assignment: power-law`` samples tokens from the same load model the
+    perfdb predictions use: the busiest of 8 GPUs carries about what the model gives it."""
+    import moesim
+
+    scenario = moesim.load_scenario(None, overrides=[
+        "mode=inference", "model=deepseek-v3", "topology=h800-node", "parallel.ep=8",
+        "parallel.gpus=8", "parallel.tokens_per_gpu=512", "parallel.micro_batches=1",
+        "routing.assignment=power-law", "routing.power_law_alpha=1.2",
+        "routing.max_devices=null", "routing.layer_samples=null"])
+    simulated = moesim.simulate(scenario).summary["max_over_mean_gpu_load"]
+    rng = np.random.default_rng(0)
+    ranks = [power_law_loads(256, 4096, 8, 1.2, rng).reshape(8, -1).sum(axis=1)
+             for _ in range(200)]
+    model = float(np.mean([r.max() / r.mean() for r in ranks]))
+    assert model > 1.5
+    assert simulated == pytest.approx(model, rel=0.12)
+    uniform = moesim.simulate(moesim.load_scenario(None, overrides=[
+        "mode=inference", "model=deepseek-v3", "topology=h800-node", "parallel.ep=8",
+        "parallel.gpus=8", "parallel.tokens_per_gpu=512", "parallel.micro_batches=1",
+        "routing.max_devices=null"])).summary["max_over_mean_gpu_load"]
+    assert uniform < 1.1

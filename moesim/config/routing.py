@@ -34,11 +34,14 @@ class RoutingPolicy:
     choices as they are (``gate`` and ``M`` do not change them); ``replay: reroute``
     routes the trace's stored scores again under this policy's gate, ``M`` and top-k.
     Without a trace, assignments are drawn per MoE layer:
-    ``uniform`` or ``zipf`` expert popularity (exponent ``zipf_exponent``, hot experts
-    placed at random per layer). ``layer_samples`` independent layer draws are made
-    and cycled through the MoE layers; the expected step time does not depend on it,
-    only the run-to-run spread (``None`` draws every MoE layer afresh). On the default
-    scenario 4, 8 and all 58 draws give step times within 0.1% of each other.
+    ``uniform``, ``zipf`` (exponent ``zipf_exponent``) or ``power-law`` expert popularity
+    (each expert's share of a layer's picks drawn from a bounded power law of exponent
+    ``power_law_alpha``, as NVIDIA's aiconfigurator MoE benchmarks load experts:
+    :mod:`moesim.routing.power_law`); hot experts are placed at random per layer.
+    ``layer_samples`` independent layer draws are made and cycled through the MoE
+    layers; the expected step time does not depend on it, only the run-to-run spread
+    (``None`` draws every MoE layer afresh). On the default scenario 4, 8 and all 58
+    draws give step times within 0.1% of each other.
     """
 
     gate: GateKind = "softmax-topk"
@@ -46,8 +49,9 @@ class RoutingPolicy:
     limit_scope: Literal["node", "device"] = "node"
     capacity_factor: float | None = Field(default=None, gt=0)
     drop_policy: Literal["probs", "position"] = "probs"
-    assignment: Literal["uniform", "zipf"] = "uniform"
+    assignment: Literal["uniform", "zipf", "power-law"] = "uniform"
     zipf_exponent: float = Field(default=1.0, ge=0)
+    power_law_alpha: float = Field(default=1.2, gt=0)
     layer_samples: int | None = Field(default=4, gt=0)
     never_drop_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
     replay: Literal["captured", "reroute"] = "captured"

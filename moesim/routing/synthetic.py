@@ -20,9 +20,20 @@ _MAX_REDRAWS = 16
 
 
 def expert_popularity(
-    n_experts: int, *, assignment: str, zipf_exponent: float, rng: np.random.Generator
+    n_experts: int, *, assignment: str, zipf_exponent: float, rng: np.random.Generator,
+    power_law_alpha: float = 1.2, tokens: int = 0, top_k: int = 1,
 ) -> np.ndarray:
-    """Popularity ``p_e`` [E], summing to 1; Zipf ranks go to experts in random order."""
+    """Popularity ``p_e`` [E], summing to 1; Zipf ranks go to experts in random order.
+
+    ``power-law``: each expert's share of ``tokens x top_k`` picks from
+    :func:`moesim.routing.power_law.power_law_loads` (already in random order); every
+    expert keeps a sliver of popularity so that any top-k set stays drawable."""
+    if assignment == "power-law":
+        from moesim.routing.power_law import power_law_loads
+
+        loads_e = power_law_loads(n_experts, max(tokens, 1), top_k, power_law_alpha, rng)
+        weight_e = np.maximum(loads_e, 1e-6)
+        return weight_e / weight_e.sum()
     if assignment == "uniform" or zipf_exponent == 0:
         return np.full(n_experts, 1.0 / n_experts)
     assert assignment == "zipf", assignment

@@ -43,8 +43,8 @@ def synthetic_batches(
         max_units = r.max_devices
     for draw in range(layer_draws(scenario)):
         popularity_e = expert_popularity(
-            m.routed_experts, assignment=r.assignment, zipf_exponent=r.zipf_exponent, rng=rng
-        )
+            m.routed_experts, assignment=r.assignment, zipf_exponent=r.zipf_exponent, rng=rng,
+            power_law_alpha=r.power_law_alpha, tokens=n_tokens, top_k=m.top_k)
         for mb in range(p.micro_batches):
             ids_tk = sample_topk(popularity_e, n_tokens=n_tokens, top_k=m.top_k, rng=rng,
                                  unit_size=unit_size, max_units=max_units)
