@@ -239,7 +239,12 @@ def attention_seconds(
 
 def ffn_flops(m: ModelShape, tokens, intermediate: int):
     """SwiGLU FFN: gate, up and down projections."""
-    return 2.0 * 3 * tokens * m.hidden_size * intermediate
+    return swiglu_flops(hidden=m.hidden_size, rows=tokens, intermediate=intermediate)
+
+
+def swiglu_flops(*, hidden, rows, intermediate):
+    """FLOPs of ``rows`` tokens through a SwiGLU FFN (gate, up and down GEMMs)."""
+    return 2.0 * 3 * rows * hidden * intermediate
 
 
 def _ffn_bytes(m: ModelShape, rows, intermediate: int, active_experts):
@@ -291,10 +296,10 @@ def expert_ffn_time(hw: HardwareSpec, *, hidden: int, intermediate: int, rows, a
     rows = np.asarray(rows, dtype=float)
     active = np.asarray(active_experts, dtype=float)
     x = BACKWARD_GEMM if backward else 1.0
-    flops = x * 2.0 * 3 * rows * hidden * intermediate
+    flops = x * swiglu_flops(hidden=hidden, rows=rows, intermediate=intermediate)
     nbytes = x * ffn_bytes(hidden=hidden, intermediate=intermediate, rows=rows,
                            active_experts=active, dtype=dtype)
-    extra = x * 2.0 * 3 * active * hidden * intermediate
+    extra = x * swiglu_flops(hidden=hidden, rows=active, intermediate=intermediate)
     return (_gemm_roofline(flops, nbytes, extra, dtype, hw, grouped=True)
             + (rows > 0) * hw.moe_overhead_us * 1e-6)
 
