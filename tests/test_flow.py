@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moesim.network.analytical import exchange_time
-from moesim.network.flow import complete, exchange_time_flow, flow_completion, max_min_rates
+from moesim.network.flow import complete, exchange_time_flow, max_min_rates
 from moesim.routing.batch import RoutedBatch, count_batch
 from moesim.routing.synthetic import sample_topk
 from moesim.topologies import load_topology
@@ -61,12 +61,12 @@ def test_a_short_flow_finishing_speeds_up_the_long_one():
     done at t = 2 s; the long one then has 20 B left at 10 B/s and ends at t = 4 s
     (analytical: 40 B / 10 B/s = 4 s too). Latency delays both by the same second."""
     paths = Paths.from_lists([[0], [0]])
-    finish, makespan = flow_completion(np.array([10.0, 30.0]), paths, np.array([10.0]))
-    assert finish == pytest.approx([2.0, 4.0], rel=1e-12)
-    assert makespan == pytest.approx(4.0, rel=1e-12)
-    finish, makespan = flow_completion(np.array([10.0, 30.0]), paths, np.array([10.0]),
-                                       latency_s=1.0)
-    assert finish == pytest.approx([3.0, 5.0], rel=1e-12) and makespan == pytest.approx(5.0)
+    done = complete(np.array([10.0, 30.0]), paths, np.array([10.0]))
+    assert done.finish_f == pytest.approx([2.0, 4.0], rel=1e-12)
+    assert done.makespan == pytest.approx(4.0, rel=1e-12)
+    done = complete(np.array([10.0, 30.0]), paths, np.array([10.0]), latency_s=1.0)
+    assert done.finish_f == pytest.approx([3.0, 5.0], rel=1e-12)
+    assert done.makespan == pytest.approx(5.0)
 
 
 def test_a_finished_flow_frees_a_link_the_next_bottleneck_then_fills():
@@ -76,10 +76,9 @@ def test_a_finished_flow_frees_a_link_the_next_bottleneck_then_fills():
     B and C each have 20 - 1.5 = 18.5 B left at 2 B/s, done at 0.75 + 9.25 = 10 s,
     which is also link 1's 40 B / 4 B/s."""
     paths = Paths.from_lists([[0], [0, 1], [1]])
-    finish, makespan = flow_completion(np.array([6.0, 20.0, 20.0]), paths,
-                                       np.array([10.0, 4.0]))
-    assert finish == pytest.approx([0.75, 10.0, 10.0], rel=1e-12)
-    assert makespan == pytest.approx(10.0, rel=1e-12)
+    done = complete(np.array([6.0, 20.0, 20.0]), paths, np.array([10.0, 4.0]))
+    assert done.finish_f == pytest.approx([0.75, 10.0, 10.0], rel=1e-12)
+    assert done.makespan == pytest.approx(10.0, rel=1e-12)
 
 
 # ---------------------------------------------------------------- invariants

@@ -184,19 +184,6 @@ def complete(
     )
 
 
-def flow_completion(
-    bytes_f: np.ndarray,
-    paths: Paths,
-    capacity_l: np.ndarray,
-    *,
-    latency_s: float = 0.0,
-    rtol: float = 0.0,
-) -> tuple[np.ndarray, float]:
-    """(finish_f [F], makespan) of flows of ``bytes_f`` on ``paths`` (see complete)."""
-    done = complete(bytes_f, paths, capacity_l, latency_s=latency_s, rtol=rtol)
-    return done.finish_f, done.makespan
-
-
 def exchange_time_flow(
     flows_bytes: FlowSet, topology, *, overhead_s: float, rtol: float = 1e-3
 ) -> ExchangeTime:
