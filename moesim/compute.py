@@ -183,8 +183,7 @@ def attention_dims(m: ModelShape) -> tuple[int, int, int]:
     if m.attention == "mla":
         latent = m.kv_lora_rank + m.qk_rope_head_dim
         return latent, m.kv_lora_rank, latent
-    kv_heads = m.num_kv_heads if m.attention == "gqa" else m.num_heads
-    return m.head_dim, m.head_dim, 2 * kv_heads * m.head_dim
+    return m.head_dim, m.head_dim, 2 * m.kv_heads * m.head_dim
 
 
 def kv_cache_bytes_per_token(m: ModelShape, kv_dtype: str = "bf16") -> int:
@@ -202,8 +201,7 @@ def attention_projection_params(m: ModelShape) -> int:
         kv = h * (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank * m.num_heads * (
             m.qk_nope_head_dim + m.v_head_dim)
         return q + kv + m.num_heads * m.v_head_dim * h
-    kv_heads = m.num_kv_heads if m.attention == "gqa" else m.num_heads
-    return h * m.head_dim * (2 * m.num_heads + 2 * kv_heads)
+    return h * m.head_dim * (2 * m.num_heads + 2 * m.kv_heads)
 
 
 def _qk_v_dims(m: ModelShape) -> tuple[int, int]:

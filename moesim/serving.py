@@ -105,8 +105,7 @@ def routing_view(scenario: Scenario) -> Scenario:
 
 def _heads_per_gpu(m: ModelShape, tp: int) -> tuple[int, int]:
     """(query heads, KV heads) one GPU holds; KV heads are replicated when fewer than TP."""
-    kv_heads = m.num_kv_heads if m.attention == "gqa" else m.num_heads
-    return m.num_heads // tp, max(1, kv_heads // tp)
+    return m.num_heads // tp, max(1, m.kv_heads // tp)
 
 
 def kv_bytes_per_token_per_gpu(m: ModelShape, kv_dtype: str, attention_tp: int) -> float:

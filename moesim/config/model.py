@@ -47,5 +47,10 @@ class ModelShape:
     gemm_dtype: Literal["bf16", "fp8"] = "bf16"
 
     @property
+    def kv_heads(self) -> int:
+        """Key/value heads of a GQA/MHA layer (GQA's own count, else one per query head)."""
+        return self.num_kv_heads if self.attention == "gqa" else self.num_heads
+
+    @property
     def moe_layers(self) -> int:
         return self.num_layers - self.first_dense_layers
