@@ -21,8 +21,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from moesim.recorded import EpDispatchCombine, Measured, Run
-from moesim.regress import simulate_run
+from moesim.fidelity.regress import simulate_run
+from moesim.fidelity.runs import EpDispatchCombine, Measured, Run
 
 TOPOLOGY = "h800-cluster"  # DeepEP's testbed: H800, one 400 Gb/s CX7 IB NIC per GPU
 # Low-latency copies must all cross RDMA; the multi-plane H800 cluster can only reach

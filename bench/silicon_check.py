@@ -472,7 +472,7 @@ def print_report(out: Outcome, summary: dict, *, csv_path: Path, seconds: float,
 
 def default_csv() -> Path:
     """The installed aiconfigurator-core's ``systems/silicon_sample.csv``."""
-    from moesim.perfdb.importer import find_data_root
+    from moesim.fidelity.perfdb.importer import find_data_root
 
     return find_data_root().parent / CSV_NAME
 

@@ -15,7 +15,7 @@ def calibrate(
     out: Annotated[Path, typer.Option(
         "--out", help="Hardware YAML to write (usable as `hardware: FILE` in a scenario).")],
     runs: Annotated[list[Path] | None, typer.Argument(
-        help="Recorded-run YAML files or folders (default: the shipped traces/recorded, "
+        help="Recorded-run YAML files or folders (default: the shipped moesim/fidelity/gpu_runs, "
              "known_gaps.yaml included). Only their GEMM runs are used.")] = None,
     base: Annotated[str, typer.Option(
         help="Hardware preset whose other fields the fitted spec keeps.")] = "h800",
@@ -30,16 +30,16 @@ def calibrate(
 
       moesim calibrate --out runs/h800-fitted.yaml
 
-      moesim calibrate traces/recorded/deepgemm_grouped_h800.yaml --out runs/grouped.yaml
+      moesim calibrate moesim/fidelity/gpu_runs/deepgemm_grouped_h800.yaml --out runs/grouped.yaml
     """
-    from moesim.calibrate import calibrate as fit
-    from moesim.calibrate import format_fit, hardware_yaml
     from moesim.cli.output import write_text
     from moesim.config.loading import hardware_preset
-    from moesim.recorded import recorded_dir
-    from moesim.regress import recorded_files
+    from moesim.fidelity.calibrate import calibrate as fit
+    from moesim.fidelity.calibrate import format_fit, hardware_yaml
+    from moesim.fidelity.regress import recorded_files
+    from moesim.fidelity.runs import gpu_runs_dir
 
-    files = recorded_files(runs or [recorded_dir()], include_known_gaps=True)
+    files = recorded_files(runs or [gpu_runs_dir()], include_known_gaps=True)
     hw, report = fit(files, base=hardware_preset(base))
     typer.echo(format_fit(report))
     write_text(out, hardware_yaml(hw))

@@ -132,8 +132,8 @@ def simulate(
 def _write_outputs(out: Path, result, variants, *, report: bool, trace_gpus: int) -> None:
     import yaml
 
-    from moesim.chrome_trace import chrome_trace
     from moesim.cli.output import write_figure, write_json, write_parquet, write_text
+    from moesim.output.timeline import chrome_trace
 
     write_json(out / "summary.json", result.summary)
     write_text(out / "scenario.yaml", yaml.safe_dump(result.scenario.to_dict(), sort_keys=False))

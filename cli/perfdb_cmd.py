@@ -47,8 +47,8 @@ def import_(
 
       moesim perfdb import --root aic/systems/data --op gemm --op moe --out kernels.parquet
     """
-    from moesim.perfdb.importer import import_perfdb
-    from moesim.perfdb.table import table_to_parquet_bytes
+    from moesim.fidelity.perfdb.importer import import_perfdb
+    from moesim.fidelity.perfdb.table import table_to_parquet_bytes
 
     _check_out(out)
     frame, provenance = import_perfdb(root, systems=system or None, ops=op or None,
@@ -78,7 +78,7 @@ def _check_out(out: Path, suffix: str = ".parquet") -> None:
 
 def format_counts(frame) -> str:
     """Rows per op (lines) and system (columns), with totals."""
-    from moesim.perfdb.table import OPS
+    from moesim.fidelity.perfdb.table import OPS
 
     counts = frame.groupby(["op", "system"], observed=True).size().unstack(fill_value=0)
     counts = counts.reindex([op for op in OPS if op in counts.index])

@@ -15,9 +15,9 @@ SYSTEM_HELP = "aiconfigurator system: h100_sxm, h200_sxm, b200_sxm or gb200."
 
 def _representative(table_path: Path, systems: list[str] | None):
     from moesim.errors import InputError
-    from moesim.perfdb.predict import SYSTEMS
-    from moesim.perfdb.subset import representative
-    from moesim.perfdb.table import read_table
+    from moesim.fidelity.perfdb.predict import SYSTEMS
+    from moesim.fidelity.perfdb.subset import representative
+    from moesim.fidelity.perfdb.table import read_table
 
     df, provenance = read_table(table_path)
     for system in systems or []:
@@ -51,13 +51,14 @@ def fit(
 
     Examples:
 
-      moesim perfdb fit traces/recorded/perfdb_subset.parquet --system h100_sxm --out h100.yaml
+      moesim perfdb fit moesim/fidelity/gpu_runs/perfdb_subset.parquet --system h100_sxm \
+        --out h100.yaml
     """
     import yaml
 
     from moesim.cli.perfdb_cmd import _check_out, _write_bytes
-    from moesim.perfdb.fit import fit_system, fitted_document
-    from moesim.perfdb.predict import base_model
+    from moesim.fidelity.perfdb.fit import fit_system, fitted_document
+    from moesim.fidelity.perfdb.predict import base_model
 
     _check_out(out, suffix=".yaml")
     df, provenance = _representative(table, [system])
@@ -86,15 +87,16 @@ def subset(
 
     Examples:
 
-      moesim perfdb subset traces/recorded/perfdb_subset.parquet --per-group 3 --out small.parquet
+      moesim perfdb subset moesim/fidelity/gpu_runs/perfdb_subset.parquet --per-group 3 \
+        --out small.parquet
     """
     import json
 
     from moesim.cli.perfdb_cmd import _check_out, _write_bytes
-    from moesim.perfdb.predict import base_model, predict
-    from moesim.perfdb.regress import format_table_report, regress_table
-    from moesim.perfdb.subset import stratified, with_tolerances
-    from moesim.perfdb.table import table_to_parquet_bytes
+    from moesim.fidelity.perfdb.predict import base_model, predict
+    from moesim.fidelity.perfdb.regress import format_table_report, regress_table
+    from moesim.fidelity.perfdb.subset import stratified, with_tolerances
+    from moesim.fidelity.perfdb.table import table_to_parquet_bytes
 
     _check_out(out)
     df, provenance = _representative(table, system)
@@ -103,7 +105,7 @@ def subset(
     picked = with_tolerances(picked, predict(picked, models))
     provenance = {**provenance, "subset": {
         "from": str(table), "per_group": per_group,
-        "selection": "moesim.perfdb.subset.representative + stratified",
+        "selection": "moesim.fidelity.perfdb.subset.representative + stratified",
         "tolerance": "per (system, op): measured max |error| with the shipped specs, "
                      "rounded up to 5%"}}
     data = table_to_parquet_bytes(picked, provenance)

@@ -46,7 +46,7 @@ def record(
       moesim record --models deepseek-v3 --tokens-per-expert 128,1024 --trace runs/v3.npz \\
         --out runs/h100.yaml
     """
-    from moesim.traces import record as rec
+    from moesim.fidelity import record as rec
 
     # Check the arguments first: a typo is reported even on a machine without a GPU.
     shapes = rec.gemm_shapes(rec.parse_name_list(models),
@@ -54,7 +54,7 @@ def record(
                              groups)
     routing = None
     if trace is not None:
-        from moesim.trace import RoutingTrace
+        from moesim.tracefile.format import RoutingTrace
 
         routing = RoutingTrace.load(trace)
     if topology is not None:

@@ -15,7 +15,7 @@ from moesim.cli.common import guarded
 def regress(
     runs: Annotated[list[Path] | None, typer.Argument(
         help="Recorded-run YAML or Parquet-table files, or folders of them (default: the "
-             "shipped traces/recorded).")]
+             "shipped moesim/fidelity/gpu_runs).")]
     = None,
     include_known_gaps: Annotated[bool, typer.Option(
         "--include-known-gaps", help="Also run the measured cases the model misses today.")]
@@ -28,21 +28,21 @@ def regress(
     and the MAPE. Recorded-run tables (.parquet, e.g. the shipped perfdb_subset.parquet
     of aiconfigurator-core's measured kernels) print their MAPE per system and op class,
     in and out of sample, and the rows out of tolerance. `--include-known-gaps` adds the
-    measurements the model misses today (traces/recorded/known_gaps.yaml), so it exits 1
+    measurements the model misses today (moesim/fidelity/gpu_runs/known_gaps.yaml), so it exits 1
     by design.
 
     Examples:
 
       moesim regress
 
-      moesim regress traces/recorded/deepgemm_grouped_h800.yaml --json
+      moesim regress moesim/fidelity/gpu_runs/deepgemm_grouped_h800.yaml --json
     """
-    from moesim.perfdb.regress import format_table_report
-    from moesim.recorded import recorded_dir
-    from moesim.regress import format_report, regress_tables
-    from moesim.regress import regress as run_regress
+    from moesim.fidelity.perfdb.regress import format_table_report
+    from moesim.fidelity.regress import format_report, regress_tables
+    from moesim.fidelity.regress import regress as run_regress
+    from moesim.fidelity.runs import gpu_runs_dir
 
-    paths = runs or [recorded_dir()]
+    paths = runs or [gpu_runs_dir()]
     report = run_regress(paths, include_known_gaps=include_known_gaps)
     tables = regress_tables(paths, include_known_gaps=include_known_gaps)
     if as_json:

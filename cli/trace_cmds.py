@@ -34,8 +34,8 @@ def stats(
 
       moesim trace stats traces/samples/tiny-v3.npz --ep 8 --capacity-factor 1.0 --json
     """
-    from moesim.trace import RoutingTrace
-    from moesim.trace_stats import capacity_drop_rates, format_stats, trace_stats
+    from moesim.tracefile.format import RoutingTrace
+    from moesim.tracefile.stats import capacity_drop_rates, format_stats, trace_stats
 
     loaded = RoutingTrace.load(trace)
     result = trace_stats(loaded, ep=ep, max_devices=max_devices, gpus_per_node=gpus_per_node)
@@ -86,7 +86,7 @@ def import_(
 
       moesim trace import runs/megatron-trace --experts 64 --out runs/megatron.npz
     """
-    from moesim.trace_import import import_megatron
+    from moesim.tracefile.megatron import import_megatron
 
     trace = import_megatron(paths if len(paths) > 1 else paths[0], num_experts=experts,
                             step=step, include_mtp=include_mtp, score_function=score_function)
@@ -125,8 +125,8 @@ def synth(
 
       moesim trace synth --experts 256 --top-k 8 --fit traces/samples/tiny-v3.npz --out f.npz
     """
-    from moesim.routing.synthetic_trace import fit_synthetic, synthetic_trace
-    from moesim.trace import RoutingTrace
+    from moesim.tracefile.format import RoutingTrace
+    from moesim.tracefile.synthesis import fit_synthetic, synthetic_trace
 
     params = {"skew": 0.0, "correlation": 0.0, "layer_correlation": 0.0}
     if fit is not None:

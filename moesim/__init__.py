@@ -21,9 +21,9 @@ _EXPORTS = {
     "RoutingPolicy": "moesim.config.routing",
     "ServingConfig": "moesim.config.serving",
     "simulate": "moesim.simulation",
-    "SimResult": "moesim.result",
+    "SimResult": "moesim.output.result",
     "InputError": "moesim.errors",
-    "RoutingTrace": "moesim.trace",
+    "RoutingTrace": "moesim.tracefile.format",
 }
 
 __all__ = [
@@ -51,9 +51,9 @@ if TYPE_CHECKING:
     from moesim.config.scenario import Scenario
     from moesim.config.serving import ServingConfig
     from moesim.errors import InputError
-    from moesim.result import SimResult
+    from moesim.output.result import SimResult
     from moesim.simulation import simulate
-    from moesim.trace import RoutingTrace
+    from moesim.tracefile.format import RoutingTrace
 
 
 def __getattr__(name: str):

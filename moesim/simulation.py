@@ -7,17 +7,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moesim import compute, serving
+from moesim.comm.exchange import sms_stretch
+from moesim.comm.traffic import LinkLoads, bytes_per_copy, dispatch_flows, dispatch_loads
+from moesim.config.feasibility import check_feasible
 from moesim.config.scenario import Scenario
+from moesim.cost import compute, serving
 from moesim.engine.program import COMM, Op, build_program
 from moesim.engine.simpy_engine import run_program
-from moesim.ep_exchange import sms_stretch
-from moesim.feasibility import check_feasible
 from moesim.network.analytical import ExchangeTime, exchange_time
 from moesim.network.flow import group_exchange_times
-from moesim.result import SimResult
+from moesim.output.result import SimResult
 from moesim.routing.batch import BatchCounts
-from moesim.traffic import LinkLoads, bytes_per_copy, dispatch_flows, dispatch_loads
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,7 +151,7 @@ def _durations(scenario: Scenario, ops: list[Op], costs: list[LayerCosts], keys_
                n_gpus: int, serving_fixed=None):
     """[ops, gpus] durations of every op on every GPU.
 
-    ``serving_fixed`` (prefill, decode): :func:`moesim.serving.fixed_costs`."""
+    ``serving_fixed`` (prefill, decode): :func:`moesim.cost.serving.fixed_costs`."""
     m, p, hw = scenario.model, scenario.parallel, scenario.hardware
     # With overlapped micro-batches a communication kernel runs beside compute all step
     # long, so its SMs are lost to compute; one micro-batch mostly alternates the two.
@@ -185,11 +185,11 @@ def simulate(scenario: Scenario, trace=None) -> SimResult:
     Routing replays ``trace`` (a RoutingTrace), else the trace the scenario names,
     else synthetic draws.
     """
-    from moesim.metrics import summarize
+    from moesim.output.summary import summarize
+    from moesim.output.tables import experts_table, links_table, spans_table
     from moesim.routing.source import SyntheticSource, TraceSource
-    from moesim.tables import experts_table, links_table, spans_table
     from moesim.topologies import load_topology
-    from moesim.trace import RoutingTrace
+    from moesim.tracefile.format import RoutingTrace
 
     p = scenario.parallel
     topology = load_topology(scenario.topology, gpus=p.total_gpus)

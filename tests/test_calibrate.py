@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import yaml
 
-from moesim import compute
-from moesim.calibrate import calibrate, gemm_cases, hardware_yaml
 from moesim.config.loading import hardware_preset, load_scenario
+from moesim.cost import compute
 from moesim.errors import InputError
-from moesim.recorded import recorded_dir
-from moesim.regress import recorded_files
+from moesim.fidelity.calibrate import calibrate, gemm_cases, hardware_yaml
+from moesim.fidelity.regress import recorded_files
+from moesim.fidelity.runs import gpu_runs_dir
 
 H800 = hardware_preset("h800")
 SHAPES = [(1, 64, 7168, 2048), (1, 128, 24576, 1536), (1, 4096, 4096, 7168),
@@ -88,7 +88,7 @@ def test_calibrate_recovers_known_parameters(tmp_path):
 
 
 def test_calibrating_on_shipped_data_lowers_gemm_mape():
-    files = recorded_files([recorded_dir()], include_known_gaps=True)
+    files = recorded_files([gpu_runs_dir()], include_known_gaps=True)
     fitted, report = calibrate(files, base=H800)
     assert report.skipped > 0  # DeepEP / NCCL runs are not used
     assert len(report.rows) == len(gemm_cases(files, base=H800)[0]) >= 20

@@ -76,8 +76,9 @@ def in_sandbox(tmp_path, monkeypatch):
     traces, and holds the inputs the examples name."""
     (tmp_path / "examples").symlink_to(REPO / "examples")
     (tmp_path / "traces").mkdir()
-    for folder in ("samples", "recorded"):
-        (tmp_path / "traces" / folder).symlink_to(REPO / "traces" / folder)
+    (tmp_path / "traces" / "samples").symlink_to(REPO / "traces" / "samples")
+    (tmp_path / "moesim" / "fidelity").mkdir(parents=True)
+    (tmp_path / "moesim" / "fidelity" / "gpu_runs").symlink_to(REPO / "moesim/fidelity/gpu_runs")
     _megatron_trace(tmp_path / "runs" / "megatron-trace")
     _tiny_mixtral(tmp_path / "runs" / "tiny-mixtral")
     monkeypatch.chdir(tmp_path)
@@ -248,7 +249,7 @@ def test_capture_needs_exactly_one_source(tmp_path):
 def test_regress_passes_on_the_shipped_runs_and_fails_on_a_perturbed_one(tmp_path):
     result = invoke(["regress"])
     assert result.exit_code == 0 and "MAPE" in result.output and "PASSED" in result.output
-    text = (REPO / "traces/recorded/deepgemm_grouped_h800.yaml").read_text()
+    text = (REPO / "moesim/fidelity/gpu_runs/deepgemm_grouped_h800.yaml").read_text()
     assert "value: 1346" in text
     bad = tmp_path / "perturbed.yaml"
     bad.write_text(text.replace("value: 1346", "value: 2346", 1))

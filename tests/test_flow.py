@@ -8,12 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from moesim.network.analytical import exchange_time
-from moesim.network.flow import complete, exchange_time_flow, max_min_rates
-from moesim.routing.batch import RoutedBatch, count_batch
-from moesim.routing.synthetic import sample_topk
-from moesim.topologies import load_topology
-from moesim.traffic import (
+from moesim.comm.traffic import (
     KERNELS,
     Paths,
     bytes_per_copy,
@@ -22,6 +17,11 @@ from moesim.traffic import (
     dispatch_loads,
     link_capacity,
 )
+from moesim.network.analytical import exchange_time
+from moesim.network.flow import complete, exchange_time_flow, max_min_rates
+from moesim.routing.batch import RoutedBatch, count_batch
+from moesim.routing.synthetic import sample_topk
+from moesim.topologies import load_topology
 
 LINK_FIELDS = ("nvl_out", "nvl_in", "nic_out", "nic_in", "up", "down")
 

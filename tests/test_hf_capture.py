@@ -17,7 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from moesim.errors import InputError  # noqa: E402
-from moesim.trace import RoutingTrace  # noqa: E402
+from moesim.tracefile.format import RoutingTrace  # noqa: E402
 from moesim.traces.hf_capture import (  # noqa: E402
     FAMILIES,
     capture_hf,

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import moesim
-from moesim.traffic import KERNELS
+from moesim.comm.traffic import KERNELS
 
 # (topology, GPUs per node, EP sizes that fit it)
 LAYOUTS = [("h800-cluster", 8, (8, 16)), ("dgx-h100-superpod", 8, (16,)), ("h800-node", 8, (4, 8))]

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moesim.errors import InputError
-from moesim.trace import RoutingTrace
+from moesim.tracefile.format import RoutingTrace
 from moesim.traces.capture import capture_heldout, capture_own, default_gate_config, tiny_config
 from moesim.traces.corpus import heldout_sequences, load_corpus, training_batches
 from moesim.traces.layers import GATE_KINDS

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from moesim.comm.traffic import LinkLoads
 from moesim.network.analytical import exchange_time
 from moesim.topologies import load_topology
-from moesim.traffic import LinkLoads
 
 
 def nic_loads(n: int, n_leaves: int, sending: dict[int, float]) -> LinkLoads:

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from moesim.cli import perfdb_cmd
 from moesim.cli.main import app
 from moesim.errors import InputError
-from moesim.perfdb.importer import find_data_root, import_perfdb, package_version
-from moesim.perfdb.table import (
+from moesim.fidelity.perfdb.importer import find_data_root, import_perfdb, package_version
+from moesim.fidelity.perfdb.table import (
     COLUMNS,
     DTYPES,
     INT_COLUMNS,

@@ -12,26 +12,26 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from moesim import compute
 from moesim.cli.main import app
-from moesim.collectives import collective_time
+from moesim.comm.collectives import collective_time
 from moesim.config.loading import hardware_preset
+from moesim.cost import compute
 from moesim.errors import InputError
-from moesim.perfdb.fit import fit_system, in_sample
-from moesim.perfdb.predict import SYSTEMS, balanced_loads, base_model, modeled, predict
-from moesim.perfdb.regress import regress_table
-from moesim.perfdb.table import (
+from moesim.fidelity.perfdb.fit import fit_system, in_sample
+from moesim.fidelity.perfdb.predict import SYSTEMS, balanced_loads, base_model, modeled, predict
+from moesim.fidelity.perfdb.regress import regress_table
+from moesim.fidelity.perfdb.table import (
     COLUMNS,
     DTYPES,
     read_table,
     table_to_parquet_bytes,
     validate_table,
 )
-from moesim.recorded import recorded_dir
+from moesim.fidelity.runs import gpu_runs_dir
 from moesim.routing.power_law import power_law_loads
 from moesim.topologies import load_topology
 
-SUBSET = recorded_dir() / "perfdb_subset.parquet"
+SUBSET = gpu_runs_dir() / "perfdb_subset.parquet"
 FITTED = Path(str(resources.files("moesim.config.presets").joinpath("fitted")))
 
 

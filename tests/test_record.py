@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from moesim.cli.record_cmd import NO_GPU, record
 from moesim.errors import InputError
-from moesim.recorded import load_runs
-from moesim.traces import record as rec
+from moesim.fidelity import record as rec
+from moesim.fidelity.runs import load_runs
 
 app = typer.Typer()
 app.command()(record)

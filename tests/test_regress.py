@@ -11,11 +11,11 @@ import yaml
 
 from moesim.config.loading import hardware_preset
 from moesim.errors import InputError
-from moesim.recorded import KNOWN_GAPS, load_runs, recorded_dir
-from moesim.regress import format_report, regress, simulate_run
+from moesim.fidelity.regress import format_report, regress, simulate_run
+from moesim.fidelity.runs import KNOWN_GAPS, gpu_runs_dir, load_runs
 from moesim.topologies import load_topology
 
-SHIPPED = recorded_dir()
+SHIPPED = gpu_runs_dir()
 
 VALID = {
     "schema": "moesim.recorded-run/1",

@@ -17,8 +17,9 @@ import pytest
 from typer.testing import CliRunner
 
 import moesim
-from moesim import HardwareSpec, InputError, compute, serving
+from moesim import HardwareSpec, InputError
 from moesim.cli.main import app
+from moesim.cost import compute, serving
 
 REPO = Path(__file__).resolve().parents[1]
 DECODE = str(REPO / "examples" / "v3-decode-h200.yaml")

@@ -115,7 +115,7 @@ def test_missing_csv_exits_2(silicon_check, tmp_path, capsys):
 
 
 def test_without_the_package_exits_2_with_the_install_hint(silicon_check, monkeypatch, capsys):
-    import moesim.perfdb.importer as importer
+    import moesim.fidelity.perfdb.importer as importer
     from moesim.errors import InputError
 
     def absent():

@@ -19,13 +19,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moesim.errors import InputError
-from moesim.routing.synthetic_trace import (
+from moesim.tracefile.format import RoutingTrace
+from moesim.tracefile.synthesis import (
     GENERATOR,
     SyntheticParams,
     fit_synthetic,
     synthetic_trace,
 )
-from moesim.trace import RoutingTrace
 
 BASE = dict(num_experts=64, top_k=6, num_layers=4, num_tokens=8192, seq_len=256)
 

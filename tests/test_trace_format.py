@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moesim.errors import InputError
-from moesim.trace import SCHEMA, RoutingTrace
+from moesim.tracefile.format import SCHEMA, RoutingTrace
 
 E, K, L, T = 8, 2, 3, 6
 

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from moesim.errors import InputError
-from moesim.trace import RoutingTrace
-from moesim.trace_import import import_megatron
+from moesim.tracefile.format import RoutingTrace
+from moesim.tracefile.megatron import import_megatron
 
 E = 8
 

@@ -21,8 +21,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moesim.errors import InputError
-from moesim.trace import RoutingTrace
-from moesim.trace_stats import format_stats, trace_stats
+from moesim.tracefile.format import RoutingTrace
+from moesim.tracefile.stats import format_stats, trace_stats
 
 IDS_TK = np.array([[0, 1], [0, 2], [0, 7], [5, -1]])
 # Exact in float16, summing to 1.

@@ -18,12 +18,12 @@ import numpy as np
 import pytest
 
 import moesim
+from moesim.comm.traffic import KERNELS, LinkLoads, bytes_per_copy, dispatch_loads
 from moesim.network.analytical import exchange_time
 from moesim.routing.batch import RoutedBatch, count_batch
 from moesim.routing.synthetic import expert_popularity, sample_topk
 from moesim.routing.synthetic_layers import synthetic_batches
 from moesim.topologies import load_topology
-from moesim.traffic import KERNELS, LinkLoads, bytes_per_copy, dispatch_loads
 
 LINK_FIELDS = ("nvl_out", "nvl_in", "nic_out", "nic_in", "up", "down")
 

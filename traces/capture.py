@@ -16,7 +16,7 @@ import torch
 
 import moesim
 from moesim.errors import InputError
-from moesim.trace import RoutingTrace
+from moesim.tracefile.format import RoutingTrace
 from moesim.traces.corpus import Corpus, heldout_sequences, load_corpus
 from moesim.traces.model import TinyMoELM, default_gate_config, gate_metadata, tiny_config
 

@@ -34,7 +34,7 @@ import torch
 
 import moesim
 from moesim.errors import InputError
-from moesim.trace import RoutingTrace
+from moesim.tracefile.format import RoutingTrace
 
 # Files that carry a vocabulary. AutoTokenizer happily builds an *empty* tokenizer for
 # some families (Qwen2, GPT-NeoX) when none of these exist, so presence is checked here

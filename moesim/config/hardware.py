@@ -31,7 +31,7 @@ class HardwareSpec:
     gemm_efficiency: float = Fraction
     attention_efficiency: float = Fraction
     memory_efficiency: float = Fraction
-    # Efficiency curves (moesim.compute): 0 keeps the efficiency constant.
+    # Efficiency curves (moesim.cost.compute): 0 keeps the efficiency constant.
     gemm_m_half: float = Field(default=0.0, ge=0)  # rows per group at half gemm_efficiency
     memory_bytes_half: float = Field(default=0.0, ge=0)  # bytes at half memory_efficiency
     grouped_gemm_align: int = Field(default=128, gt=0)

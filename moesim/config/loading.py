@@ -324,7 +324,7 @@ def load_scenario(path: str | Path | None = None, *, overrides: Sequence[str] = 
     The scenario is checked against its topology too (EP size, GPUs, ``M``), so an
     impossible setup fails here with the file's name rather than deep in a run.
     """
-    from moesim.feasibility import check_feasible
+    from moesim.config.feasibility import check_feasible
 
     if path is None:
         source = f"<default scenario {DEFAULT_SCENARIO}>"

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moesim.traffic import LinkLoads
+from moesim.comm.traffic import LinkLoads
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,6 +1,6 @@
 """Flow-level network model: max-min fair sharing of every directed link.
 
-An exchange is a set of flows (:class:`moesim.traffic.FlowSet`), each crossing a
+An exchange is a set of flows (:class:`moesim.comm.traffic.FlowSet`), each crossing a
 fixed path of links. At any moment the links are shared max-min fairly (what many
 equal-priority transfers converge to): rates come from progressive filling, and
 when a flow completes the rates of the remaining ones are solved again. No packets,
@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moesim.comm.traffic import FlowSet, Paths, concat_flows, link_capacity, link_class
 from moesim.network.analytical import ExchangeTime, exchange_time
-from moesim.traffic import FlowSet, Paths, concat_flows, link_capacity, link_class
 
 # Relative slack for "the same" share or finish time: progressive filling and time
 # stepping accumulate float error, and ties (symmetric exchanges) must stay ties.

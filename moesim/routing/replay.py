@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from moesim.config.feasibility import limit_units
 from moesim.config.scenario import Scenario
-from moesim.feasibility import limit_units
 from moesim.routing.batch import RoutedBatch
 from moesim.routing.dropping import keep_within_capacity
 

@@ -11,8 +11,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from moesim.config.feasibility import limit_units
 from moesim.config.scenario import Scenario
-from moesim.feasibility import limit_units
 from moesim.routing.batch import RoutedBatch
 from moesim.routing.dropping import keep_within_capacity
 from moesim.routing.synthetic import expert_popularity, sample_topk

@@ -2,8 +2,8 @@
 
 Each op class goes through the model the simulator itself uses:
 
-- ``gemm``: :func:`moesim.compute.gemm_time` (roofline with the efficiency curves); FP8
-  rows add :func:`moesim.compute.quantize_time`, since the benchmark times the dynamic
+- ``gemm``: :func:`moesim.cost.compute.gemm_time` (roofline with the efficiency curves); FP8
+  rows add :func:`moesim.cost.compute.quantize_time`, since the benchmark times the dynamic
   quantization of its BF16 input too.
 - ``moe``: one fused MoE on the timed EP rank: its ``experts / moe_ep`` local experts' two
   grouped GEMMs (``inter / moe_tp`` wide) through the same roofline, plus
@@ -11,11 +11,11 @@ Each op class goes through the model the simulator itself uses:
   spread the ``tokens x topk`` picks evenly; ``power_law_<a>`` rows take the expert
   loads from :func:`moesim.routing.power_law.power_law_loads` (moesim's power-law model,
   five seeded draws) and time the most loaded rank, as the benchmark does.
-- ``attention_context`` / ``mla_context``: :func:`moesim.compute.attention_prefill_time`.
-- ``attention_generation`` / ``mla_generation``: :func:`moesim.compute.attention_decode_time`
+- ``attention_context`` / ``mla_context``: :func:`moesim.cost.compute.attention_prefill_time`.
+- ``attention_generation`` / ``mla_generation``: :func:`moesim.cost.compute.attention_decode_time`
   over ``step + 1`` cached tokens (MLA absorbed: 576-wide scores over the shared latent).
-- ``nccl``: :func:`moesim.collectives.collective_time` on the system's node topology.
-- ``deepep_normal`` / ``deepep_ll``: :func:`moesim.ep_exchange.ep_exchange` (routing,
+- ``nccl``: :func:`moesim.comm.collectives.collective_time` on the system's node topology.
+- ``deepep_normal`` / ``deepep_ll``: :func:`moesim.comm.exchange.ep_exchange` (routing,
   traffic and the analytical network model) on the system's node (``nodes = 1``) or
   cluster topology, with DeepEP's FP8 dispatch and BF16 combine.
 
@@ -33,10 +33,10 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from moesim import compute
-from moesim.collectives import collective_time
+from moesim.comm.collectives import collective_time
+from moesim.comm.exchange import sms_stretch
 from moesim.config.hardware import HardwareSpec
-from moesim.ep_exchange import sms_stretch
+from moesim.cost import compute
 
 # aiconfigurator system -> (GPU hardware preset, one-node topology, multi-node topology)
 SYSTEMS: dict[str, tuple[str, str, str]] = {
@@ -278,7 +278,7 @@ def _deepep(kernel: str):
 def _deepep_link_seconds(system: str, nvlink_efficiency: float, kernel: str, nodes: int,
                          tokens: int, hidden: int, experts: int, topk: int, phase: str) -> float:
     """Hop latency plus busiest-link time of one DeepEP phase (no kernel overhead)."""
-    from moesim.ep_exchange import ep_exchange
+    from moesim.comm.exchange import ep_exchange
 
     topo = system_topology(system, nvlink_efficiency, GPUS_PER_NODE * nodes)
     low_latency = kernel == "deepep-low-latency"

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from moesim.errors import InputError
-from moesim.perfdb.predict import SystemModel, modeled, predict
+from moesim.fidelity.perfdb.predict import SystemModel, modeled, predict
 
 NVLINK = "nvlink_efficiency"  # lives on SystemModel (the topology), not on the GPU
 

@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from moesim.errors import InputError
-from moesim.perfdb.fit import in_sample
-from moesim.perfdb.predict import SYSTEMS, base_model, modeled, predict
+from moesim.fidelity.perfdb.fit import in_sample
+from moesim.fidelity.perfdb.predict import SYSTEMS, base_model, modeled, predict
 
 
 @dataclass(frozen=True, kw_only=True)

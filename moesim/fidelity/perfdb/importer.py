@@ -4,7 +4,7 @@
 aiconfigurator-core (NVIDIA, Apache-2.0) keeps its measurements as Parquet files laid
 out as ``systems/data/<system>/<op folder>/<framework>/<version>/<table>.parquet``.
 :func:`import_perfdb` reads the tables listed in :data:`TABLES`, maps their columns to
-the recorded-table schema (:mod:`moesim.perfdb.table`), converts milliseconds to
+the recorded-table schema (:mod:`moesim.fidelity.perfdb.table`), converts milliseconds to
 microseconds, splits each DeepEP row into a dispatch and a combine row and drops
 measurements whose latency is not a finite number > 0 (counted in the provenance).
 It reads only the files that exist: tables that a version folder merely declares as
@@ -24,7 +24,14 @@ import numpy as np
 import pandas as pd
 
 from moesim.errors import InputError
-from moesim.perfdb.table import COLUMNS, DTYPES, INT_COLUMNS, OPS, STR_COLUMNS, TEXT_COLUMNS
+from moesim.fidelity.perfdb.table import (
+    COLUMNS,
+    DTYPES,
+    INT_COLUMNS,
+    OPS,
+    STR_COLUMNS,
+    TEXT_COLUMNS,
+)
 
 PACKAGE = "aiconfigurator-core"
 MODULE = "aiconfigurator_core"

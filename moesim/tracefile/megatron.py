@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 
 from moesim.errors import InputError
-from moesim.trace import RoutingTrace
+from moesim.tracefile.format import RoutingTrace
 
 _FILE_RE = re.compile(r"router_trace_rank(\d+)\.jsonl$")
 _FIELDS = ("step", "block", "layer", "rank", "num_tokens", "topk", "top_indices")

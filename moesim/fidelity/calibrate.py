@@ -1,13 +1,13 @@
 """Fit a GPU's GEMM efficiency curves to recorded GEMM runs (``moesim calibrate``).
 
-The free parameters are those of :mod:`moesim.compute`'s GEMM roofline:
+The free parameters are those of :mod:`moesim.cost.compute`'s GEMM roofline:
 ``gemm_efficiency``, ``gemm_m_half``, ``memory_efficiency`` and ``memory_bytes_half``;
 every other field is kept from the base :class:`HardwareSpec`. The fit minimises the
 sum of squared log relative errors ``log(simulated / measured)`` of the runs' TFLOPS by
 a deterministic grid search (a coarse grid, then two finer grids around the best
 point) in numpy. Only the GEMM runs (``grouped-gemm``, ``dense-gemm``) of the files
 given are used: communication runs (DeepEP, NCCL) say nothing about GEMMs and are
-skipped. Calibrate on the shared reference data (the shipped ``traces/recorded`` files,
+skipped. Calibrate on the shared reference data (the shipped ``moesim/fidelity/gpu_runs`` files,
 ``known_gaps.yaml`` included), not on DeepEP internode or low-latency data.
 """
 
@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from moesim import compute
 from moesim.config.hardware import HardwareSpec
+from moesim.cost import compute
 from moesim.errors import InputError
-from moesim.recorded import DenseGemm, GroupedGemm, load_runs
+from moesim.fidelity.runs import DenseGemm, GroupedGemm, load_runs
 
 PARAMS = ("gemm_efficiency", "gemm_m_half", "memory_efficiency", "memory_bytes_half")
 

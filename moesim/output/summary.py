@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from moesim import compute
 from moesim.config.scenario import Scenario
+from moesim.cost import compute
 from moesim.engine.program import COMM, COMPUTE, Op
 from moesim.engine.simpy_engine import Timeline
 
@@ -65,8 +65,8 @@ def _load_imbalance(scenario: Scenario, costs, keys_l) -> float:
 def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys_l,
               links: pd.DataFrame, *, serving_fixed=None) -> dict:
     """The summary dict; ``serving_fixed`` (prefill, decode) is
-    :func:`moesim.serving.fixed_costs`, whose all-reduce times it reports."""
-    from moesim import serving
+    :func:`moesim.cost.serving.fixed_costs`, whose all-reduce times it reports."""
+    from moesim.cost import serving
 
     m, p, hw = scenario.model, scenario.parallel, scenario.hardware
     step = float(timeline.end_og.max())

@@ -38,7 +38,7 @@ import numpy as np
 
 from moesim.errors import InputError
 from moesim.routing.synthetic import expert_popularity, sample_topk
-from moesim.trace import RoutingTrace
+from moesim.tracefile.format import RoutingTrace
 
 GENERATOR = "moesim.routing.synthetic_trace/1"
 _MAX_SKEW = 16.0

@@ -129,9 +129,9 @@ class RecordedRuns(_Strict):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
-def recorded_dir() -> Path:
-    """The folder of shipped recorded runs (``traces/recorded``)."""
-    return Path(str(resources.files("moesim.traces").joinpath("recorded")))
+def gpu_runs_dir() -> Path:
+    """The folder of shipped recorded runs (``moesim/fidelity/gpu_runs``)."""
+    return Path(str(resources.files("moesim.fidelity").joinpath("gpu_runs")))
 
 
 def load_runs(path: str | os.PathLike[str]) -> RecordedRuns:

@@ -4,7 +4,7 @@ latency of one kernel or collective at one shape.
 It is the long-form, Parquet companion of the YAML recorded runs
 (``moesim.recorded-run/1``): where a YAML run holds a few published numbers with their
 story, this table holds hundreds of thousands of measurements, e.g. the GEMM, MoE,
-attention, MLA, NCCL and DeepEP latencies that :mod:`moesim.perfdb.importer` reads
+attention, MLA, NCCL and DeepEP latencies that :mod:`moesim.fidelity.perfdb.importer` reads
 from aiconfigurator-core. Shape columns that an op does not have are ``<NA>``; string
 columns that do not apply are ``""``. Latencies are in microseconds.
 

@@ -28,14 +28,14 @@ Layout (as SGLang's DP attention with DeepEP, and TensorRT-LLM's attention DP wi
 
 Costs per layer and micro-batch on each GPU:
 
-* attention = projection GEMMs (:func:`moesim.compute.gemm_time`; MLA's down-projections
+* attention = projection GEMMs (:func:`moesim.cost.compute.gemm_time`; MLA's down-projections
   are replicated on every TP rank, the per-head up/output projections split) + the
-  attention core (:func:`moesim.compute.attention_prefill_time` over ``batch`` prompts
-  of ``isl`` tokens, causal; :func:`moesim.compute.attention_decode_time` of ``batch``
+  attention core (:func:`moesim.cost.compute.attention_prefill_time` over ``batch`` prompts
+  of ``isl`` tokens, causal; :func:`moesim.cost.compute.attention_decode_time` of ``batch``
   queries over ``isl + osl / 2`` cached tokens, reading the KV cache) + the TP
-  all-reduce (:func:`moesim.collectives.collective_time`). Prefill runs MLA unabsorbed
+  all-reduce (:func:`moesim.comm.collectives.collective_time`). Prefill runs MLA unabsorbed
   (per-head ``qk_nope + qk_rope`` scores, ``v_head_dim`` values); decode runs it
-  absorbed over the cached latent (:func:`moesim.compute.attention_dims`).
+  absorbed over the cached latent (:func:`moesim.cost.compute.attention_dims`).
 * KV cache read per token and layer on one GPU: MLA's latent
   (``kv_lora_rank + qk_rope_head_dim`` values) is replicated on every TP rank, so TP
   does not shrink it; GQA/MHA caches ``2 x kv_heads x head_dim`` values, of which a GPU
@@ -54,10 +54,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from moesim import compute
-from moesim.collectives import collective_time
+from moesim.comm.collectives import collective_time
 from moesim.config.model import ModelShape
 from moesim.config.scenario import SERVING_MODES, Scenario
+from moesim.cost import compute
 
 
 def is_serving(scenario: Scenario) -> bool:

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from moesim import compute
+from moesim.comm.exchange import ep_exchange
+from moesim.comm.traffic import dispatch_loads
 from moesim.config.loading import hardware_preset
-from moesim.ep_exchange import ep_exchange
+from moesim.cost import compute
 from moesim.errors import InputError
-from moesim.network.analytical import exchange_time
-from moesim.recorded import (
+from moesim.fidelity.runs import (
     KNOWN_GAPS,
     AllToAll,
     DenseGemm,
@@ -32,8 +32,8 @@ from moesim.recorded import (
     load_runs,
     resolve_topology,
 )
+from moesim.network.analytical import exchange_time
 from moesim.routing.batch import BatchCounts
-from moesim.traffic import dispatch_loads
 
 # ------------------------------------------------------------------ simulation
 
@@ -219,10 +219,10 @@ def regress(
 def regress_tables(
     paths: Iterable[str | os.PathLike[str]], *, include_known_gaps: bool = False
 ) -> list:
-    """:func:`moesim.perfdb.regress.regress_table` on every recorded-run table among
+    """:func:`moesim.fidelity.perfdb.regress.regress_table` on every recorded-run table among
     ``paths`` (files or folders)."""
-    from moesim.perfdb.regress import regress_table
-    from moesim.perfdb.table import read_table
+    from moesim.fidelity.perfdb.regress import regress_table
+    from moesim.fidelity.perfdb.table import read_table
 
     reports = []
     for file in recorded_files(paths, include_known_gaps=include_known_gaps):

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from moesim.perfdb.predict import modeled
+from moesim.fidelity.perfdb.predict import modeled
 
 COMPUTE_OPS = ("gemm", "moe", "attention_context", "attention_generation", "mla_context",
                "mla_generation")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from moesim.comm.traffic import LinkLoads
 from moesim.config.scenario import Scenario
 from moesim.engine.program import Op
 from moesim.engine.simpy_engine import Timeline
-from moesim.traffic import LinkLoads
 
 
 def spans_table(ops: list[Op], timeline: Timeline, *, ep: int) -> pd.DataFrame:

@@ -1,4 +1,4 @@
-"""Balance and communication statistics of a :class:`~moesim.trace.RoutingTrace`.
+"""Balance and communication statistics of a :class:`~moesim.tracefile.format.RoutingTrace`.
 
 For every MoE layer of a trace, with experts placed contiguously on ``D = ep`` devices
 (expert ``e`` on rank ``e // (E / D)``, rank ``r`` on node ``r // gpus_per_node``,
@@ -37,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from moesim.errors import InputError
-from moesim.trace import RoutingTrace
+from moesim.tracefile.format import RoutingTrace
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)

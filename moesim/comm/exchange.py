@@ -3,7 +3,7 @@
 Every rank holds ``tokens_per_rank`` tokens, each routed uniformly at random to
 ``top_k`` distinct experts (optionally within ``topk_groups`` nodes, as DeepSeek-V3's
 node-limited routing); the routing goes through :func:`sample_topk`, the bytes through
-:mod:`moesim.traffic` and the time through the analytical network model. Shared by
+:mod:`moesim.comm.traffic` and the time through the analytical network model. Shared by
 ``moesim regress`` (DeepEP's published tables) and the perfdb predictions.
 """
 
@@ -13,10 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moesim.comm.traffic import bytes_per_copy, dispatch_loads
 from moesim.network.analytical import exchange_time
 from moesim.routing.batch import BatchCounts, RoutedBatch, count_batch
 from moesim.routing.synthetic import expert_popularity, sample_topk
-from moesim.traffic import bytes_per_copy, dispatch_loads
 
 SEED = 0  # one fixed routing draw: reproducible to the last digit
 SAMPLED_TOKENS = 2048  # per rank; larger batches are this draw scaled (loads are linear)

@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 import yaml
 
 from moesim.errors import InputError
-from moesim.recorded import SCHEMA
+from moesim.fidelity.runs import SCHEMA
 
 DEFAULT_MODELS = ("deepseek-v3", "deepseek-v2")
 DEFAULT_TOKENS_PER_EXPERT = (64, 128, 256, 512, 1024, 2048, 4096)
@@ -328,7 +328,7 @@ def time_moe_layer(model_name: str, *, trace=None, trace_layer: int = 0, tokens:
                    seed: int = 0) -> LayerTiming:
     """One MoELayer forward in BF16 at the preset's shape, scaled to fit memory.
 
-    With a :class:`moesim.trace.RoutingTrace` the trace's expert ids and weights replace
+    With a :class:`moesim.tracefile.format.RoutingTrace` the trace's expert ids and weights replace
     the gate (fixed routing through ``routed_experts``), so the expert loads are the
     captured ones; without one the layer's own gate routes random tokens.
     """
