@@ -8,25 +8,25 @@ mistake still names its field.
 from __future__ import annotations
 
 import os
-import types
 import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from moesim.errors import InputError
+from moesim.validation import StrictModel, field_names, input_error
 
 SCHEMA = "moesim.topology/1"
 FABRIC_KINDS = ("none", "rail-optimized", "multi-plane")
 _PACKAGE = "moesim.topologies"
 
 
-class _Strict(BaseModel):
+class _Strict(StrictModel):
     # strict: a quoted "8" in YAML is a mistake, not a number.
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(**StrictModel.model_config, strict=True)
 
 
 class LinkSpec(_Strict):
@@ -123,63 +123,14 @@ def parse_spec(text: str, *, source: str) -> TopologySpec:
         raise InputError(
             "a topology file holds a YAML mapping of fields",
             source=source,
-            allowed=", ".join(_field_names(TopologySpec)),
+            allowed=", ".join(field_names(TopologySpec)),
         )
     try:
         spec = TopologySpec.model_validate(data)
     except ValidationError as exc:
-        raise _translate(exc, source) from None
+        raise input_error(exc, schema=TopologySpec, source=source) from None
     _check(spec, source)
     return spec
-
-
-def _translate(exc: ValidationError, source: str) -> InputError:
-    errors = exc.errors(include_url=False)
-    first = errors[0]
-    loc = tuple(str(part) for part in first["loc"])
-    field = ".".join(loc) or None
-    problem = {"extra_forbidden": "unknown field", "missing": "missing field"}.get(
-        first["type"], first["msg"]
-    )
-    if first["type"] not in ("missing", "extra_forbidden"):
-        problem += f", got {first.get('input')!r}"
-    allowed = None
-    if first["type"] == "extra_forbidden":
-        model = _model_at(loc[:-1])
-        allowed = ", ".join(_field_names(model)) if model else None
-    elif first["type"] == "literal_error":
-        allowed = first.get("ctx", {}).get("expected")
-    if len(errors) > 1:
-        problem += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return InputError(problem, field=field, allowed=allowed, source=source)
-
-
-def _field_names(model: type[BaseModel]) -> list[str]:
-    return [info.alias or name for name, info in model.model_fields.items()]
-
-
-def _model_at(loc: tuple[str, ...]) -> type[BaseModel] | None:
-    """The model class that the dotted path ``loc`` leads to, to list its allowed keys."""
-    model: type[BaseModel] = TopologySpec
-    for part in loc:
-        found = None
-        for name, info in model.model_fields.items():
-            if part in (name, info.alias):
-                found = _unwrap_model(info.annotation)
-        if found is None:
-            return None
-        model = found
-    return model
-
-
-def _unwrap_model(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
-        for arg in typing.get_args(annotation):
-            if isinstance(arg, type) and issubclass(arg, BaseModel):
-                return arg
-    return None
 
 
 def _check(spec: TopologySpec, source: str) -> None:

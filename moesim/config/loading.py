@@ -30,6 +30,7 @@ from moesim.config.routing import RoutingPolicy
 from moesim.config.scenario import SCHEMA, Scenario
 from moesim.config.serving import ServingConfig
 from moesim.errors import InputError
+from moesim.validation import field_names, input_error
 
 DEFAULT_SCENARIO = "default-scenario.yaml"
 _PRESET_SECTIONS = {"model": "models.yaml", "hardware": "hardware.yaml"}
@@ -117,11 +118,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def _section_fields(section: str) -> list[str]:
-    return [f.name for f in dataclasses.fields(_SECTION_TYPES[section])]
+    return field_names(_SECTION_TYPES[section])
 
 
 def _scenario_fields() -> list[str]:
-    return [f.name for f in dataclasses.fields(Scenario)]
+    return field_names(Scenario)
 
 
 def _apply_override(data: dict, path: list[str], value: Any) -> None:
@@ -191,19 +192,12 @@ def _hardware_file(value: str) -> str | dict:
     if not isinstance(spec, dict):
         raise InputError(f"a hardware file is a mapping of fields, got {type(spec).__name__}",
                          source=value)
-    try:
-        if "preset" not in spec:  # {preset: name, ...} is checked once expanded
-            HardwareSpec(**spec)
-    except (TypeError, ValidationError) as err:
-        raise InputError(f"invalid hardware file: {_first_error(err)}", source=value) from None
+    if "preset" not in spec:  # {preset: name, ...} is checked once expanded
+        try:
+            TypeAdapter(HardwareSpec).validate_python(spec)
+        except ValidationError as err:
+            raise input_error(err, schema=HardwareSpec, source=value) from None
     return dict(spec)
-
-
-def _first_error(err: Exception) -> str:
-    if isinstance(err, ValidationError):
-        e = err.errors()[0]
-        return f"{'.'.join(map(str, e['loc']))}: {e['msg']}"
-    return str(err)
 
 
 def _hardware_of_topology(topology: Any) -> str:
@@ -268,54 +262,7 @@ def _validate(data: dict) -> Scenario:
     try:
         return TypeAdapter(Scenario).validate_python(data)
     except ValidationError as err:
-        raise _translate(err) from None
-
-
-_BOUNDS = {
-    "greater_than": (("gt", ">"),),
-    "greater_than_equal": (("ge", ">="),),
-    "less_than": (("lt", "<"),),
-    "less_than_equal": (("le", "<="),),
-}
-
-
-def _translate(err: ValidationError) -> InputError:
-    """The first pydantic error as an InputError naming the field and what is allowed."""
-    errors = err.errors(include_url=False)
-    first = errors[0]
-    field = ".".join(str(part) for part in first["loc"])
-    kind = first["type"]
-    allowed = None
-    if kind == "unexpected_keyword_argument":
-        problem = "unknown field"
-        parent = first["loc"][0] if len(first["loc"]) > 1 else None
-        if parent in _SECTION_TYPES:
-            allowed = ", ".join(_section_fields(str(parent)))
-        elif parent is None:
-            allowed = ", ".join(_scenario_fields())
-    elif kind == "missing":
-        problem = "missing required field"
-    elif kind == "literal_error":
-        problem = f"invalid value {first.get('input')!r}"
-        allowed = first.get("ctx", {}).get("expected")
-    elif kind in _BOUNDS:
-        problem = f"{first['msg'].lower()} (got {first.get('input')!r})"
-        allowed = " and ".join(f"{op} {first['ctx'][key]}" for key, op in _BOUNDS[kind])
-    else:
-        problem = f"{first['msg'].lower()} (got {first.get('input')!r})"
-        allowed = _allowed_from_type(first["loc"])
-    if len(errors) > 1:
-        problem += f"; {len(errors) - 1} more problem(s) after this one"
-    return InputError(problem, field=field, allowed=allowed)
-
-
-def _allowed_from_type(loc: tuple) -> str | None:
-    if len(loc) != 2 or loc[0] not in _SECTION_TYPES:
-        return None
-    for f in dataclasses.fields(_SECTION_TYPES[str(loc[0])]):
-        if f.name == loc[1]:
-            return str(f.type).replace("typing.", "")
-    return None
+        raise input_error(err, schema=Scenario) from None
 
 
 def load_scenario(path: str | Path | None = None, *, overrides: Sequence[str] = ()) -> Scenario:

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
-from moesim.config._base import STRICT
+from moesim.validation import STRICT
 
 Positive = Field(gt=0)
 

@@ -8,12 +8,12 @@ from typing import Literal
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
-from moesim.config._base import STRICT
 from moesim.config.hardware import HardwareSpec
 from moesim.config.model import ModelShape
 from moesim.config.parallel import ParallelConfig
 from moesim.config.routing import RoutingPolicy
 from moesim.config.serving import ServingConfig
+from moesim.validation import STRICT
 
 SCHEMA = "moesim.scenario/1"
 SERVING_MODES = ("prefill", "decode")  # the modes that take a `serving` section

@@ -13,12 +13,13 @@ from __future__ import annotations
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field, ValidationError
 
 from moesim.config.loading import read_yaml
 from moesim.errors import InputError
+from moesim.validation import StrictModel, field_names, input_error
 
 SCHEMA = "moesim.recorded-run/1"
 KNOWN_GAPS = "known_gaps.yaml"  # runs the model is known to miss; run only on request
@@ -26,12 +27,7 @@ KNOWN_GAPS = "known_gaps.yaml"  # runs the model is known to miss; run only on r
 Positive = Annotated[int, Field(gt=0)]
 
 
-class _Strict(BaseModel):
-    # Unknown keys are errors so that a typo never silently drops a field.
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class Source(_Strict):
+class Source(StrictModel):
     """Where the numbers were published; ``note`` says which table or CSV row."""
 
     repo: str
@@ -40,7 +36,7 @@ class Source(_Strict):
     note: str = ""
 
 
-class EpDispatchCombine(_Strict):
+class EpDispatchCombine(StrictModel):
     """One DeepEP-style dispatch + combine of ``tokens_per_rank`` tokens on every rank."""
 
     kind: Literal["ep-dispatch-combine"]
@@ -57,7 +53,7 @@ class EpDispatchCombine(_Strict):
     nvlink: bool = True  # low-latency kernels: False = same-node copies over RDMA too
 
 
-class GroupedGemm(_Strict):
+class GroupedGemm(StrictModel):
     """``groups`` GEMMs of ``m_per_group x n x k`` in one kernel (DeepGEMM's MoE GEMMs)."""
 
     kind: Literal["grouped-gemm"]
@@ -69,7 +65,7 @@ class GroupedGemm(_Strict):
     layout: Literal["contiguous", "masked"]
 
 
-class DenseGemm(_Strict):
+class DenseGemm(StrictModel):
     """One ``m x n x k`` GEMM."""
 
     kind: Literal["dense-gemm"]
@@ -79,7 +75,7 @@ class DenseGemm(_Strict):
     dtype: Literal["fp8", "bf16"] = "fp8"
 
 
-class AllToAll(_Strict):
+class AllToAll(StrictModel):
     """nccl-tests ``alltoall_perf``: each rank's ``bytes_per_rank`` buffer is split evenly
     over all ranks (itself included)."""
 
@@ -91,7 +87,6 @@ Workload = Annotated[
     Union[EpDispatchCombine, GroupedGemm, DenseGemm, AllToAll],  # noqa: UP007 (pydantic tag)
     Field(discriminator="kind"),
 ]
-WORKLOAD_KINDS = ("ep-dispatch-combine", "grouped-gemm", "dense-gemm", "alltoall")
 
 # Metrics each workload kind can be compared on (the simulator computes exactly these).
 METRICS: dict[str, tuple[str, ...]] = {
@@ -103,13 +98,13 @@ METRICS: dict[str, tuple[str, ...]] = {
 }
 
 
-class Measured(_Strict):
+class Measured(StrictModel):
     value: float = Field(gt=0)
     link: Literal["nvlink", "rdma"] | None = None  # bandwidths: which link class counts
     unit: str | None = None
 
 
-class Run(_Strict):
+class Run(StrictModel):
     id: str = Field(min_length=1)
     topology: str  # preset name or path (relative paths are found beside the file)
     gpus: Positive
@@ -120,13 +115,13 @@ class Run(_Strict):
     note: str = ""
 
 
-class RecordedRuns(_Strict):
+class RecordedRuns(StrictModel):
     schema_: Literal["moesim.recorded-run/1"] = Field(alias="schema")
     source: Source
     runs: list[Run] = Field(min_length=1)
-    path: str = ""  # the file it came from, filled in by load_runs
+    path: str = Field(default="", exclude=True)  # the file it came from, set by load_runs
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(**StrictModel.model_config, populate_by_name=True)
 
 
 def gpu_runs_dir() -> Path:
@@ -143,11 +138,11 @@ def load_runs(path: str | os.PathLike[str]) -> RecordedRuns:
                          allowed="schema, source, runs")
     if "path" in data:  # filled in by the loader, never read from the file
         raise InputError("unknown field", field="path", source=source,
-                         allowed=_fields_of(RecordedRuns))
+                         allowed=", ".join(field_names(RecordedRuns)))
     try:
         runs = RecordedRuns.model_validate(data)
     except ValidationError as err:
-        raise _translate(err).with_source(source) from None
+        raise input_error(err, schema=RecordedRuns, source=source) from None
     _check(runs, Path(path), source)
     return runs.model_copy(update={"path": source})
 
@@ -212,96 +207,3 @@ def _check_ep(run: Run, at: str, source: str) -> None:
         raise InputError(f"top_k {w.top_k} exceeds the {w.experts} experts",
                          field=f"{at}.workload.top_k", source=source,
                          allowed=f"1..{w.experts}")
-
-
-# ----------------------------------------------------------------- error messages
-
-
-def _field_path(loc: tuple) -> str:
-    """``('runs', 3, 'workload', 'grouped-gemm', 'n')`` -> ``runs[3].workload.n``."""
-    out = ""
-    skip_tag = False
-    for part in loc:
-        if skip_tag:
-            skip_tag = False
-            if part in WORKLOAD_KINDS:
-                continue  # pydantic's union tag is not a field of the file
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + ("schema" if part == "schema_" else str(part))
-        skip_tag = part == "workload"
-    return out
-
-
-_KIND_MODEL: dict[str, type[BaseModel]] = {
-    "ep-dispatch-combine": EpDispatchCombine, "grouped-gemm": GroupedGemm,
-    "dense-gemm": DenseGemm, "alltoall": AllToAll,
-}
-
-
-def _model_at(loc: tuple) -> type[BaseModel] | None:
-    """The model whose field list applies at ``loc`` (for 'unknown field' errors)."""
-    model: Any = RecordedRuns
-    parts = list(loc)
-    while parts:
-        part = parts.pop(0)
-        if isinstance(part, int):
-            continue
-        if model is Run and part == "workload":
-            return _KIND_MODEL.get(parts[0]) if parts else None
-        if model is Run and part == "measured":
-            return Measured if len(parts) > 1 else None
-        fields = model.model_fields
-        if part not in fields:
-            return model
-        model = {"source": Source, "runs": Run}.get(part)
-        if model is None:
-            return None
-    return model
-
-
-def _fields_of(model: type[BaseModel]) -> str:
-    # RecordedRuns.path is filled in by the loader; Source.path is a real field.
-    names = [n for n in model.model_fields if not (model is RecordedRuns and n == "path")]
-    return ", ".join("schema" if name == "schema_" else name for name in names)
-
-
-def _translate(err: ValidationError) -> InputError:
-    """The first pydantic error as an InputError naming the field and what is allowed."""
-    errors = err.errors(include_url=False)
-    first = errors[0]
-    loc, kind = tuple(first["loc"]), first["type"]
-    field = _field_path(loc)
-    allowed = None
-    if kind == "extra_forbidden":
-        problem = "unknown field"
-        parent = _model_at(loc[:-1])
-        allowed = _fields_of(parent) if parent else None
-    elif kind == "missing":
-        problem = "missing required field"
-        parent = _model_at(loc[:-1])
-        allowed = f"fields of this section: {_fields_of(parent)}" if parent else None
-    elif kind == "union_tag_invalid":
-        problem = f"unknown workload kind {first['ctx']['tag']!r}"
-        field += ".kind"
-        allowed = ", ".join(WORKLOAD_KINDS)
-    elif kind == "union_tag_not_found":
-        problem = "missing workload kind"
-        field += ".kind"
-        allowed = ", ".join(WORKLOAD_KINDS)
-    elif kind == "literal_error":
-        problem = f"invalid value {first.get('input')!r}"
-        allowed = first.get("ctx", {}).get("expected")
-    elif kind == "too_short":
-        problem = "must not be empty"
-        allowed = "at least one entry"
-    else:
-        problem = f"{first['msg'].lower()} (got {first.get('input')!r})"
-        ctx = first.get("ctx") or {}
-        bounds = [f"{op} {ctx[key]}" for key, op in
-                  (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")) if key in ctx]
-        allowed = " and ".join(bounds) or None
-    if len(errors) > 1:
-        problem += f"; {len(errors) - 1} more problem(s) after this one"
-    return InputError(problem, field=field, allowed=allowed)

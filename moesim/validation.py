@@ -1,0 +1,158 @@
+"""The one strict pydantic base of every input schema, and the one way its errors become an
+:class:`~moesim.errors.InputError`.
+
+Scenarios (pydantic dataclasses), topology files and recorded GPU runs (pydantic models)
+all forbid unknown keys, so a typo never passes silently, and all report their first
+problem the same way: the field as the user wrote it (``runs[3].workload.n``,
+``parallel.ep``), what is wrong with it and what would be allowed.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from moesim.errors import InputError
+
+STRICT = ConfigDict(extra="forbid", validate_default=True)
+"""Config of every schema: unknown keys are errors, defaults are checked too. Dataclasses
+take it as ``config=STRICT`` (and ``frozen=True, kw_only=True`` on the decorator)."""
+
+
+class StrictModel(BaseModel):
+    """Base of the schemas that are pydantic models (files with aliases or tagged unions)."""
+
+    model_config = ConfigDict(**STRICT, frozen=True)
+
+
+def field_names(model: type) -> list[str]:
+    """The keys a mapping of ``model`` (a pydantic model or dataclass) may hold."""
+    return [info.alias or name for name, info in model.__pydantic_fields__.items()
+            if not info.exclude]
+
+
+def input_error(err: ValidationError, *, schema: type, source: str | None = None) -> InputError:
+    """The first of ``err``'s problems as one InputError naming the field and what is
+    allowed; ``schema`` is the type that was validated (to list a section's fields)."""
+    errors = err.errors(include_url=False)
+    first = errors[0]
+    loc, kind = tuple(first["loc"]), first["type"]
+    ctx = first.get("ctx") or {}
+    field, parent = _walk(schema, loc[:-1]) if loc else ("", schema)
+    last, _ = _walk(schema, loc)
+    field = last or field
+    allowed = None
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        problem = "unknown field"
+        allowed = ", ".join(field_names(parent)) if _is_schema(parent) else None
+    elif kind in ("missing", "missing_keyword_argument"):
+        problem = "missing required field"
+    elif kind == "union_tag_invalid":
+        problem = f"unknown {_name(field)} kind {ctx['tag']!r}"
+        field += ".kind"
+        allowed = ", ".join(_tags(_walk(schema, loc)[1]))
+    elif kind == "union_tag_not_found":
+        problem = f"missing {_name(field)} kind"
+        field += ".kind"
+        allowed = ", ".join(_tags(_walk(schema, loc)[1]))
+    elif kind == "literal_error":
+        problem = f"invalid value {first.get('input')!r}"
+        allowed = ctx.get("expected")
+    elif kind == "too_short":
+        problem = "must not be empty"
+        allowed = "at least one entry"
+    else:
+        problem = f"{first['msg'].lower()} (got {_shown(first.get('input'))})"
+        bounds = [f"{op} {ctx[key]}" for key, op in
+                  (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")) if key in ctx]
+        allowed = " and ".join(bounds) or _type_of(schema, loc)
+    if len(errors) > 1:
+        problem += f"; {len(errors) - 1} more problem(s) after this one"
+    return InputError(problem, field=field or None, allowed=allowed, source=source)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _name(field: str) -> str:
+    return field.rsplit(".", 1)[-1].split("[")[0] or "entry"
+
+
+def _is_schema(tp: Any) -> bool:
+    return isinstance(tp, type) and hasattr(tp, "__pydantic_fields__")
+
+
+def _unwrap(tp: Any) -> Any:
+    """``X | None`` and ``Annotated[X, ...]`` -> ``X`` (other unions stay whole)."""
+    while True:
+        origin = typing.get_origin(tp)
+        if origin is typing.Annotated:
+            tp = typing.get_args(tp)[0]
+        elif origin in (typing.Union, types.UnionType):
+            args = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(args) != 1:
+                return tp
+            tp = args[0]
+        else:
+            return tp
+
+
+def _tags(union: Any) -> list[str]:
+    """The ``kind`` values of a tagged union of schemas."""
+    out = []
+    for member in typing.get_args(_unwrap(union)):
+        info = getattr(member, "__pydantic_fields__", {}).get("kind")
+        out += list(typing.get_args(info.annotation)) if info is not None else []
+    return out
+
+
+def _tagged(union: Any, tag: Any) -> Any:
+    """The member of a tagged union of schemas whose ``kind`` literal is ``tag``."""
+    for member in typing.get_args(union):
+        info = getattr(member, "__pydantic_fields__", {}).get("kind")
+        if info is not None and tag in typing.get_args(info.annotation):
+            return member
+    return None
+
+
+def _walk(schema: type, loc: tuple) -> tuple[str, Any]:
+    """``loc`` as the user writes the field (list indices in brackets, aliases, no union
+    tags), and the type found at its end."""
+    path, here = "", schema
+    for part in loc:
+        here = _unwrap(here)
+        origin = typing.get_origin(here)
+        if origin in (typing.Union, types.UnionType):
+            member = _tagged(here, part)
+            if member is not None:
+                here = member
+                continue
+        if isinstance(part, int):
+            path += f"[{part}]"
+            here = (typing.get_args(here) or (None,))[0] if origin in (list, tuple) else None
+            continue
+        path += ("." if path else "") + str(part)
+        if origin is dict:
+            here = typing.get_args(here)[1]
+        elif _is_schema(here):
+            info = here.__pydantic_fields__.get(part) or next(
+                (i for i in here.__pydantic_fields__.values() if i.alias == part), None)
+            if info is not None and info.alias and part != info.alias:
+                path = path[: -len(str(part))] + info.alias
+            here = info.annotation if info is not None else None
+        else:
+            here = None
+    return path, here
+
+
+def _type_of(schema: type, loc: tuple) -> str | None:
+    """The declared type at ``loc``, for problems pydantic states without bounds."""
+    _, here = _walk(schema, loc)
+    if here is None or _is_schema(_unwrap(here)):
+        return None
+    return here.__name__ if isinstance(here, type) else str(here).replace("typing.", "")
