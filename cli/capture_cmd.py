@@ -8,10 +8,10 @@ from typing import Annotated
 import typer
 
 from moesim.cli.common import guarded, write_trace
+from moesim.config.gates import GATE_NAMES
 from moesim.errors import InputError
 
-GATES = ("softmax-topk", "device-limited", "group-limited-sigmoid", "switch-top1",
-         "gshard-top2", "noisy-topk")
+GATES = GATE_NAMES
 
 
 @guarded

@@ -9,7 +9,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moesim.comm.traffic import (
-    KERNELS,
     Paths,
     bytes_per_copy,
     concat_flows,
@@ -17,6 +16,7 @@ from moesim.comm.traffic import (
     dispatch_loads,
     link_capacity,
 )
+from moesim.config.kernels import KERNEL_NAMES
 from moesim.network.analytical import exchange_time
 from moesim.network.flow import complete, exchange_time_flow, max_min_rates
 from moesim.routing.batch import RoutedBatch, count_batch
@@ -159,7 +159,7 @@ def test_completion_matches_a_cold_re_solve_and_the_analytical_bound(net):
 # ---------------------------------------------------------------- flows of real kernels
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
 @pytest.mark.parametrize(("topology", "gpus", "first_gpu"),
                          [("h800-node", 8, 0), ("h800-cluster", 32, 0),
                           ("h800-cluster", 32, 16), ("dgx-h100-superpod", 16, 0)])
@@ -210,7 +210,7 @@ def test_symmetric_exchange_takes_the_analytical_time():
     ids = ((ranks[:, None] + 1 + np.arange(15)[None, :]) % 16).reshape(-1, 1)
     counts = count_batch(RoutedBatch(ids_tk=ids, kept_tk=np.ones(ids.shape, dtype=bool),
                                      tokens_per_rank=15), n_experts=16, ep=16, gpus_per_node=8)
-    for kernel in KERNELS:
+    for kernel in KERNEL_NAMES:
         args = dict(kernel=kernel, topology=topo, first_gpu=0, gpus_per_node=8)
         nbytes = bytes_per_copy(kernel, hidden=7168, dtype="fp8", dispatch=True) * 1000
         flows = dispatch_flows(counts, **args).scaled(nbytes)
@@ -222,7 +222,7 @@ def test_symmetric_exchange_takes_the_analytical_time():
             assert got.latency_s == want.latency_s and got.bottleneck == want.bottleneck
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
 @pytest.mark.parametrize("gpus", [16, 32])
 def test_routed_all_to_all_agrees_with_analytical_within_two_percent(kernel, gpus):
     """A uniformly routed batch (E = 64, K = 6, 512 tokens per rank) on the H800

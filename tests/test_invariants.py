@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import moesim
-from moesim.comm.traffic import KERNELS
+from moesim.config.kernels import KERNEL_NAMES
 
 # (topology, GPUs per node, EP sizes that fit it)
 LAYOUTS = [("h800-cluster", 8, (8, 16)), ("dgx-h100-superpod", 8, (16,)), ("h800-node", 8, (4, 8))]
@@ -107,7 +107,7 @@ def check_invariants(result: moesim.SimResult) -> None:
     assert s["max_over_mean_gpu_load"] >= 1.0
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
 @pytest.mark.parametrize("mode", ["train", "inference"])
 def test_invariants_for_each_kernel_and_mode(kernel, mode):
     """Two EP groups of 16 on four H800 nodes, two micro-batches, Zipf routing, a
@@ -144,7 +144,7 @@ def scenarios(draw):
             routing["limit_scope"] = scope
     micro_batches = draw(st.sampled_from([1, 2]))
     return small_scenario(
-        kernel=draw(st.sampled_from(KERNELS)),
+        kernel=draw(st.sampled_from(KERNEL_NAMES)),
         mode=draw(st.sampled_from(["train", "inference"])),
         topology=topology, ep=ep, groups=groups,
         tokens_per_gpu=draw(st.sampled_from([16, 32, 64])) * micro_batches,

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 import moesim
-from moesim.comm.traffic import KERNELS, LinkLoads, bytes_per_copy, dispatch_loads
+from moesim.comm.traffic import LinkLoads, bytes_per_copy, dispatch_loads
+from moesim.config.kernels import KERNEL_NAMES
 from moesim.network.analytical import exchange_time
 from moesim.routing.batch import RoutedBatch, count_batch
 from moesim.routing.synthetic import expert_popularity, sample_topk
@@ -268,7 +269,7 @@ def test_nccl_pxn_keeps_cross_node_traffic_on_one_rail():
 # ---------------------------------------------------------------- conservation
 
 
-@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
 @pytest.mark.parametrize(("topology", "gpus"),
                          [("h800-cluster", 32), ("dgx-h100-superpod", 16), ("h800-node", 8)])
 def test_bytes_sent_equal_bytes_received_per_link_class(kernel, topology, gpus):

@@ -19,10 +19,11 @@ from dataclasses import dataclass
 
 import torch
 
+from moesim.config.gates import GATES, SCENARIO_GATES
 from moesim.errors import InputError
 from moesim.traces.capacity import drop_by_expert_capacity, drop_priority
 
-ROUTE_KINDS = ("softmax-topk", "device-limited", "group-limited-sigmoid")
+ROUTE_KINDS = SCENARIO_GATES  # the DeepSeek gates: route() re-routes their scores
 SCORE_KINDS = ("softmax", "sigmoid")
 SECOND_POLICIES = ("all", "sampling", "random")
 
@@ -260,7 +261,7 @@ def route(
         top_k=top_k,
         group_size=group_size,
         max_groups=max_groups,
-        group_rule="top2sum" if kind == "group-limited-sigmoid" else "max",
+        group_rule=GATES[kind].group_rule,
     )
     if normalize is None:
         normalize = kind == "group-limited-sigmoid"

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moesim.config.gates import GATE_NAMES, GATES
 from moesim.errors import InputError
 from moesim.traces import bias as bias_rule
 from moesim.traces import losses
@@ -38,17 +39,7 @@ from moesim.traces.gates import (
     score,
 )
 
-GATE_KINDS = (
-    "softmax-topk",
-    "device-limited",
-    "group-limited-sigmoid",
-    "switch-top1",
-    "gshard-top2",
-    "noisy-topk",
-)
-# Gates whose weights are fixed by their paper: no route scale, no renormalisation knob.
-_FIXED_WEIGHT_KINDS = ("switch-top1", "gshard-top2", "noisy-topk")
-_GROUPED_KINDS = ("softmax-topk", "device-limited", "group-limited-sigmoid")
+GATE_KINDS = GATE_NAMES
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -95,7 +86,8 @@ class GateConfig:
         self._check_losses()
 
     def _check_selection(self) -> None:
-        if self.kind not in _GROUPED_KINDS and self.max_groups is not None:
+        gate = GATES[self.kind]
+        if not gate.scenario and self.max_groups is not None:
             raise InputError(
                 f"gate {self.kind!r} has no group limit",
                 field="max_groups",
@@ -107,7 +99,7 @@ class GateConfig:
                 field="group_size" if self.group_size is None else "max_groups",
                 allowed="group_size and max_groups both set",
             )
-        fixed_k = {"switch-top1": 1, "gshard-top2": 2}.get(self.kind)
+        fixed_k = gate.fixed_top_k
         if fixed_k is not None and self.top_k != fixed_k:
             raise InputError(
                 f"gate {self.kind!r} with top_k={self.top_k}", field="top_k", allowed=str(fixed_k)
@@ -117,13 +109,13 @@ class GateConfig:
             top_k=self.top_k,
             group_size=self.group_size,
             max_groups=self.max_groups,
-            group_rule="top2sum" if self.kind == "group-limited-sigmoid" else "max",
+            group_rule=gate.group_rule,
         )
 
     def _check_weights(self) -> None:
         if not (math.isfinite(self.scale) and self.scale > 0):
             raise InputError(f"scale={self.scale}", field="scale", allowed="a finite number > 0")
-        if self.kind in _FIXED_WEIGHT_KINDS and (self.scale != 1.0 or self.normalize):
+        if GATES[self.kind].fixed_weights and (self.scale != 1.0 or self.normalize):
             raise InputError(
                 f"gate {self.kind!r} fixes its weights",
                 field="scale" if self.scale != 1.0 else "normalize",
@@ -261,10 +253,11 @@ class MoEGate(nn.Module):
     ) -> tuple[Routing, torch.Tensor | None]:
         """The gate's choice before dropping, and the noisy gate's CV^2 losses."""
         cfg = self.config
-        if cfg.kind in ("softmax-topk", "device-limited", "group-limited-sigmoid"):
-            sigmoid = cfg.kind == "group-limited-sigmoid"
+        gate = GATES[cfg.kind]
+        if gate.scenario:
+            sigmoid = gate.scores == "sigmoid"
             return route(
-                score(logits_te, "sigmoid" if sigmoid else "softmax"),
+                score(logits_te, gate.scores),
                 kind=cfg.kind,
                 top_k=cfg.top_k,
                 group_size=cfg.group_size,

@@ -55,5 +55,5 @@ def collective_time(hw: HardwareSpec, topology, *, op: str, size, n):
     n_arr = np.asarray(n)
     bw = np.vectorize(lambda g: bus_bandwidth(topology, int(g)), otypes=[float])(n_arr)
     bw = bw * n_arr / (n_arr + hw.nccl_gpus_half)
-    t = hw.comm_overhead_s("nccl") + bus_factor(op, n_arr) * np.asarray(size, dtype=float) / bw
+    t = hw.nccl_overhead_s() + bus_factor(op, n_arr) * np.asarray(size, dtype=float) / bw
     return np.where(n_arr > 1, t, 0.0)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moesim.comm.traffic import bytes_per_copy, dispatch_loads
+from moesim.config.kernels import DISPATCH_KERNELS
 from moesim.network.analytical import exchange_time
 from moesim.routing.batch import BatchCounts, RoutedBatch, count_batch
 from moesim.routing.synthetic import expert_popularity, sample_topk
@@ -25,7 +26,7 @@ SAMPLED_TOKENS = 2048  # per rank; larger batches are this draw scaled (loads ar
 def sms_stretch(hw, kernel: str, sms) -> float:
     """How much longer (>= 1) DeepEP's normal kernels move their bytes on ``sms`` SMs than
     on the ``deepep_sms_full`` it takes to saturate the links (1 when not fitted)."""
-    if kernel != "deepep-normal" or not sms or not hw.deepep_sms_full:
+    if not DISPATCH_KERNELS[kernel].sm_bound or not sms or not hw.deepep_sms_full:
         return 1.0
     return max(1.0, hw.deepep_sms_full / sms)
 

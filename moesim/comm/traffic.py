@@ -5,16 +5,18 @@ rank); :meth:`LinkLoads.reversed` gives the combine direction. Link classes, per
 GPU: NVLink out/in (GPU <-> NVSwitch), NIC out/in (GPU <-> leaf); per leaf: uplink
 (leaf -> spines) and downlink (spines -> leaf), spread evenly over its spines.
 
-Kernels (``../shared/ROUTING.md`` section 7):
+Each kernel of the catalogue (:mod:`moesim.config.kernels`) names the ``route`` its
+copies take (docs/routing.md section 7); one function here implements each route:
 
-* ``deepep-normal``: a token goes once per destination *node* over RDMA, to the GPU
-  with the same local index there, which forwards it over NVLink to every GPU of
-  that node holding one of its experts; inside its own node it goes over NVLink.
-* ``deepep-low-latency``: one copy per (token, expert), straight to the expert's GPU:
-  over NVLink when that GPU shares the source's NVLink domain, over RDMA otherwise.
-* ``nccl-alltoall``: one copy per (token, destination GPU): NVLink inside the node,
-  the NIC between nodes, crossing NVLink first to the node's GPU on the destination's
-  rail (NCCL's PXN) so that it stays on one rail.
+* ``node-forward`` (DeepEP normal): a token goes once per destination *node* over RDMA,
+  to the GPU with the same local index there, which forwards it over NVLink to every
+  GPU of that node holding one of its experts; inside its own node it goes over NVLink.
+* ``per-expert`` (DeepEP low-latency): one copy per (token, expert), straight to the
+  expert's GPU: over NVLink when that GPU shares the source's NVLink domain, over RDMA
+  otherwise.
+* ``per-gpu`` (NCCL all-to-all): one copy per (token, destination GPU): NVLink inside
+  the node, the NIC between nodes, crossing NVLink first to the node's GPU on the
+  destination's rail (NCCL's PXN) so that it stays on one rail.
 
 On a multi-plane fabric a NIC reaches only GPUs of its own plane, so every kernel's
 copies for another plane first cross NVLink to the GPU of its node on that plane.
@@ -23,12 +25,12 @@ copies for another plane first cross NVLink to the GPU of its node on that plane
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import get_args
 
 import numpy as np
 
+from moesim.config.kernels import DISPATCH_KERNELS, Route
 from moesim.routing.batch import BatchCounts
-
-KERNELS = ("deepep-normal", "deepep-low-latency", "nccl-alltoall")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -322,50 +324,66 @@ def _dispatch(
     counts: BatchCounts, *, kernel: str, topology, first_gpu: int, gpus_per_node: int,
     ll_nvlink: bool = True,
 ) -> _Accumulator:
-    ep = counts.pairs_sg.shape[0]
-    rank = np.arange(ep)
-    gpu = first_gpu + rank
-    node = rank // gpus_per_node
-    same_node = node[:, None] == node[None, :]
-    not_self = rank[:, None] != rank[None, :]
+    group = _Group(counts.pairs_sg.shape[0], first_gpu, gpus_per_node)
     acc = _Accumulator(topology)
-
-    if kernel == "deepep-low-latency":
-        # NVLink-reachable peers get a P2P copy (unless disabled), the others an RDMA put.
-        via_nvlink = not_self & same_node if ll_nvlink else np.zeros_like(same_node)
-        s, g, c = _pairs(counts.pairs_sg, via_nvlink)
-        acc.nvlink(gpu[s], gpu[g], c)
-        s, g, c = _pairs(counts.pairs_sg, not_self & ~via_nvlink)
-        acc.network(gpu[s], gpu[g], c)
-    elif kernel == "nccl-alltoall":
-        s, g, c = _pairs(counts.reach_gpu_sg, not_self & same_node)
-        acc.nvlink(gpu[s], gpu[g], c)
-        s, g, c = _pairs(counts.reach_gpu_sg, ~same_node)
-        acc.network(gpu[s], gpu[g], c, pxn=True)
-    elif kernel == "deepep-normal":
-        local = rank % gpus_per_node
-        # Inside the source's node: straight over NVLink.
-        s, g, c = _pairs(counts.reach_gpu_sg, not_self & same_node)
-        acc.nvlink(gpu[s], gpu[g], c)
-        # To other nodes: one RDMA copy per (token, node) to the same-local-index GPU ...
-        n_nodes = counts.reach_node_sn.shape[1]
-        remote_sn = node[:, None] != np.arange(n_nodes)[None, :]
-        s, n, c = _pairs(counts.reach_node_sn, remote_sn)
-        acc.network(gpu[s], first_gpu + n * gpus_per_node + local[s], c)
-        # ... which forwards it over NVLink to the other expert GPUs of that node.
-        forward = ~same_node & (local[:, None] != local[None, :])
-        s, g, c = _pairs(counts.reach_gpu_sg, forward)
-        acc.nvlink(first_gpu + node[g] * gpus_per_node + local[s], gpu[g], c)
-    else:
-        raise AssertionError(f"unknown kernel {kernel}")
+    _ROUTES[DISPATCH_KERNELS[kernel].route](counts, group, acc, ll_nvlink=ll_nvlink)
     return acc
+
+
+class _Group:
+    """Ranks of one EP group: GPU ids, nodes, and which rank pairs share a node."""
+
+    def __init__(self, ep: int, first_gpu: int, gpus_per_node: int) -> None:
+        self.rank = np.arange(ep)
+        self.first_gpu, self.per_node = first_gpu, gpus_per_node
+        self.gpu = first_gpu + self.rank
+        self.node = self.rank // gpus_per_node
+        self.local = self.rank % gpus_per_node
+        self.same_node = self.node[:, None] == self.node[None, :]
+        self.not_self = self.rank[:, None] != self.rank[None, :]
+
+
+def _per_expert(counts: BatchCounts, g: _Group, acc: _Accumulator, *, ll_nvlink: bool) -> None:
+    # NVLink-reachable peers get a P2P copy (unless disabled), the others an RDMA put.
+    via_nvlink = g.not_self & g.same_node if ll_nvlink else np.zeros_like(g.same_node)
+    s, d, c = _pairs(counts.pairs_sg, via_nvlink)
+    acc.nvlink(g.gpu[s], g.gpu[d], c)
+    s, d, c = _pairs(counts.pairs_sg, g.not_self & ~via_nvlink)
+    acc.network(g.gpu[s], g.gpu[d], c)
+
+
+def _per_gpu(counts: BatchCounts, g: _Group, acc: _Accumulator, **_) -> None:
+    s, d, c = _pairs(counts.reach_gpu_sg, g.not_self & g.same_node)
+    acc.nvlink(g.gpu[s], g.gpu[d], c)
+    s, d, c = _pairs(counts.reach_gpu_sg, ~g.same_node)
+    acc.network(g.gpu[s], g.gpu[d], c, pxn=True)
+
+
+def _node_forward(counts: BatchCounts, g: _Group, acc: _Accumulator, **_) -> None:
+    # Inside the source's node: straight over NVLink.
+    s, d, c = _pairs(counts.reach_gpu_sg, g.not_self & g.same_node)
+    acc.nvlink(g.gpu[s], g.gpu[d], c)
+    # To other nodes: one RDMA copy per (token, node) to the same-local-index GPU ...
+    n_nodes = counts.reach_node_sn.shape[1]
+    remote_sn = g.node[:, None] != np.arange(n_nodes)[None, :]
+    s, n, c = _pairs(counts.reach_node_sn, remote_sn)
+    acc.network(g.gpu[s], g.first_gpu + n * g.per_node + g.local[s], c)
+    # ... which forwards it over NVLink to the other expert GPUs of that node.
+    forward = ~g.same_node & (g.local[:, None] != g.local[None, :])
+    s, d, c = _pairs(counts.reach_gpu_sg, forward)
+    acc.nvlink(g.first_gpu + g.node[d] * g.per_node + g.local[s], g.gpu[d], c)
+
+
+_ROUTES = {"node-forward": _node_forward, "per-expert": _per_expert, "per-gpu": _per_gpu}
+assert set(_ROUTES) == set(get_args(Route)), "every route of the kernel catalogue moves copies"
 
 
 def bytes_per_copy(kernel: str, *, hidden: int, dtype: str, dispatch: bool) -> int:
     """Logical bytes of one token copy as the kernels' own benchmarks count them.
 
-    FP8 carries one fp32 scale per 128 values; DeepEP low-latency dispatch messages
-    add a 16-byte header (``../shared/ROUTING.md`` section 7).
+    FP8 carries one fp32 scale per 128 values; a kernel may add a header to every
+    dispatched copy (the catalogue's ``dispatch_header_bytes``; docs/routing.md
+    section 7).
     """
     payload = hidden + hidden // 128 * 4 if dtype == "fp8" else 2 * hidden
-    return payload + (16 if dispatch and kernel == "deepep-low-latency" else 0)
+    return payload + (DISPATCH_KERNELS[kernel].dispatch_header_bytes if dispatch else 0)

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
+from moesim.config.kernels import DISPATCH_KERNELS
 from moesim.validation import STRICT
 
 Fraction = Field(gt=0.0, le=1.0)
@@ -59,11 +60,14 @@ class HardwareSpec:
         return (self.fp8_tflops if dtype == "fp8" else self.bf16_tflops) * 1e12
 
     def comm_overhead_s(self, kernel: str) -> float:
-        """Fixed cost of one collective of ``kernel`` (deepep-normal, deepep-low-latency,
-        nccl-alltoall or nccl): its fitted overhead, else ``comm_overhead_us``."""
-        fitted = {"deepep-normal": self.deepep_overhead_us,
-                  "deepep-low-latency": self.deepep_ll_overhead_us,
-                  "nccl-alltoall": self.nccl_latency_us, "nccl": self.nccl_latency_us}[kernel]
+        """Fixed cost of one exchange of dispatch ``kernel`` (the catalogue's
+        ``overhead_field``): its fitted overhead, else ``comm_overhead_us``."""
+        fitted = getattr(self, DISPATCH_KERNELS[kernel].overhead_field)
+        return (self.comm_overhead_us if fitted is None else fitted) * 1e-6
+
+    def nccl_overhead_s(self) -> float:
+        """Fixed cost of one NCCL collective: ``nccl_latency_us``, else ``comm_overhead_us``."""
+        fitted = self.nccl_latency_us
         return (self.comm_overhead_us if fitted is None else fitted) * 1e-6
 
     def gemm_efficiency_for(self, dtype: Literal["bf16", "fp8"]) -> float:
@@ -71,3 +75,16 @@ class HardwareSpec:
         if dtype == "fp8" and self.fp8_gemm_efficiency is not None:
             return self.fp8_gemm_efficiency
         return self.gemm_efficiency
+
+
+def _check_kernel_fields() -> None:
+    """Every catalogued kernel names a HardwareSpec field for its fixed cost, so a kernel
+    added without one fails when moesim loads, never in the middle of a run."""
+    fields = set(HardwareSpec.__pydantic_fields__)
+    for kernel in DISPATCH_KERNELS.values():
+        if kernel.overhead_field not in fields:
+            raise RuntimeError(f"dispatch kernel {kernel.name!r}: overhead_field "
+                               f"{kernel.overhead_field!r} is not a HardwareSpec field")
+
+
+_check_kernel_fields()

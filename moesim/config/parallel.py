@@ -7,9 +7,10 @@ from typing import Literal
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
+from moesim.config.kernels import KERNEL_NAMES
 from moesim.validation import STRICT
 
-DispatchKernel = Literal["deepep-normal", "deepep-low-latency", "nccl-alltoall"]
+KernelName = Literal[KERNEL_NAMES]
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)
@@ -46,7 +47,7 @@ class ParallelConfig:
     seq_len: int = Field(default=4096, gt=0)
     micro_batches: int = Field(default=1, gt=0)
     comm_sms: int = Field(default=20, ge=0)
-    dispatch_kernel: DispatchKernel = "deepep-normal"
+    dispatch_kernel: KernelName = "deepep-normal"
     dispatch_dtype: Literal["bf16", "fp8"] = "bf16"
     combine_dtype: Literal["bf16"] = "bf16"
     attention_tp: int = Field(default=1, gt=0)

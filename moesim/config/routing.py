@@ -7,9 +7,10 @@ from typing import Literal
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
+from moesim.config.gates import SCENARIO_GATES
 from moesim.validation import STRICT
 
-GateKind = Literal["softmax-topk", "device-limited", "group-limited-sigmoid"]
+GateKind = Literal[SCENARIO_GATES]
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)

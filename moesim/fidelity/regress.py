@@ -19,6 +19,7 @@ import numpy as np
 
 from moesim.comm.exchange import ep_exchange
 from moesim.comm.traffic import dispatch_loads
+from moesim.config.kernels import DISPATCH_KERNELS
 from moesim.config.loading import hardware_preset
 from moesim.cost import compute
 from moesim.errors import InputError
@@ -90,9 +91,10 @@ def _benchmark_copies(counts: BatchCounts, kernel: str, link: str) -> float:
     (test_low_latency.py). The simulated bandwidth must count the same bytes, or it
     would be a different quantity from the measured one.
     """
-    if kernel == "deepep-low-latency":
+    route = DISPATCH_KERNELS[kernel].route
+    if route == "per-expert":
         return float(counts.pairs_sg[0].sum())
-    if kernel == "nccl-alltoall":
+    if route == "per-gpu":
         return float(counts.reach_gpu_sg[0].sum())
     if link == "rdma":
         return float(counts.reach_node_sn[0].sum())

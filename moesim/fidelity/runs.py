@@ -18,6 +18,7 @@ from typing import Annotated, Literal, Union
 from pydantic import ConfigDict, Field, ValidationError
 
 from moesim.config.loading import read_yaml
+from moesim.config.parallel import KernelName
 from moesim.errors import InputError
 from moesim.validation import StrictModel, field_names, input_error
 
@@ -40,7 +41,7 @@ class EpDispatchCombine(StrictModel):
     """One DeepEP-style dispatch + combine of ``tokens_per_rank`` tokens on every rank."""
 
     kind: Literal["ep-dispatch-combine"]
-    kernel: Literal["deepep-normal", "deepep-low-latency", "nccl-alltoall"]
+    kernel: KernelName
     tokens_per_rank: Positive
     hidden: Positive
     experts: Positive

@@ -36,6 +36,7 @@ import pandas as pd
 from moesim.comm.collectives import collective_time
 from moesim.comm.exchange import sms_stretch
 from moesim.config.hardware import HardwareSpec
+from moesim.config.kernels import DISPATCH_KERNELS
 from moesim.cost import compute
 
 # aiconfigurator system -> (GPU hardware preset, one-node topology, multi-node topology)
@@ -296,6 +297,5 @@ _PREDICT = {
     "mla_context": _mla_context,
     "mla_generation": _mla_generation,
     "nccl": _nccl,
-    "deepep_normal": _deepep("deepep-normal"),
-    "deepep_ll": _deepep("deepep-low-latency"),
+    **{k.perfdb_op: _deepep(k.name) for k in DISPATCH_KERNELS.values() if k.perfdb_op},
 }
