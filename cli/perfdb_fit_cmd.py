@@ -46,7 +46,7 @@ def fit(
     Stages in order: dense GEMMs, context attention and MLA, decode attention and MLA,
     balanced MoE, NCCL (with the NVLink efficiency), DeepEP normal and low-latency on
     one node. Power-law MoE and multi-node DeepEP rows are never fitted (out-of-sample).
-    Copy the result to moesim/config/presets/fitted/<gpu>.yaml and its
+    Copy the result to moesim/config/presets/gpus/<gpu>.yaml and its
     nvlink_efficiency into the system's topology presets to ship it.
 
     Examples:

@@ -32,7 +32,7 @@ from moesim.routing.power_law import power_law_loads
 from moesim.topologies import load_topology
 
 SUBSET = gpu_runs_dir() / "perfdb_subset.parquet"
-FITTED = Path(str(resources.files("moesim.config.presets").joinpath("fitted")))
+FITTED = Path(str(resources.files("moesim.config.presets").joinpath("gpus")))
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ from moesim.errors import InputError
 from moesim.validation import field_names, input_error
 
 DEFAULT_SCENARIO = "default-scenario.yaml"
-_PRESET_SECTIONS = {"model": "models.yaml", "hardware": "hardware.yaml"}
+_PRESET_SECTIONS = {"model": "models.yaml", "hardware": "gpus"}
 _SECTION_TYPES: dict[str, type] = {
     "model": ModelShape,
     "hardware": HardwareSpec,
@@ -60,17 +60,18 @@ def read_yaml(path: str | Path) -> Any:
 
 
 @cache
-def _preset_table(filename: str) -> dict[str, dict]:
+def _preset_table(name: str) -> dict[str, dict]:
+    """Presets by name: ``models.yaml`` holds every model; ``gpus/`` one file per GPU
+    (``<name>.yaml``, whose ``hardware`` section is the spec)."""
     presets = resources.files("moesim.config.presets")
-    table = yaml.safe_load(presets.joinpath(filename).read_text("utf-8"))
-    if filename == _PRESET_SECTIONS["hardware"]:
-        # GPUs fitted to measured kernels (`moesim perfdb fit`): one file per GPU,
-        # ``fitted/<name>.yaml``, whose ``hardware`` section is the spec.
-        for entry in sorted(presets.joinpath("fitted").iterdir(), key=lambda e: e.name):
-            if entry.name.endswith(".yaml"):
-                doc = yaml.safe_load(entry.read_text("utf-8"))
-                spec = {k: v for k, v in doc["hardware"].items() if k != "name"}
-                table[entry.name[: -len(".yaml")]] = spec
+    if name.endswith(".yaml"):
+        return yaml.safe_load(presets.joinpath(name).read_text("utf-8"))
+    table = {}
+    for entry in sorted(presets.joinpath(name).iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            doc = yaml.safe_load(entry.read_text("utf-8"))
+            table[entry.name[: -len(".yaml")]] = {
+                k: v for k, v in doc["hardware"].items() if k != "name"}
     return table
 
 
@@ -180,7 +181,9 @@ def _expand(data: dict, section: str) -> tuple[dict, dict]:
 
 def _hardware_file(value: str) -> str | dict:
     """``hardware: path.yaml`` (not a preset name) -> the file's mapping of HardwareSpec
-    fields, as `moesim calibrate --out` writes; a preset name is returned unchanged."""
+    fields, as `moesim calibrate --out` writes, or its ``hardware`` section (a GPU file as
+    `moesim perfdb fit --out` writes and ``presets/gpus/`` ships); a preset name is
+    returned unchanged."""
     if value in _preset_table(_PRESET_SECTIONS["hardware"]) or not value.endswith(
             (".yaml", ".yml")):
         return value
@@ -192,6 +195,8 @@ def _hardware_file(value: str) -> str | dict:
     if not isinstance(spec, dict):
         raise InputError(f"a hardware file is a mapping of fields, got {type(spec).__name__}",
                          source=value)
+    if isinstance(spec.get("hardware"), dict):  # a GPU file: the spec is one section of it
+        spec = spec["hardware"]
     if "preset" not in spec:  # {preset: name, ...} is checked once expanded
         try:
             TypeAdapter(HardwareSpec).validate_python(spec)
