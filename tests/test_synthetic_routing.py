@@ -183,7 +183,10 @@ def device_budget(n_assignments, n_devices, capacity_factor):
 
 
 def apply_capacity(ids, *, experts_per_device, n_devices, capacity_factor, priority_tk):
-    return keep_within_capacity(ids, priority_tk, experts_per_device=experts_per_device,
+    """Drop by ``priority_tk`` as gate weights (the ``probs`` policy)."""
+    return keep_within_capacity(ids, priority_tk, drop_policy="probs",
+                                pos_t=np.arange(ids.shape[0]),
+                                experts_per_device=experts_per_device,
                                 n_devices=n_devices, capacity_factor=capacity_factor)
 
 

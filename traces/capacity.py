@@ -33,8 +33,8 @@ def expert_capacity(n_tokens: int, *, top_k: int, num_experts: int, capacity_fac
 def device_budget(n_assignments: int, *, n_devices: int, capacity_factor: float) -> int:
     """Assignments one device may take: ``ceil(cf * A / D)``.
 
-    Same expression as ``moesim.routing.capacity.device_budget`` so the torch layers
-    and the numpy replay drop the same assignments.
+    The simulator drops through this module too (``moesim.routing.dropping``), so the
+    torch layers and the simulator drop the same assignments.
     """
     if capacity_factor <= 0:
         raise InputError(

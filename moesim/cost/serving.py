@@ -56,12 +56,9 @@ import numpy as np
 
 from moesim.comm.collectives import collective_time
 from moesim.config.model import ModelShape
-from moesim.config.scenario import SERVING_MODES, Scenario
+from moesim.config.scenario import Scenario
 from moesim.cost import compute
-
-
-def is_serving(scenario: Scenario) -> bool:
-    return scenario.mode in SERVING_MODES
+from moesim.cost.step import Cost, StepCosts
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -296,3 +293,35 @@ def summary_keys(scenario: Scenario, step: float, *, fixed, moe_ar_s: float) -> 
         "moe_tp_allreduce_time_s": moe_ar_s,
     })
     return out
+
+
+# ---------------------------------------------------------------- the mode's costs
+
+
+class ServingCosts(StepCosts):
+    """Prefill and decode steps: one forward pass of the request batch."""
+
+    passes = (False,)
+
+    def __init__(self, scenario: Scenario, topology) -> None:
+        super().__init__(scenario, topology)
+        self._fixed = fixed_costs(scenario, topology)
+
+    def routed_scenario(self) -> Scenario:
+        return routing_view(self.scenario)
+
+    def fixed(self) -> dict[tuple[str, bool], Cost]:
+        return {(phase, False): cost for phase, cost in self._fixed.items()}
+
+    def experts(self, tokens_ge, received_g, *, backward):
+        assert not backward, "serving steps run forward only"
+        return expert_seconds(self.scenario, self.topology, tokens_ge, received_g)
+
+    def step_tokens(self) -> int:
+        return step_tokens(self.scenario)
+
+    def model_flops(self) -> float:
+        return model_flops(self.scenario)
+
+    def summary_keys(self, step_s: float, *, expert_comm_s: float) -> dict:
+        return summary_keys(self.scenario, step_s, fixed=self._fixed, moe_ar_s=expert_comm_s)

@@ -1,11 +1,11 @@
 """Regression against recorded GPU runs: simulate each run with moesim's own models and
 compare every measured metric within the run's relative tolerance.
 
-No model lives here: EP exchanges go through routing (:func:`sample_topk`), traffic
-(:func:`dispatch_loads`, :func:`bytes_per_copy`) and the analytical network model
-(:func:`exchange_time`); GEMMs through the compute model's roofline with the GPU's
-efficiencies. What is defined here is only how each benchmark counts its metric, so that
-the simulated number is the same quantity as the measured one.
+No model lives here: EP exchanges and all-to-alls go through the simulator's own routing,
+traffic and exchange timing (:mod:`moesim.fidelity.benchmarks`), GEMMs through the
+compute model's roofline with the GPU's efficiencies. What is defined here is only how
+each benchmark counts its metric, so that the simulated number is the same quantity as
+the measured one.
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from moesim.comm.exchange import ep_exchange
-from moesim.comm.traffic import dispatch_loads
 from moesim.config.kernels import DISPATCH_KERNELS
 from moesim.config.loading import hardware_preset
 from moesim.cost import compute
 from moesim.errors import InputError
+from moesim.fidelity.benchmarks import alltoall, ep_exchange
 from moesim.fidelity.runs import (
     KNOWN_GAPS,
     AllToAll,
@@ -33,7 +32,6 @@ from moesim.fidelity.runs import (
     load_runs,
     resolve_topology,
 )
-from moesim.network.analytical import exchange_time
 from moesim.routing.batch import BatchCounts
 
 # ------------------------------------------------------------------ simulation
@@ -66,10 +64,10 @@ def simulate_run(run: Run, file: str | os.PathLike[str] | None = None) -> dict[s
 
 
 def _ep_dispatch_combine(run: Run, w: EpDispatchCombine, topo, hw) -> dict[str, float]:
-    ex = ep_exchange(topo, overhead_s=hw.comm_overhead_s(w.kernel), kernel=w.kernel,
-                     tokens_per_rank=w.tokens_per_rank, hidden=w.hidden, experts=w.experts,
-                     top_k=w.top_k, topk_groups=w.topk_groups, dispatch_dtype=w.dispatch_dtype,
-                     combine_dtype=w.combine_dtype, nvlink=w.nvlink)
+    ex = ep_exchange(topo, hw=hw, kernel=w.kernel, tokens_per_rank=w.tokens_per_rank,
+                     hidden=w.hidden, experts=w.experts, top_k=w.top_k,
+                     topk_groups=w.topk_groups, dispatch_dtype=w.dispatch_dtype,
+                     combine_dtype=w.combine_dtype, nvlink=w.nvlink, comm_sms=w.comm_sms)
     out: dict[str, float] = {}
     for name, m in run.measured.items():
         phase, _, what = name.partition("_")
@@ -113,20 +111,9 @@ def _gemm_tflops(hw, *, groups: int, m: int, n: int, k: int, dtype: str, align: 
 
 def _alltoall(run: Run, w: AllToAll, topo, hw) -> dict[str, float]:
     """nccl-tests all-to-all: every rank sends ``bytes_per_rank / n`` to every rank."""
-    n = run.gpus
-    per_node = min(n, topo.gpus_per_domain)
-    ones = np.ones((n, n))
-    # One copy per (source, destination) pair; traffic.py routes it (NVLink in a node,
-    # the NIC with PXN between nodes), the network model times it.
-    counts = BatchCounts(routed=n * n, kept_e=np.zeros(n), dropped_e=np.zeros(n),
-                         dropped_unknown=0, pairs_sg=ones, reach_gpu_sg=ones,
-                         reach_node_sn=np.full((n, n // per_node), per_node))
-    copies = dispatch_loads(counts, kernel="nccl-alltoall", topology=topo, first_gpu=0,
-                            gpus_per_node=per_node)
-    seconds = exchange_time(copies.scaled(w.bytes_per_rank / n), topo,
-                            overhead_s=hw.comm_overhead_s("nccl-alltoall")).seconds
+    seconds = alltoall(topo, hw=hw, gpus=run.gpus, bytes_per_rank=w.bytes_per_rank)
     algbw = w.bytes_per_rank / seconds / 1e9
-    return {"algbw_GBps": algbw, "busbw_GBps": algbw * (n - 1) / n}
+    return {"algbw_GBps": algbw, "busbw_GBps": algbw * (run.gpus - 1) / run.gpus}
 
 
 # ------------------------------------------------------------------ comparison

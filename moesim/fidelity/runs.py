@@ -48,7 +48,7 @@ class EpDispatchCombine(StrictModel):
     top_k: Positive
     topk_groups: Positive | None = None  # max nodes a token may reach; None = no limit
     routing: Literal["uniform-random"] = "uniform-random"
-    comm_sms: Positive | None = None  # recorded for provenance; the model has no SM term
+    comm_sms: Positive | None = None  # SMs the kernel ran on (DeepEP: slower below its need)
     dispatch_dtype: Literal["fp8", "bf16"] = "fp8"
     combine_dtype: Literal["bf16"] = "bf16"
     nvlink: bool = True  # low-latency kernels: False = same-node copies over RDMA too

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 
 from moesim.config.scenario import Scenario
-from moesim.cost import compute
+from moesim.cost.step import StepCosts
 from moesim.engine.program import COMM, COMPUTE, Op
 from moesim.engine.simpy_engine import Timeline
 
@@ -63,30 +63,19 @@ def _load_imbalance(scenario: Scenario, costs, keys_l) -> float:
 
 
 def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys_l,
-              links: pd.DataFrame, *, serving_fixed=None) -> dict:
-    """The summary dict; ``serving_fixed`` (prefill, decode) is
-    :func:`moesim.cost.serving.fixed_costs`, whose all-reduce times it reports."""
-    from moesim.cost import serving
-
+              links: pd.DataFrame, *, step: StepCosts) -> dict:
+    """The summary dict; ``step`` is the mode's costs (its tokens, FLOPs and own keys)."""
     m, p, hw = scenario.model, scenario.parallel, scenario.hardware
-    step = float(timeline.end_og.max())
-    serve = serving.is_serving(scenario)
-    train = scenario.mode == "train"
+    step_s = float(timeline.end_og.max())
 
     dispatched = sum(costs[k].routed for k in keys_l)
     dropped = int(sum(costs[k].dropped_e.sum() + costs[k].dropped_unknown for k in keys_l))
     computed = int(sum(t.sum() for k in keys_l for t in costs[k].tokens_ge))
 
-    if serve:
-        tokens = serving.step_tokens(scenario)
-        flops = serving.model_flops(scenario)
-        moe_ar = sum(c for k in keys_l for c in costs[k].expert_comm_s.values())
-        extra = serving.summary_keys(scenario, step, fixed=serving_fixed,
-                                     moe_ar_s=float(np.mean(moe_ar)))
-    else:
-        tokens = p.total_gpus * p.tokens_per_gpu
-        flops = compute.model_flops_per_token(m, p.seq_len) * tokens * (3 if train else 1)
-        extra = {}
+    tokens = step.step_tokens()
+    flops = step.model_flops()
+    expert_comm = sum(c for k in keys_l for c in costs[k].expert_comm_s.values())
+    extra = step.summary_keys(step_s, expert_comm_s=float(np.mean(expert_comm)))
     start, end = timeline.start_og, timeline.end_og
     mean = {
         name: float(_per_gpu_sum(ops, start, end, lambda op, n=name: op.phase == n).mean())
@@ -115,9 +104,9 @@ def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys
         "ep_groups": p.ep_groups,
         "nodes": int(topology.n_domains),
         "dispatch_kernel": p.dispatch_kernel,
-        "step_time_s": step,
+        "step_time_s": step_s,
         "tokens_per_step": tokens,
-        "tokens_per_s": tokens / step,
+        "tokens_per_s": tokens / step_s,
         **extra,
         "dispatch_time_s": mean["dispatch"],
         "combine_time_s": mean["combine"],
@@ -129,8 +118,8 @@ def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys
         "lm_head_time_s": mean["lm_head"],
         "comm_exposed_time_s": float(exposed_g.mean()),
         "comm_wait_time_s": float(comm_wait_g.mean()),
-        "mfu": flops / (step * p.total_gpus * hw.peak_flops(m.gemm_dtype)),
-        "model_tflops_per_gpu": flops / (step * p.total_gpus) / 1e12,
+        "mfu": flops / (step_s * p.total_gpus * hw.peak_flops(m.gemm_dtype)),
+        "model_tflops_per_gpu": flops / (step_s * p.total_gpus) / 1e12,
         "nvlink_bytes": nvlink_sent,
         "rdma_bytes": rdma_sent,
         "bottleneck_link": bottlenecks.most_common(1)[0][0] if bottlenecks else "none",

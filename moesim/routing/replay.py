@@ -47,13 +47,10 @@ def route_tokens(scenario: Scenario, trace, layer: int, tokens: np.ndarray, *,
         weights_tk = trace.weights[layer, tokens]
     kept_tk = ids_tk >= 0
     if r.capacity_factor is not None:
-        if r.drop_policy == "probs":
-            priority_tk = weights_tk
-        else:
-            position_t = np.arange(tokens.shape[0]) % tokens_per_rank
-            priority_tk = -np.repeat(position_t[:, None], ids_tk.shape[1], axis=1)
         kept_tk = keep_within_capacity(
-            ids_tk, priority_tk, experts_per_device=scenario.model.routed_experts // p.ep,
+            ids_tk, weights_tk, drop_policy=r.drop_policy,
+            pos_t=np.arange(tokens.shape[0]) % tokens_per_rank,
+            experts_per_device=scenario.model.routed_experts // p.ep,
             n_devices=p.ep, capacity_factor=r.capacity_factor,
             seq_id_t=trace.seq_id[tokens], never_drop_fraction=r.never_drop_fraction,
             seed=seed,

@@ -8,6 +8,7 @@ a different draw in the same layer, and layers cycle through the ``S`` draws.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,6 +31,46 @@ def draw_of(layer_index: int, group: int, n_draws: int) -> int:
     return (layer_index + group) % n_draws
 
 
+@dataclass(frozen=True, kw_only=True)
+class Capacity:
+    """Device-level dropping of a synthetic batch (``RoutingPolicy``'s capacity fields)."""
+
+    factor: float
+    drop_policy: str
+    experts_per_device: int
+    n_devices: int
+    seq_len: int
+    never_drop_fraction: float = 0.0
+
+
+def draw_batch(
+    popularity_e: np.ndarray, *, n_tokens: int, tokens_per_rank: int, top_k: int,
+    rng: np.random.Generator, unit_size: int | None = None, max_units: int | None = None,
+    capacity: Capacity | None = None,
+) -> RoutedBatch:
+    """One routed micro-batch of ``n_tokens`` synthetic tokens, ``tokens_per_rank`` per
+    rank: ``top_k`` distinct experts each (:func:`sample_topk`, within ``max_units``
+    units of ``unit_size`` experts), then dropped to ``capacity``."""
+    ids_tk = sample_topk(popularity_e, n_tokens=n_tokens, top_k=top_k, rng=rng,
+                         unit_size=unit_size, max_units=max_units)
+    if capacity is None:
+        kept_tk = np.ones(ids_tk.shape, dtype=bool)
+    else:
+        # Synthetic tokens carry no affinities: their gate weights are exchangeable, so
+        # the lowest-weight assignments are a random set.
+        weights_tk = rng.random(ids_tk.shape) if capacity.drop_policy == "probs" else None
+        kept_tk = keep_within_capacity(
+            ids_tk, weights_tk, drop_policy=capacity.drop_policy,
+            pos_t=np.arange(n_tokens) % tokens_per_rank,
+            experts_per_device=capacity.experts_per_device, n_devices=capacity.n_devices,
+            capacity_factor=capacity.factor,
+            seq_id_t=np.arange(n_tokens) // min(capacity.seq_len, tokens_per_rank),
+            never_drop_fraction=capacity.never_drop_fraction,
+            seed=int(rng.integers(2**31)),
+        )
+    return RoutedBatch(ids_tk=ids_tk, kept_tk=kept_tk, tokens_per_rank=tokens_per_rank)
+
+
 def synthetic_batches(
     scenario: Scenario, *, gpus_per_domain: int, rng: np.random.Generator
 ) -> Iterator[tuple[int, int, RoutedBatch]]:
@@ -41,29 +82,17 @@ def synthetic_batches(
     if r.max_devices is not None:
         _, unit_size = limit_units(scenario, gpus_per_domain)
         max_units = r.max_devices
+    capacity = None
+    if r.capacity_factor is not None:
+        capacity = Capacity(factor=r.capacity_factor, drop_policy=r.drop_policy,
+                            experts_per_device=m.routed_experts // p.ep, n_devices=p.ep,
+                            seq_len=p.seq_len, never_drop_fraction=r.never_drop_fraction)
     for draw in range(layer_draws(scenario)):
         popularity_e = expert_popularity(
             m.routed_experts, assignment=r.assignment, zipf_exponent=r.zipf_exponent, rng=rng,
             power_law_alpha=r.power_law_alpha, tokens=n_tokens, top_k=m.top_k)
         for mb in range(p.micro_batches):
-            ids_tk = sample_topk(popularity_e, n_tokens=n_tokens, top_k=m.top_k, rng=rng,
-                                 unit_size=unit_size, max_units=max_units)
-            if r.capacity_factor is None:
-                kept_tk = np.ones(ids_tk.shape, dtype=bool)
-            else:
-                if r.drop_policy == "probs":
-                    # Synthetic tokens carry no affinities: their gate weights are
-                    # exchangeable, so the lowest-weight assignments are a random set.
-                    priority_tk = rng.random(ids_tk.shape)
-                else:
-                    position_t = np.arange(n_tokens) % tokens_per_mb
-                    priority_tk = -np.repeat(position_t[:, None], m.top_k, axis=1)
-                seq_id_t = np.arange(n_tokens) // min(p.seq_len, tokens_per_mb)
-                kept_tk = keep_within_capacity(
-                    ids_tk, priority_tk, experts_per_device=m.routed_experts // p.ep,
-                    n_devices=p.ep, capacity_factor=r.capacity_factor, seq_id_t=seq_id_t,
-                    never_drop_fraction=r.never_drop_fraction,
-                    seed=int(rng.integers(2**31)),
-                )
-            yield draw, mb, RoutedBatch(ids_tk=ids_tk, kept_tk=kept_tk,
-                                        tokens_per_rank=tokens_per_mb)
+            yield draw, mb, draw_batch(popularity_e, n_tokens=n_tokens,
+                                       tokens_per_rank=tokens_per_mb, top_k=m.top_k, rng=rng,
+                                       unit_size=unit_size, max_units=max_units,
+                                       capacity=capacity)

@@ -293,7 +293,8 @@ def capacity_drop_rates(trace: RoutingTrace, *, ep: int, capacity_factor: float)
         ids_tk = trace.expert_ids[layer].astype(np.int64)
         valid = ids_tk >= 0
         kept_tk = keep_within_capacity(
-            ids_tk, trace.weights[layer], experts_per_device=trace.num_experts // ep,
+            ids_tk, trace.weights[layer], drop_policy="probs",
+            pos_t=np.arange(ids_tk.shape[0]), experts_per_device=trace.num_experts // ep,
             n_devices=ep, capacity_factor=capacity_factor)
         rates[layer] = 1.0 - kept_tk.sum() / max(valid.sum(), 1)
     return rates

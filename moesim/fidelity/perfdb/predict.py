@@ -15,7 +15,7 @@ Each op class goes through the model the simulator itself uses:
 - ``attention_generation`` / ``mla_generation``: :func:`moesim.cost.compute.attention_decode_time`
   over ``step + 1`` cached tokens (MLA absorbed: 576-wide scores over the shared latent).
 - ``nccl``: :func:`moesim.comm.collectives.collective_time` on the system's node topology.
-- ``deepep_normal`` / ``deepep_ll``: :func:`moesim.comm.exchange.ep_exchange` (routing,
+- ``deepep_normal`` / ``deepep_ll``: :func:`moesim.fidelity.benchmarks.ep_exchange` (routing,
   traffic and the analytical network model) on the system's node (``nodes = 1``) or
   cluster topology, with DeepEP's FP8 dispatch and BF16 combine.
 
@@ -34,10 +34,10 @@ import numpy as np
 import pandas as pd
 
 from moesim.comm.collectives import collective_time
-from moesim.comm.exchange import sms_stretch
 from moesim.config.hardware import HardwareSpec
 from moesim.config.kernels import DISPATCH_KERNELS
 from moesim.cost import compute
+from moesim.network.exchange import kernel_seconds, sms_stretch
 
 # aiconfigurator system -> (GPU hardware preset, one-node topology, multi-node topology)
 SYSTEMS: dict[str, tuple[str, str, str]] = {
@@ -82,6 +82,7 @@ def system_topology(system: str, nvlink_efficiency: float, gpus: int):
     return dataclasses.replace(topo, nvlink_bw=topo.nvlink_bw_nominal * nvlink_efficiency)
 
 
+@functools.cache
 def base_model(system: str) -> SystemModel:
     """The system's presets as shipped (before any fit)."""
     from moesim.config.loading import hardware_preset
@@ -270,7 +271,7 @@ def _deepep(kernel: str):
             for r in rows.itertuples()])
         sms = np.nan_to_num(_f(rows, "sms")).astype(int)
         stretch = np.array([sms_stretch(hw, kernel, n) for n in sms])
-        return hw.comm_overhead_s(kernel) + link_s * stretch
+        return kernel_seconds(link_s, overhead_s=hw.comm_overhead_s(kernel), stretch=stretch)
 
     return predict_rows
 
@@ -278,12 +279,14 @@ def _deepep(kernel: str):
 @functools.lru_cache(maxsize=1 << 16)
 def _deepep_link_seconds(system: str, nvlink_efficiency: float, kernel: str, nodes: int,
                          tokens: int, hidden: int, experts: int, topk: int, phase: str) -> float:
-    """Hop latency plus busiest-link time of one DeepEP phase (no kernel overhead)."""
-    from moesim.comm.exchange import ep_exchange
+    """Hop latency plus busiest-link time of one DeepEP phase (no fixed cost, all SMs:
+    those are the fitted parameters)."""
+    from moesim.fidelity.benchmarks import ep_exchange
 
     topo = system_topology(system, nvlink_efficiency, GPUS_PER_NODE * nodes)
     low_latency = kernel == "deepep-low-latency"
-    ex = ep_exchange(topo, overhead_s=0.0, kernel=kernel, tokens_per_rank=tokens,
+    ex = ep_exchange(topo, hw=base_model(system).hardware, overhead_s=0.0, kernel=kernel,
+                     tokens_per_rank=tokens,
                      hidden=hidden, experts=experts, top_k=topk,
                      topk_groups=None if low_latency else min(nodes, 4))
     return ex.seconds[phase]

@@ -1,0 +1,52 @@
+"""Costs of a training step (``mode: train``, forward and backward) and of a plain
+forward pass (``mode: inference``) of ``parallel.tokens_per_gpu`` tokens per GPU."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from moesim.config.scenario import Scenario
+from moesim.cost import compute
+from moesim.cost.step import Cost, StepCosts
+
+
+class TrainingCosts(StepCosts):
+    """Data-parallel attention over each GPU's own tokens, routed experts over EP."""
+
+    def __init__(self, scenario: Scenario, topology) -> None:
+        super().__init__(scenario, topology)
+        self.passes = (False, True) if scenario.mode == "train" else (False,)
+
+    def routed_scenario(self) -> Scenario:
+        return self.scenario
+
+    def fixed(self) -> dict[tuple[str, bool], Cost]:
+        m, p, hw = self.scenario.model, self.scenario.parallel, self.scenario.hardware
+        tokens = p.tokens_per_gpu // p.micro_batches
+        fixed: dict[tuple[str, bool], Cost] = {}
+        for backward in self.passes:
+            fixed["attention", backward] = compute.attention_seconds(
+                m, hw, tokens=tokens, seq_len=p.seq_len, backward=backward), 0.0
+            fixed["shared", backward] = compute.ffn_seconds(
+                m, hw, tokens=tokens, intermediate=m.shared_experts * m.moe_intermediate_size,
+                backward=backward), 0.0
+            fixed["dense_ffn", backward] = compute.ffn_seconds(
+                m, hw, tokens=tokens, intermediate=m.dense_intermediate_size,
+                backward=backward), 0.0
+            fixed["lm_head", backward] = compute.lm_head_seconds(
+                m, hw, tokens=tokens, backward=backward), 0.0
+        return fixed
+
+    def experts(self, tokens_ge, received_g, *, backward):
+        m, hw = self.scenario.model, self.scenario.hardware
+        seconds_g = compute.grouped_expert_seconds(m, hw, tokens_ge, backward=backward)
+        return seconds_g, np.zeros_like(seconds_g)
+
+    def step_tokens(self) -> int:
+        p = self.scenario.parallel
+        return p.total_gpus * p.tokens_per_gpu
+
+    def model_flops(self) -> float:
+        m, p = self.scenario.model, self.scenario.parallel
+        per_token = compute.model_flops_per_token(m, p.seq_len)
+        return per_token * self.step_tokens() * (3 if self.train else 1)
