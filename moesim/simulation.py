@@ -88,14 +88,14 @@ def simulate(scenario: Scenario, trace=None) -> SimResult:
     spans = spans_table(ops, timeline, ep=p.ep)
     links = links_table(scenario, topology, ops, costs, keys_l)
     experts = experts_table(scenario, costs, keys_l)
-    summary = summarize(scenario, topology, ops, timeline, costs, keys_l, links, step=step)
     if trace is None:
-        summary["routing_source"] = "synthetic"
-        summary["routing_draws"] = source.n_keys
+        routing = {"routing_source": "synthetic", "routing_draws": source.n_keys}
     else:
-        summary["routing_source"] = f"trace ({scenario.routing.replay})"
-        summary["routing_trace"] = scenario.trace or trace.metadata.get("source", {}).get(
-            "kind", "in memory")
+        routing = {"routing_source": f"trace ({scenario.routing.replay})",
+                   "routing_trace": scenario.trace or trace.metadata.get("source", {}).get(
+                       "kind", "in memory")}
+    summary = summarize(scenario, topology, ops, timeline, costs, keys_l, links, step=step,
+                        routing=routing)
     if not links.empty:
         links["utilization"] = links["busy_s"] / summary["step_time_s"]
     return SimResult(scenario=scenario, summary=summary, spans=spans, links=links,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from moesim.config.scenario import Scenario
+    from moesim.output.summary import Summary
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,7 +24,7 @@ class SimResult:
     """
 
     scenario: Scenario
-    summary: dict[str, Any]
+    summary: Summary  # a dict with the keys of moesim.output.summary.Summary
     spans: pd.DataFrame
     links: pd.DataFrame
     experts: pd.DataFrame

@@ -1,16 +1,87 @@
-"""The summary of one simulated step (definitions in docs/metrics.md)."""
+"""The summary of one simulated step: its keys, declared once in :class:`Summary`
+(meanings in docs/metrics.md), and how they are computed from the timeline."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: TypedDict reads NotRequired from live annotations.
 from collections import Counter
+from typing import get_type_hints
 
 import numpy as np
 import pandas as pd
+from typing_extensions import NotRequired, TypedDict
 
 from moesim.config.scenario import Scenario
 from moesim.cost.step import StepCosts
 from moesim.engine.program import COMM, COMPUTE, Op
 from moesim.engine.simpy_engine import Timeline
+
+
+class Summary(TypedDict):
+    """Every summary key, in SI units (docs/metrics.md defines each). The serving keys
+    appear in ``prefill`` and ``decode`` only, ``routing_draws`` with synthetic routing
+    only, ``routing_trace`` with a replayed trace only."""
+
+    scenario: str
+    mode: str
+    gpus: int
+    ep: int
+    ep_groups: int
+    nodes: int
+    dispatch_kernel: str
+    step_time_s: float
+    tokens_per_step: int
+    tokens_per_s: float
+    ttft_s: NotRequired[float]  # prefill
+    input_tokens_per_s_per_gpu: NotRequired[float]  # prefill
+    tpot_s: NotRequired[float]  # decode
+    output_tokens_per_s_per_gpu: NotRequired[float]  # decode
+    requests_per_step: NotRequired[int]
+    attention_dp: NotRequired[int]
+    attention_tp: NotRequired[int]
+    moe_tp: NotRequired[int]
+    isl: NotRequired[int]
+    osl: NotRequired[int]
+    kv_dtype: NotRequired[str]
+    attention_keys_per_token: NotRequired[float]
+    routed_tokens_per_gpu: NotRequired[int]
+    kv_cache_bytes_per_gpu: NotRequired[float]
+    attention_tp_allreduce_time_s: NotRequired[float]
+    moe_tp_allreduce_time_s: NotRequired[float]
+    dispatch_time_s: float
+    combine_time_s: float
+    expert_compute_time_s: float
+    expert_compute_max_time_s: float
+    attention_time_s: float
+    shared_expert_time_s: float
+    dense_ffn_time_s: float
+    lm_head_time_s: float
+    comm_exposed_time_s: float
+    comm_wait_time_s: float
+    mfu: float
+    model_tflops_per_gpu: float
+    nvlink_bytes: float
+    rdma_bytes: float
+    bottleneck_link: str
+    max_over_mean_gpu_load: float
+    dropped_token_fraction: float
+    tokens_dispatched: int
+    tokens_computed: int
+    tokens_dropped: int
+    routing_source: str
+    routing_draws: NotRequired[int]  # synthetic routing
+    routing_trace: NotRequired[str]  # a replayed trace
+
+
+def check_summary(summary: dict) -> Summary:
+    """``summary`` unchanged, after asserting it has exactly the declared keys and types
+    (an int is a float too; a bool is neither)."""
+    types = get_type_hints(Summary)
+    assert summary.keys() <= types.keys(), f"undeclared keys {summary.keys() - types.keys()}"
+    missing = Summary.__required_keys__ - summary.keys()
+    assert not missing, f"missing summary keys {missing}"
+    for key, value in summary.items():
+        allowed = (int, float) if types[key] is float else types[key]
+        assert isinstance(value, allowed) and not isinstance(value, bool), (key, value)
+    return summary  # type: ignore[return-value]
 
 
 def _overlap_with(intervals_start, intervals_end, starts, ends) -> np.ndarray:
@@ -63,8 +134,9 @@ def _load_imbalance(scenario: Scenario, costs, keys_l) -> float:
 
 
 def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys_l,
-              links: pd.DataFrame, *, step: StepCosts) -> dict:
-    """The summary dict; ``step`` is the mode's costs (its tokens, FLOPs and own keys)."""
+              links: pd.DataFrame, *, step: StepCosts, routing: dict) -> Summary:
+    """The summary; ``step`` is the mode's costs (its tokens, FLOPs and own keys),
+    ``routing`` the routing keys (``routing_source`` and its detail)."""
     m, p, hw = scenario.model, scenario.parallel, scenario.hardware
     step_s = float(timeline.end_og.max())
 
@@ -96,7 +168,7 @@ def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys
                                   "bytes"].sum())
     rdma_sent = float(links.loc[links["src"].str.startswith("gpu") & (links["kind"] == "nic"),
                                 "bytes"].sum())
-    return {
+    return check_summary({
         "scenario": scenario.name,
         "mode": scenario.mode,
         "gpus": p.total_gpus,
@@ -128,4 +200,5 @@ def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys
         "tokens_dispatched": dispatched,
         "tokens_computed": computed,
         "tokens_dropped": dropped,
-    }
+        **routing,
+    })
