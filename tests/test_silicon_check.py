@@ -1,5 +1,6 @@
-"""bench/silicon_check.py: the end-to-end check against aiconfigurator-core's measured
-serving runs, on a 3-row CSV with the real header (no package needed)."""
+"""bench/silicon_check.py and moesim.fidelity.silicon: the end-to-end check against
+aiconfigurator-core's measured serving runs, on a 3-row CSV with the real header (no
+package needed)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from moesim.fidelity import silicon
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -94,16 +97,16 @@ def test_text_report_names_the_row_and_the_mape(silicon_check, tmp_path, capsys)
     assert "precision fp4: not modelled" in text
 
 
-def test_layout_reading(silicon_check):
+def test_layout_reading():
     """tp_size is the attention TP of one DP rank: GPUs = tp x attention_dp."""
     row = dict(zip(HEADER.split(","), ROWS[0].split(","), strict=True))
     row.update(decode_tp_size="1.0", decode_attention_dp_size="32.0",
                decode_moe_ep_size="32.0", decode_batch_size="64.0")
-    case, why = silicon_check._case(row)
+    case, why = silicon.case_from_row(row)
     assert why is None
     assert (case.decode.gpus, case.decode.tp, case.decode.ep, case.batch) == (32, 1, 32, 64)
     row.update(decode_batch_size="", decode_num_workers="")
-    case, why = silicon_check._case(row)
+    case, why = silicon.case_from_row(row)
     assert case is None and "batch per rank unknown" in why
 
 
