@@ -136,7 +136,7 @@ def test_cli_writes_fitted_yaml(tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from moesim.cli.calibrate_cmd import calibrate as cmd
+    from moesim.cli.calibrate import calibrate as cmd
 
     app = typer.Typer()
     app.command()(cmd)

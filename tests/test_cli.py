@@ -33,12 +33,11 @@ def readme_examples() -> list[str]:
 
 
 def docstring_examples() -> list[str]:
-    from moesim.cli import calibrate_cmd, capture_cmd, main, regress_cmd, trace_cmds
+    from moesim.cli import calibrate, capture, regress, simulate, topo, trace
 
     found = []
-    for command in (main.simulate, main.topo_show, capture_cmd.capture, trace_cmds.stats,
-                    trace_cmds.import_, trace_cmds.synth, regress_cmd.regress,
-                    calibrate_cmd.calibrate):
+    for command in (simulate.simulate, topo.topo_show, capture.capture, trace.stats,
+                    trace.import_, trace.synth, regress.regress, calibrate.calibrate):
         doc = command.__doc__ or ""
         found += re.findall(r"^\s+moesim (.+)$", doc.split("Examples:")[-1], flags=re.M)
     return found

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from moesim.cli import perfdb_cmd
+from moesim.cli import perfdb as perfdb_cmd
 from moesim.cli.main import app
 from moesim.errors import InputError
 from moesim.fidelity.perfdb.importer import find_data_root, import_perfdb, package_version

@@ -9,7 +9,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from moesim.cli.record_cmd import NO_GPU, record
+from moesim.cli.record import NO_GPU, record
 from moesim.errors import InputError
 from moesim.fidelity import record as rec
 from moesim.fidelity.runs import load_runs

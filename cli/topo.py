@@ -1,0 +1,82 @@
+"""`moesim topo ...`: the cluster topology presets and files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moesim.cli.common import guarded
+
+topo_app = typer.Typer(help="Cluster topologies (presets in topologies/*.yaml).",
+                       no_args_is_help=True)
+
+
+@topo_app.command("show")
+@guarded
+def topo_show(
+    name: Annotated[str, typer.Argument(help="Preset name or topology YAML path.")],
+    gpus: Annotated[int | None, typer.Option(help="Build it with this many GPUs.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+    png: Annotated[Path | None, typer.Option(help="Draw the topology into this PNG file.")]
+    = None,
+) -> None:
+    """Print GPUs, nodes, link classes, per-GPU bandwidth and bisection bandwidth.
+
+    Examples:
+
+      moesim topo show h800-cluster --gpus 256
+
+      moesim topo show gb200-nvl72 --png nvl72.png
+    """
+    from moesim.topologies import load_topology
+
+    topology = load_topology(name, gpus=gpus)
+    summary = topology.summary()
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+    else:
+        typer.echo(_format_topology(summary))
+    if png is not None:
+        from moesim.cli.output import write_figure
+        from moesim.topologies.draw import figure
+
+        write_figure(png, figure(topology))
+        if not as_json:
+            typer.echo(f"wrote {png}")
+
+
+@topo_app.command("list")
+def topo_list() -> None:
+    """List the topology presets."""
+    from moesim.topologies import load_topology, preset_names
+
+    for name in preset_names():
+        t = load_topology(name)
+        typer.echo(f"{name:<20} {t.gpu:<9} up to {t.max_gpus} GPUs  {t.description}")
+
+
+def _format_topology(s: dict) -> str:
+    lines = [
+        f"{s['name']}: {s['n_gpus']} x {s['gpu']} GPUs in {s['n_domains']} NVLink domain(s) "
+        f"of {s['gpus_per_domain']}, fabric {s['fabric_kind']}",
+        f"  per-GPU NVLink  {s['nvlink_nominal_GBps']:.0f} GB/s nominal, "
+        f"{s['nvlink_achievable_GBps']:.0f} GB/s achievable (per direction)",
+    ]
+    if s.get("nic_nominal_GBps"):
+        lines.append(f"  per-GPU NIC     {s['nic_nominal_GBps']:.0f} GB/s nominal, "
+                     f"{s['nic_achievable_GBps']:.0f} GB/s achievable (per direction)")
+    if s.get("n_leaves"):
+        lines.append(f"  switches        {s['n_leaves']} leaves, {s['n_spines']} spines, "
+                     f"{s['rails']} rails, oversubscription {s['oversubscription']}")
+    lines.append(f"  bisection       {s['bisection_GBps']:,.0f} GB/s (per direction)")
+    lines.append("  link classes:")
+    for link in s["links"]:
+        lines.append(f"    {link['kind']:<7} {link['count']:>6} directed links  "
+                     f"{link['bandwidth_GBps']:>7.1f} GB/s x {link['efficiency']:.2f}  "
+                     f"latency {link['latency_us']:.2f} us")
+    if s.get("source"):
+        lines.append(f"  source: {s['source']}")
+    return "\n".join(lines)
