@@ -18,7 +18,7 @@ from moesim.comm.traffic import (
 )
 from moesim.config.kernels import KERNEL_NAMES
 from moesim.network.analytical import exchange_time
-from moesim.network.flow import complete, exchange_time_flow, max_min_rates
+from moesim.network.flow import complete, group_exchange_times, max_min_rates
 from moesim.routing.batch import RoutedBatch, count_batch
 from moesim.routing.synthetic import sample_topk
 from moesim.topologies import load_topology
@@ -217,7 +217,7 @@ def test_symmetric_exchange_takes_the_analytical_time():
         loads = dispatch_loads(counts, **args).scaled(nbytes)
         for f, a in [(flows, loads), (flows.reversed(), loads.reversed())]:
             want = exchange_time(a, topo, overhead_s=5e-6)
-            got = exchange_time_flow(f, topo, overhead_s=5e-6, rtol=0.0)
+            (got,) = group_exchange_times([f], topo, overhead_s=5e-6, rtol=0.0)
             assert got.seconds == pytest.approx(want.seconds, rel=1e-9), kernel
             assert got.latency_s == want.latency_s and got.bottleneck == want.bottleneck
 
@@ -235,8 +235,8 @@ def test_routed_all_to_all_agrees_with_analytical_within_two_percent(kernel, gpu
     nbytes = bytes_per_copy(kernel, hidden=7168, dtype="fp8", dispatch=True)
     want = exchange_time(dispatch_loads(counts, **args).scaled(nbytes), topo, overhead_s=0.0)
     for rtol in (0.0, 1e-3):
-        got = exchange_time_flow(dispatch_flows(counts, **args).scaled(nbytes), topo,
-                                 overhead_s=0.0, rtol=rtol)
+        (got,) = group_exchange_times([dispatch_flows(counts, **args).scaled(nbytes)], topo,
+                                      overhead_s=0.0, rtol=rtol)
         assert want.seconds * (1 - 1e-9) <= got.seconds <= want.seconds * 1.02
         assert got.bottleneck == want.bottleneck
 

@@ -49,13 +49,13 @@ from moesim.traces.capacity import (
 )
 from moesim.traces.gates import (
     gate_weights,
-    gshard_top2,
+    gshard_select,
     noisy_topk,
     route,
     score,
-    switch_top1,
     topk_select,
 )
+from moesim.traces.layers import GateConfig, MoEGate
 
 HEADS = dict(num_attention_heads=4, num_key_value_heads=4)
 
@@ -192,8 +192,11 @@ def test_empty_batch_routes_to_nothing():
     routing = route(torch.empty(0, 8), kind="group-limited-sigmoid", top_k=2, group_size=2,
                     max_groups=2, bias_e=torch.zeros(8))
     assert routing.ids_tk.shape == (0, 2) and routing.weights_tk.shape == (0, 2)
-    assert switch_top1(torch.empty(0, 4), capacity=1).ids_tk.shape == (0, 1)
-    assert gshard_top2(torch.empty(0, 4), capacity=1).ids_tk.shape == (0, 2)
+    empty = torch.empty(0, 4)
+    assert gate_on_logits("switch-top1", empty, top_k=1,
+                          capacity_factor=1.0).ids_tk.shape == (0, 1)
+    assert gate_on_logits("gshard-top2", empty, top_k=2,
+                          capacity_factor=1.0).ids_tk.shape == (0, 2)
 
 
 def test_nan_rows_are_not_routed():
@@ -337,15 +340,29 @@ def test_v1_renormalised_matches_transformers_mixtral_router():
 # --- Switch, GShard, noisy top-k ------------------------------------------------------
 
 
+def gate_on_logits(kind: str, logits_te: torch.Tensor, *, top_k: int, **config):
+    """The routing of the ``kind`` gate of the torch layers whose router logits are
+    ``logits_te`` (an identity router weight over E inputs)."""
+    n_experts = logits_te.shape[1]
+    gate = MoEGate(n_experts, GateConfig(kind=kind, num_experts=n_experts, top_k=top_k,
+                                         **config))
+    with torch.no_grad():
+        gate.weight.copy_(torch.eye(n_experts))
+    return gate(logits_te).routing
+
+
 def test_switch_top1_capacity_by_position_or_probability():
+    """3 tokens on 2 experts with capacity factor 0.5: ceil(3 / 2 x 0.5) = 1 each."""
     logits = t([[2.0, 0.0], [3.0, 0.0], [0.0, 1.0]])
     p = torch.softmax(logits, dim=-1)
-    first_come = switch_top1(logits, capacity=1)
+    first_come = gate_on_logits("switch-top1", logits, top_k=1, capacity_factor=0.5,
+                                drop_policy="position")
     assert first_come.ids_tk.tolist() == [[0], [-1], [1]]
     assert torch.allclose(first_come.weights_tk, t([[p[0, 0]], [0.0], [p[2, 1]]]))
-    confident = switch_top1(logits, capacity=1, policy="probs")
+    confident = gate_on_logits("switch-top1", logits, top_k=1, capacity_factor=0.5,
+                               drop_policy="probs")
     assert confident.ids_tk.tolist() == [[-1], [0], [1]]
-    assert switch_top1(logits, capacity=None).ids_tk.tolist() == [[0], [0], [1]]
+    assert gate_on_logits("switch-top1", logits, top_k=1).ids_tk.tolist() == [[0], [0], [1]]
 
 
 def test_switch_top1_matches_transformers_switch_router():
@@ -355,7 +372,9 @@ def test_switch_top1_matches_transformers_switch_router():
     hf = SwitchTransformersTop1Router(config).eval()
     x = torch.randn(1, 24, 16)
     hf_onehot, hf_probs, hf_logits = hf(x)
-    ours = switch_top1(hf_logits[0], capacity=5)
+    # Capacity 5 of 24 tokens on 4 experts: ceil(24 / 4 x 0.8333) = 5, first come first.
+    ours = gate_on_logits("switch-top1", hf_logits[0].detach(), top_k=1,
+                          capacity_factor=0.8333, drop_policy="position")
     hf_ids = torch.where(hf_onehot[0].sum(-1) > 0, hf_onehot[0].argmax(-1), -1)
     assert ours.ids_tk[:, 0].tolist() == hf_ids.tolist()
     assert (hf_ids == -1).any()  # the capacity bites
@@ -370,24 +389,26 @@ def test_switch_top1_matches_transformers_switch_router():
 def test_gshard_top2_fills_first_choices_before_second_choices():
     logits = t([[2.0, 1.0, 0.0], [2.0, 1.0, 0.0], [2.0, 0.0, 1.0]])
     e = math.e
-    routing = gshard_top2(logits, capacity=2)
+    # Capacity ceil(3 x 2 / 3 x 1.0) = 2 per expert, filled in token order.
+    routing = gate_on_logits("gshard-top2", logits, top_k=2, capacity_factor=1.0,
+                             drop_policy="position")
     # Expert 0 takes the first choices of tokens 0 and 1; token 2 keeps only expert 2.
     assert routing.ids_tk.tolist() == [[0, 1], [0, 1], [-1, 2]]
+    # Weights are renormalised over the kept experts after dropping (DeepSpeed, NLLB).
     expected = t([[e / (e + 1), 1 / (e + 1)], [e / (e + 1), 1 / (e + 1)], [0.0, 1.0]])
     assert torch.allclose(routing.weights_tk, expected)
-    before = gshard_top2(logits, capacity=2, normalize_before_drop=True)
-    assert torch.allclose(before.weights_tk[2], t([0.0, 1 / (e + 1)]))
 
 
-@pytest.mark.parametrize("normalize_before", [False, True])
-def test_gshard_top2_matches_transformers_nllb_router(normalize_before):
+def test_gshard_top2_matches_transformers_nllb_router():
     torch.manual_seed(6)
     config = NllbMoeConfig(d_model=16, num_experts=4, expert_capacity=6,
-                           normalize_router_prob_before_dropping=normalize_before)
+                           normalize_router_prob_before_dropping=False)
     hf = NllbMoeTop2Router(config).train()
     logits = torch.randn(20, 4)
     _, hf_dense = hf.route_tokens(logits.clone())
-    ours = gshard_top2(logits, capacity=6, normalize_before_drop=normalize_before)
+    # Capacity ceil(20 x 2 / 4 x 0.6) = 6 per expert, filled in token order.
+    ours = gate_on_logits("gshard-top2", logits, top_k=2, capacity_factor=0.6,
+                          drop_policy="position")
     dense = torch.zeros(20, 4).scatter_add(1, ours.ids_tk.clamp(min=0), ours.weights_tk)
     assert (ours.ids_tk == -1).any()  # the capacity bites
     assert torch.allclose(dense, hf_dense, atol=1e-6)
@@ -395,15 +416,13 @@ def test_gshard_top2_matches_transformers_nllb_router(normalize_before):
 
 def test_gshard_random_second_expert_policy():
     generator = torch.Generator().manual_seed(0)
-    even = gshard_top2(torch.zeros(50, 4), capacity=None, second_policy="random",
-                       generator=generator)
+    even = gshard_select(torch.zeros(50, 4), second_policy="random", generator=generator)
     assert (even.ids_tk[:, 1] >= 0).all()  # 2 * 0.5 > U always
-    peaked = gshard_top2(t([[30.0, 0.0, 0.0, 0.0]] * 50), capacity=None,
-                         second_policy="random", generator=generator)
+    peaked = gshard_select(t([[30.0, 0.0, 0.0, 0.0]] * 50), second_policy="random",
+                           generator=generator)
     assert (peaked.ids_tk[:, 1] == -1).all()
     assert torch.allclose(peaked.weights_tk[:, 0], torch.ones(50))
-    sampled = gshard_top2(torch.randn(50, 4), capacity=None, second_policy="sampling",
-                          generator=generator)
+    sampled = gshard_select(torch.randn(50, 4), second_policy="sampling", generator=generator)
     assert (sampled.ids_tk[:, 0] != sampled.ids_tk[:, 1]).all()
 
 

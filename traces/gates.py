@@ -21,7 +21,6 @@ import torch
 
 from moesim.config.gates import GATES, SCENARIO_GATES
 from moesim.errors import InputError
-from moesim.traces.capacity import drop_by_expert_capacity, drop_priority
 
 ROUTE_KINDS = SCENARIO_GATES  # the DeepSeek gates: route() re-routes their scores
 SCORE_KINDS = ("softmax", "sigmoid")
@@ -294,30 +293,6 @@ def apply_drops(selected: Routing, kept_ids_tk: torch.Tensor, *, renormalize: bo
     return Routing(ids_tk=kept_ids_tk, weights_tk=weights_tk, scores_te=selected.scores_te)
 
 
-def switch_top1(
-    logits_te: torch.Tensor,
-    *,
-    capacity: int | None,
-    policy: str = "position",
-    protected_t: torch.Tensor | None = None,
-) -> Routing:
-    """Switch Transformer top-1 over one capacity group of T tokens.
-
-    Expert = argmax of the fp32 softmax (ties: lower index), weight = that
-    probability (not renormalised). Each expert keeps at most ``capacity`` tokens:
-    ``"position"`` the earliest (HF ``switch_transformers``), ``"probs"`` the most
-    confident (V-MoE batch-prioritised). ``capacity=None`` drops nothing.
-    """
-    selected = route(score(logits_te, "softmax"), kind="softmax-topk", top_k=1)
-    if capacity is None:
-        return selected
-    priority_tk = drop_priority(selected.weights_tk, policy="probs")
-    kept_tk = drop_by_expert_capacity(
-        selected.ids_tk, priority_tk, capacity=capacity, policy=policy, protected_t=protected_t
-    )
-    return apply_drops(selected, kept_tk, renormalize=False)
-
-
 def gshard_select(
     logits_te: torch.Tensor,
     *,
@@ -359,39 +334,6 @@ def gshard_select(
         ids_tk[:, 1] = ids_tk[:, 1].masked_fill(skip_t, -1)
         weights_tk = gate_weights(scores_te, ids_tk, normalize=True, scale=1.0)
     return Routing(ids_tk=ids_tk, weights_tk=weights_tk, scores_te=scores_te)
-
-
-def gshard_top2(
-    logits_te: torch.Tensor,
-    *,
-    capacity: int | None,
-    second_policy: str = "all",
-    policy: str = "position",
-    normalize_before_drop: bool = False,
-    generator: torch.Generator | None = None,
-    protected_t: torch.Tensor | None = None,
-) -> Routing:
-    """GShard top-2 over one capacity group of T tokens (ROUTING.md section 5).
-
-    Capacity slots go to all first choices of an expert before any second choice;
-    within each rank ``"position"`` fills in token order (GShard, HF ``nllb_moe``),
-    ``"probs"`` by the assignment's (normalised) gate weight. Weights are renormalised to sum 1
-    after dropping (DeepSpeed), or before (``normalize_before_drop``, NLLB option).
-    ``capacity=None`` drops nothing.
-    """
-    selected = gshard_select(logits_te, second_policy=second_policy, generator=generator)
-    if capacity is None:
-        return selected
-    priority_tk = drop_priority(selected.weights_tk, policy="probs")
-    kept_tk = drop_by_expert_capacity(
-        selected.ids_tk,
-        priority_tk,
-        capacity=capacity,
-        policy=policy,
-        protected_t=protected_t,
-        slot_major=True,
-    )
-    return apply_drops(selected, kept_tk, renormalize=not normalize_before_drop)
 
 
 def noisy_topk(

@@ -184,25 +184,17 @@ def complete(
     )
 
 
-def exchange_time_flow(
-    flows_bytes: FlowSet, topology, *, overhead_s: float, rtol: float = 1e-3
-) -> ExchangeTime:
-    """Duration of one exchange whose flows carry ``flows_bytes.copies_f`` bytes, under
-    max-min fair sharing; compatible with :func:`analytical.exchange_time`.
+def group_exchange_times(
+    group_flows: list[FlowSet], topology, *, overhead_s: float, rtol: float = 1e-3
+) -> list[ExchangeTime]:
+    """Durations of concurrent exchanges (one per EP group) whose flows carry
+    ``copies_f`` bytes and share the fabric: all flows are solved together under max-min
+    fairness; each group finishes with its own last flow, plus its own latency.
 
     Latency is the analytical model's (overhead plus one hop per link class used); the
     bottleneck is the class of the link that ran at capacity longest. ``rtol`` (see
     :func:`complete`) trades a few 0.1% of accuracy for ~10x speed on EP64; 0 is exact.
     """
-    return group_exchange_times([flows_bytes], topology, overhead_s=overhead_s, rtol=rtol)[0]
-
-
-def group_exchange_times(
-    group_flows: list[FlowSet], topology, *, overhead_s: float, rtol: float = 1e-3
-) -> list[ExchangeTime]:
-    """Durations of concurrent exchanges (one per EP group) that share the fabric: all
-    flows are solved together under max-min fairness; each group finishes with its own
-    last flow, plus its own latency."""
     every = concat_flows(group_flows)
     done = complete(every.copies_f, every.paths, link_capacity(topology), rtol=rtol)
     classes = link_class(every.n_gpus, every.n_leaves)

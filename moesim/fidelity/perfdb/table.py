@@ -222,11 +222,6 @@ def _floats(col: pd.Series, name: str, source: str) -> pd.Series:
     return pd.Series(col.to_numpy(dtype="float64", na_value=np.nan), name=name)
 
 
-def empty_table() -> pd.DataFrame:
-    """A table with every column and no rows."""
-    return pd.DataFrame({c: pd.Series([], dtype=DTYPES[c]) for c in COLUMNS})
-
-
 def table_to_parquet_bytes(df: pd.DataFrame, metadata: dict) -> bytes:
     """The validated table as Parquet bytes (zstd), with the schema name under
     ``moesim.schema`` and ``metadata`` as JSON under ``moesim.provenance``."""
