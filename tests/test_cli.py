@@ -19,7 +19,7 @@ from moesim.cli.main import app
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
 
-SUMMARY_KEYS = {  # the public summary keys of DESIGN.md
+SUMMARY_KEYS = {  # the summary keys other tools rely on (README, docs/metrics.md)
     "step_time_s", "tokens_per_s", "dispatch_time_s", "combine_time_s",
     "expert_compute_time_s", "attention_time_s", "comm_exposed_time_s", "mfu",
     "nvlink_bytes", "rdma_bytes", "max_over_mean_gpu_load", "dropped_token_fraction",

@@ -1,7 +1,7 @@
 """Stories about the torch routing functions: gates, capacity, balance losses, bias.
 
-Expected ids and weights below are worked out by hand from ``../shared/ROUTING.md``
-and the formulas of ``../shared/seeds/001_*`` (DeepSeekMoE, V2) and ``002_*`` (V3);
+Expected ids and weights below are worked out by hand from docs/routing.md and the
+papers' formulas (DeepSeekMoE arXiv 2401.06066, DeepSeek-V2 2405.04434, V3 2412.19437);
 the gates are also checked against transformers' own routers (DeepSeek-V2/V3,
 Mixtral, Switch, NLLB-MoE) on random inputs.
 """
@@ -149,7 +149,7 @@ def test_group_rule_max_versus_top2sum():
 
 
 def test_fill_zero_replays_libraries_that_pick_masked_experts():
-    # ROUTING.md 8.1: with a 0.0 fill a negative biased score loses to a masked expert.
+    # docs/routing.md 8.1: with a 0.0 fill a negative biased score loses to a masked expert.
     select = t([[-0.5, -0.25, 0.5, -0.75]])
     assert topk_select(select, top_k=2, group_size=2, max_groups=1).tolist() == [[2, 3]]
     assert topk_select(select, top_k=2, group_size=2, max_groups=1, fill=0.0).tolist() \
@@ -229,7 +229,7 @@ def test_gate_weights_skip_dropped_slots():
 
 def reference_topk(values: list[float], top_k: int, group_size: int, max_groups: int,
                    rule: str) -> list[int]:
-    """ROUTING.md 1.2 + section 0, one token, written the slow obvious way."""
+    """docs/routing.md 1.2 + section 0, one token, written the slow obvious way."""
     n_groups = len(values) // group_size
     r = 1 if rule == "max" else 2
     group_score = [sum(sorted(values[g * group_size:(g + 1) * group_size], reverse=True)[:r])
@@ -617,7 +617,8 @@ def test_balance_losses_grow_when_routing_collapses():
 
 
 def test_balance_losses_follow_the_seed_formulas():
-    # Eqs. (4)-(6) of seeds/001 written as plain loops, on a random routing.
+    # The three balance terms of docs/routing.md section 2.4 (DeepSeek-V2 sec. 2.2.3)
+    # written as plain loops, on a random routing.
     torch.manual_seed(8)
     n_tokens, n_experts, top_k, per_device, m = 7, 6, 2, 2, 2
     scores = torch.softmax(torch.randn(n_tokens, n_experts), dim=-1)

@@ -1,6 +1,6 @@
 """Invariants every simulated step obeys, checked through ``moesim.simulate``.
 
-DESIGN.md ("Engine"): bytes sent = bytes received per link class; tokens dispatched =
+The engine's promises: bytes sent = bytes received per link class; tokens dispatched =
 tokens computed + tokens dropped; no span ends before it starts; the same seed gives
 the same result. "Tokens" in the summary's counts are (token, expert) assignments of
 the forward pass, summed over MoE layers and EP groups.

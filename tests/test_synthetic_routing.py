@@ -4,7 +4,7 @@
 Zipf), optionally confined to ``max_units`` placement units (GPUs or nodes) per token,
 as DeepSeek's device- and node-limited gates do. capacity dropping then lets every
 GPU keep at most ``ceil(cf * A / D)`` of the ``A`` assignments of its EP group and
-drops the lowest-priority surplus (``../shared/ROUTING.md`` section 2.5).
+drops the lowest-priority surplus (docs/routing.md section 2.5).
 """
 
 from __future__ import annotations
@@ -209,7 +209,7 @@ def test_hand_made_capacity_drop_keeps_the_highest_priorities():
 
 
 def test_equal_priorities_drop_later_tokens_first():
-    """Ties go to the lower token index (ROUTING.md section 8.7)."""
+    """Ties go to the lower token index (docs/routing.md section 8.7)."""
     ids = np.array([[0], [0], [0], [1]])
     kept = apply_capacity(ids, experts_per_device=1, n_devices=2, capacity_factor=1.0,
                           priority_tk=np.zeros((4, 1)))

@@ -1,6 +1,6 @@
 """Stories about traffic: how many token copies cross which links, per dispatch kernel.
 
-The three kernels (``../shared/ROUTING.md`` section 7):
+The three kernels (docs/routing.md section 7):
 
 * ``deepep-normal`` sends a token once per destination *node* over RDMA (to the GPU
   with the same local index there), which forwards it over NVLink to the GPUs of that
@@ -378,7 +378,7 @@ def test_deepep_normal_sends_once_per_node_then_forwards(tiny_counts, tiny_topol
 
 def test_dropped_assignments_do_not_travel(tiny_topology):
     """A dropped (token, expert) assignment sends nothing: t1 keeps only expert 4, so its
-    copy to GPU 3 disappears under nccl (ROUTING.md: dropped slots are ignored)."""
+    copy to GPU 3 disappears under nccl (docs/routing.md: dropped slots are ignored)."""
     ids = np.array([[2, 3], [4, 6], [0, 2], [6, 7], [4, 5], [0, 7], [1, 2], [4, 5]])
     kept = np.ones(ids.shape, dtype=bool)
     kept[1, 1] = False

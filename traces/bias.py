@@ -2,7 +2,7 @@
 
 After each training step ``b_e <- b_e + gamma * sign(mean(load) - load_e)``: an
 overloaded expert's bias goes down, an underloaded one's up, an exactly balanced
-one stays (``../shared/ROUTING.md`` section 3.3). The load counts the final routing
+one stays (docs/routing.md section 3.3). The load counts the final routing
 (after any dropping) over the whole global batch, which the caller gathers.
 """
 

@@ -1,7 +1,7 @@
 """Token dropping under capacity: per device (DeepSeek-V2) and per expert (Switch/GShard).
 
 A dropped (token, expert) assignment becomes id ``-1``; the token's residual path
-carries it (``../shared/ROUTING.md`` sections 2.5, 4.5, 5, 8.5). Both policies rank
+carries it (docs/routing.md sections 2.5, 4.5, 5, 8.5). Both policies rank
 the assignments of one bin (device or expert) the same way: protected tokens first,
 then by priority (descending), then by token index and slot (ascending). A stable
 sort on each key, least significant first, gives that order without ties.
@@ -66,7 +66,7 @@ def drop_priority(
     """Priority ``priority_tk`` float [T, K] for dropping: the higher, the later dropped.
 
     ``"probs"``: the assignment's gate weight (Megatron's routing probs; for the
-    DeepSeek-V2 gate the affinity times the route scale, so the order of ROUTING.md
+    DeepSeek-V2 gate the affinity times the route scale, so the order of docs/routing.md
     2.5). ``"position"``: minus the token's position in its sequence (``pos_t``;
     token index when None), so the latest positions go first, across all sequences.
     """
@@ -140,7 +140,7 @@ def drop_by_device_capacity(
     capacity_factor: float = 1.0,
     protected_t: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """DeepSeek-V2 device-level dropping (ROUTING.md section 2.5): kept ``ids_tk`` [T, K].
+    """DeepSeek-V2 device-level dropping (docs/routing.md section 2.5): kept ``ids_tk`` [T, K].
 
     Experts are laid out contiguously, ``device = id // experts_per_device``. Each
     device keeps at most ``ceil(cf * A / D)`` of the ``A`` routed assignments:

@@ -2,10 +2,10 @@
 
 Selection works on *scores* (affinities after softmax or sigmoid), so a simulator can
 re-route the scores stored in a trace under another gate, group limit or bias
-(``../shared/ROUTING.md`` sections 1-3 and 5).
+(docs/routing.md sections 1-3 and 5).
 
 Every top-k here orders by (value desc, index asc), for experts and for groups alike
-(ROUTING.md section 0); the K slots of a token come out in that order. Torch's own
+(docs/routing.md section 0); the K slots of a token come out in that order. Torch's own
 ``topk`` leaves ties unspecified, so the selection uses a stable descending sort.
 
 Shapes: ``T`` tokens, ``E`` routed experts, ``K`` experts per token, ``G`` groups,
@@ -87,7 +87,7 @@ def check_selection(
 
     The group limit applies when ``max_groups`` is given; it then needs ``group_size``
     dividing ``num_experts`` and at least ``top_k`` experts on the allowed groups.
-    Libraries silently pick masked experts otherwise (ROUTING.md section 8.1).
+    Libraries silently pick masked experts otherwise (docs/routing.md section 8.1).
     """
     if num_experts < 1:
         raise InputError(f"num_experts={num_experts}", field="num_experts", allowed=">= 1")
@@ -171,7 +171,7 @@ def topk_select(
     experts scored by ``group_rule``; the ``max_groups`` best groups stay, the other
     experts get ``fill`` (``-inf``; ``0.0`` replays HF ``deepseek_v2`` / HF<=4.57
     ``deepseek_v3``), then top-K over all E. Ties: value desc, index asc, for groups
-    too. A row holding NaN is not routed (all ``-1``, ROUTING.md section 8.8).
+    too. A row holding NaN is not routed (all ``-1``, docs/routing.md section 8.8).
     """
     n_tokens, n_experts = select_te.shape
     check_selection(

@@ -14,7 +14,7 @@ per MoE layer, what the model actually did:
 
 Routers are matched by class (``isinstance``), never by module name: ``gate_proj``,
 ``gate_up_proj`` and Qwen2-MoE's ``shared_expert_gate`` all contain "gate" and none is a
-router (see ``shared/HF_MOE_GATES.md``).
+router (each family's router class: the ``_FAMILIES`` table below).
 """
 
 from __future__ import annotations

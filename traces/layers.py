@@ -2,7 +2,7 @@
 
 The modules hold parameters and wire the pure routing functions together; every
 routing rule lives in ``gates.py`` and ``capacity.py``, every loss in ``losses.py``
-(``../shared/ROUTING.md``). Shapes: ``B`` batch, ``S`` sequence, ``T = B*S`` tokens,
+(docs/routing.md). Shapes: ``B`` batch, ``S`` sequence, ``T = B*S`` tokens,
 ``H`` hidden, ``I`` expert intermediate size, ``E`` routed experts, ``K`` per token.
 """
 
@@ -210,7 +210,7 @@ class MoEGate(nn.Module):
             # Zero noise weights start every expert with the minimum noise (as t2t).
             self.noise_weight = nn.Parameter(torch.zeros(config.num_experts, hidden))
         if config.kind == "group-limited-sigmoid":
-            # fp32 even in half-precision models: 1 ulp of bias flips experts (ROUTING.md 8.9).
+            # fp32 even in half-precision models: 1 ulp of bias flips experts (docs/routing.md 8.9).
             self.register_buffer("bias", torch.zeros(config.num_experts, dtype=torch.float32))
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> MoEGate:

@@ -1,7 +1,7 @@
 """Balance losses of MoE gates, each a pure function returning a scalar tensor.
 
 Coefficients (alpha) are the caller's: every function returns the bare sum, which is
-1 for perfectly uniform routing (``../shared/ROUTING.md`` sections 2.4, 3.4, 5) except
+1 for perfectly uniform routing (docs/routing.md sections 2.4, 3.4, 5) except
 the CV^2 losses, whose minimum is 0. Counts ``f`` carry no gradient; the mean
 affinities ``P`` do. ``-1`` slots (dropped) are not counted. An empty batch gives 0,
 still attached to the graph of its inputs.

@@ -7,7 +7,7 @@ build the file's content and :func:`dump_document` its text. The timing function
 (:func:`time_grouped_gemm`, :func:`time_moe_layer`) need CUDA and only return numbers;
 the CLI writes the file.
 
-The schema has no ``moe-layer`` workload kind yet (``moesim/recorded.py``), so the MoE
+The schema has no ``moe-layer`` workload kind yet (``moesim/fidelity/runs.py``), so the MoE
 layer forward is reported in the file's notes, not as a run that ``regress`` compares.
 """
 

@@ -2,11 +2,11 @@
 
 For every MoE layer of a trace, with experts placed contiguously on ``D = ep`` devices
 (expert ``e`` on rank ``e // (E / D)``, rank ``r`` on node ``r // gpus_per_node``,
-``../shared/ROUTING.md`` section 7), :func:`trace_stats` reports:
+docs/routing.md section 7), :func:`trace_stats` reports:
 
 * expert load: coefficient of variation (population std / mean of the assignments per
   expert) and max / mean; the same per device;
-* the DeepSeek-V2 balance terms (ROUTING.md section 2.4), without their alpha factors;
+* the DeepSeek-V2 balance terms (docs/routing.md section 2.4), without their alpha factors;
   each is 1 under perfect balance with softmax scores:
 
   - expert level ``exp_bal = sum_i f_i P_i`` with ``f_i = E / (K T) * #(t selects i)``
