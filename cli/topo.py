@@ -32,9 +32,10 @@ def topo_show(
       moesim topo show gb200-nvl72 --png nvl72.png
     """
     from moesim.topologies import load_topology
+    from moesim.topologies.analysis import summarize
 
     topology = load_topology(name, gpus=gpus)
-    summary = topology.summary()
+    summary = summarize(topology)
     if as_json:
         typer.echo(json.dumps(summary, indent=1))
     else:

@@ -108,7 +108,7 @@ def summarize(topology: Topology) -> dict[str, Any]:
         "nic_achievable_GBps": _round(t.nic_bw / _GB),
         "links": link_classes(t),
         "oversubscription": t.oversubscription,
-        "bisection_GBps": _round(t.bisection_bw / _GB),
+        "bisection_GBps": _round(bisection_bandwidth(t) / _GB),
     }
 
 

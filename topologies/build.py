@@ -11,7 +11,6 @@ serves rail ``rail`` of a block of ``domains_per_leaf`` consecutive domains.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import networkx as nx
@@ -65,18 +64,6 @@ class Topology:
     uplink_latency: float
     spec: TopologySpec
 
-    @cached_property
-    def bisection_bw(self) -> float:
-        """Achievable bytes/s from the first half of the domains to the second (max flow)."""
-        from .analysis import bisection_bandwidth
-
-        return bisection_bandwidth(self)
-
-    def summary(self) -> dict[str, Any]:
-        """Plain-data description (GB/s, µs) for reports and ``moesim topo show --json``."""
-        from .analysis import summarize
-
-        return summarize(self)
 
 
 def build_topology(spec: TopologySpec, n_gpus: int) -> Topology:

@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from .analysis import bisection_bandwidth, summarize
+
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
@@ -116,7 +118,7 @@ def figure(
 
     handles = [
         Line2D([], [], color=_COLORS[c["kind"]], label=_link_label(c))
-        for c in _unique_kinds(t.summary()["links"])
+        for c in _unique_kinds(summarize(t)["links"])
     ]
     if handles:
         ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.9)
@@ -169,7 +171,7 @@ def _title(t: Topology, domains: list[int], shown_gpus: list[int]) -> str:
     )
     if t.rails:
         head += f", {t.rails} rails, {t.n_leaves} leaves, {t.n_spines} spines"
-    head += f"; bisection {t.bisection_bw / 1e9:,.0f} GB/s"
+    head += f"; bisection {bisection_bandwidth(t) / 1e9:,.0f} GB/s"
     if len(domains) < t.n_domains or len(shown_gpus) < t.n_gpus:
         head += (
             f"\nshowing {len(domains)} of {t.n_domains} domains and "
