@@ -66,9 +66,11 @@ def input_error(err: ValidationError, *, schema: type, source: str | None = None
         allowed = "at least one entry"
     else:
         problem = f"{first['msg'].lower()} (got {_shown(first.get('input'))})"
-        bounds = [f"{op} {ctx[key]}" for key, op in
-                  (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<=")) if key in ctx]
-        allowed = " and ".join(bounds) or _type_of(schema, loc)
+        bounds, declared = _bounds(schema, loc, ctx), _type_of(schema, loc)
+        if any(key in ctx for key, _ in _BOUNDS):  # a number out of its bounds
+            allowed = bounds
+        else:  # a value of the wrong type
+            allowed = ", ".join(part for part in (declared, bounds) if part) or None
     if len(errors) > 1:
         problem += f"; {len(errors) - 1} more problem(s) after this one"
     return InputError(problem, field=field or None, allowed=allowed, source=source)
@@ -148,6 +150,31 @@ def _walk(schema: type, loc: tuple) -> tuple[str, Any]:
         else:
             here = None
     return path, here
+
+
+_BOUNDS = (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+
+
+def _bounds(schema: type, loc: tuple, ctx: dict) -> str | None:
+    """Every bound the field at ``loc`` declares (``> 0 and <= 1``), else the one broken."""
+    info = _field_info(schema, loc)
+    declared = {key: getattr(m, key) for m in (info.metadata if info else ())
+                for key, _ in _BOUNDS if hasattr(m, key)}
+    bounds = declared or {key: ctx[key] for key, _ in _BOUNDS if key in ctx}
+    return " and ".join(f"{op} {bounds[key]}" for key, op in _BOUNDS if key in bounds) or None
+
+
+def _field_info(schema: type, loc: tuple):
+    """The pydantic FieldInfo of the field at ``loc`` (None past a list or dict entry)."""
+    if not loc or not isinstance(loc[-1], str):
+        return None
+    _, parent = _walk(schema, loc[:-1])
+    parent = _unwrap(parent)
+    if not _is_schema(parent):
+        return None
+    fields = parent.__pydantic_fields__
+    return fields.get(loc[-1]) or next(
+        (i for i in fields.values() if i.alias == loc[-1]), None)
 
 
 def _type_of(schema: type, loc: tuple) -> str | None:

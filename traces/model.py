@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moesim.config.gates import GATES
 from moesim.errors import InputError
 from moesim.traces.corpus import VOCAB_SIZE
 from moesim.traces.layers import GATE_KINDS, GateConfig, GateOutput, MoELayer, SwiGLU
@@ -76,8 +77,7 @@ def default_gate_config(
         )
     else:
         settings.update(expert_loss=0.01)
-        if kind in ("switch-top1", "gshard-top2"):
-            settings["top_k"] = 1 if kind == "switch-top1" else 2
+        settings["top_k"] = GATES[kind].fixed_top_k or top_k
     settings.update(overrides)
     return GateConfig(**settings)
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import moesim
 from moesim.cli.main import app
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 SUMMARY_KEYS = {  # the summary keys other tools rely on (README, docs/metrics.md)

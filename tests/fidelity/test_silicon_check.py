@@ -13,7 +13,7 @@ import pytest
 
 from moesim.fidelity import silicon
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # The header of aiconfigurator-core 0.12.0's systems/silicon_sample.csv.
 HEADER = (

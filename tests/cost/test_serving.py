@@ -21,7 +21,7 @@ from moesim import HardwareSpec, InputError
 from moesim.cli.main import app
 from moesim.cost import compute, serving
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DECODE = str(REPO / "examples" / "v3-decode-h200.yaml")
 PREFILL = str(REPO / "examples" / "v3-prefill-h200.yaml")
 
