@@ -41,9 +41,8 @@ def input_error(err: ValidationError, *, schema: type, source: str | None = None
     first = errors[0]
     loc, kind = tuple(first["loc"]), first["type"]
     ctx = first.get("ctx") or {}
-    field, parent = _walk(schema, loc[:-1]) if loc else ("", schema)
-    last, _ = _walk(schema, loc)
-    field = last or field
+    field, _ = _walk(schema, loc)
+    parent = _unwrap(_walk(schema, loc[:-1])[1])
     allowed = None
     if kind in ("extra_forbidden", "unexpected_keyword_argument"):
         problem = "unknown field"

@@ -319,3 +319,13 @@ def test_cli_json_prints_the_serving_keys():
                                     "--set", "model.num_layers=5"])
     assert text.exit_code == 0, text.output
     assert "time to first token" in text.output and "input tokens/s per GPU" in text.output
+
+
+def test_every_mode_a_scenario_may_name_has_its_step_costs():
+    import typing
+
+    from moesim.config.scenario import Scenario
+    from moesim.cost.modes import MODES
+
+    named = typing.get_args(Scenario.__pydantic_fields__["mode"].annotation)
+    assert set(named) == set(MODES)

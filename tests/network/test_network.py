@@ -39,3 +39,13 @@ def test_groups_sharing_a_link_share_its_bandwidth():
     a = nic_loads(16, topo.n_leaves, {0: 45e6})
     t = exchange_time(a + a, topo, overhead_s=0.0, own=a)
     assert t.seconds - t.latency_s == pytest.approx(2e-3)
+
+
+def test_every_network_a_scenario_may_name_is_a_model():
+    import typing
+
+    from moesim.config.scenario import Scenario
+    from moesim.network.models import NETWORK_MODELS
+
+    named = typing.get_args(Scenario.__pydantic_fields__["network"].annotation)
+    assert set(named) == set(NETWORK_MODELS)
