@@ -15,6 +15,7 @@ import typer
 from moesim.cli.calibrate import calibrate
 from moesim.cli.capture import capture
 from moesim.cli.perfdb import perfdb_app
+from moesim.cli.placement import placement
 from moesim.cli.record import record
 from moesim.cli.regress import regress
 from moesim.cli.simulate import simulate
@@ -55,6 +56,7 @@ app.command()(capture)
 app.command()(regress)
 app.command()(calibrate)
 app.command()(record)
+app.command()(placement)
 
 
 def main() -> None:

@@ -128,11 +128,7 @@ def check_feasible(scenario: Scenario, topology=None) -> None:
     check_mode(scenario)
     m, p, r = scenario.model, scenario.parallel, scenario.routing
     E = m.routed_experts
-    if E % p.ep:
-        raise InputError(
-            f"EP size {p.ep} does not divide the {E} routed experts",
-            field="parallel.ep", allowed=_divisors(E),
-        )
+    check_placement(scenario)
     if p.total_gpus % p.ep:
         raise InputError(
             f"{p.total_gpus} GPUs are not a whole number of EP groups of {p.ep}",
@@ -176,6 +172,11 @@ def check_feasible(scenario: Scenario, topology=None) -> None:
         )
     if r.max_devices is not None:
         units, per_unit = limit_units(scenario, per_domain)
+        if E % units:
+            raise InputError(
+                f"the {E} experts do not split into the {units} {r.limit_scope}s that M "
+                "limits", field="routing.max_devices",
+                allowed="null, or an expert count that the units divide")
         allowed = f"{max(1, -(-m.top_k // per_unit))}..{units}"
         if r.max_devices > units:
             raise InputError(
@@ -189,13 +190,65 @@ def check_feasible(scenario: Scenario, topology=None) -> None:
                 f"fewer than top_k = {m.top_k}",
                 field="routing.max_devices", allowed=allowed,
             )
+    if scenario.placement.policy == "eplb-hierarchical":
+        groups, nodes = placement_groups(scenario, per_domain)
+        if E % groups or groups % nodes:
+            raise InputError(
+                f"{groups} expert groups of {E} experts cannot be packed whole onto the "
+                f"{nodes} nodes of an EP group", field="placement.policy",
+                allowed="eplb-global, contiguous")
 
 
 def limit_units(scenario: Scenario, gpus_per_domain: int) -> tuple[int, int]:
-    """(units per EP group, experts per unit) for the device limit's scope."""
+    """(units per EP group, logical experts per unit) for the device limit's scope: the
+    gate limits contiguous blocks of logical experts, one block per GPU or node (with
+    contiguous placement the block is what the GPU or node holds)."""
     p = scenario.parallel
-    experts_per_gpu = scenario.model.routed_experts // p.ep
-    if scenario.routing.limit_scope == "device":
-        return p.ep, experts_per_gpu
-    gpus_per_node = min(p.ep, gpus_per_domain)
-    return p.ep // gpus_per_node, experts_per_gpu * gpus_per_node
+    units = p.ep if scenario.routing.limit_scope == "device" else p.ep // min(
+        p.ep, gpus_per_domain)
+    return units, scenario.model.routed_experts // units
+
+
+def placement_groups(scenario: Scenario, gpus_per_domain: int) -> tuple[int, int]:
+    """(expert groups, nodes) of an EP group for the hierarchical placement: the device
+    limit's units when ``M`` is set (so each unit stays on one node), else the model's
+    expert groups when they split over the nodes, else one group per node."""
+    p, m = scenario.parallel, scenario.model
+    nodes = p.ep // min(p.ep, gpus_per_domain)
+    if scenario.routing.max_devices is not None:
+        return limit_units(scenario, gpus_per_domain)[0], nodes
+    groups = m.expert_groups
+    if groups and m.routed_experts % groups == 0 and groups % nodes == 0:
+        return groups, nodes
+    return nodes, nodes
+
+
+def check_placement(scenario: Scenario) -> None:
+    """The experts' slots split evenly over the GPUs of an EP group."""
+    p, pl = scenario.parallel, scenario.placement
+    E, R = scenario.model.routed_experts, pl.redundant_experts
+    if not pl.rebalanced:
+        if R:
+            raise InputError(
+                "contiguous placement has no redundant experts",
+                field="placement.redundant_experts",
+                allowed="0, or placement.policy: eplb-hierarchical | eplb-global")
+        if E % p.ep:
+            raise InputError(
+                f"EP size {p.ep} does not divide the {E} routed experts",
+                field="parallel.ep", allowed=f"{_divisors(E)}; or an eplb placement with "
+                f"redundant experts making E + R a multiple of {p.ep}")
+        return
+    if (E + R) % p.ep:
+        first = (-E) % p.ep
+        raise InputError(
+            f"{E} experts + {R} redundant = {E + R} slots do not split over {p.ep} GPUs",
+            field="placement.redundant_experts",
+            allowed=", ".join(str(first + k * p.ep) for k in range(3)) + ", ...")
+    if pl.loads == "trace" and scenario.trace is None:
+        raise InputError("loads from the trace need a trace to replay",
+                         field="placement.loads", allowed="window, or a loads CSV file")
+    if pl.loads not in ("window", "trace") and scenario.trace is None:
+        raise InputError(
+            "loads from a file describe a trace's layers; synthetic draws place their hot "
+            "experts at random", field="placement.loads", allowed="window")

@@ -26,6 +26,7 @@ from pydantic import TypeAdapter, ValidationError
 from moesim.config.hardware import HardwareSpec
 from moesim.config.model import ModelShape
 from moesim.config.parallel import ParallelConfig
+from moesim.config.placement import PlacementConfig
 from moesim.config.routing import RoutingPolicy
 from moesim.config.scenario import SCHEMA, Scenario
 from moesim.config.serving import ServingConfig
@@ -39,6 +40,7 @@ _SECTION_TYPES: dict[str, type] = {
     "hardware": HardwareSpec,
     "parallel": ParallelConfig,
     "routing": RoutingPolicy,
+    "placement": PlacementConfig,
     "serving": ServingConfig,
 }
 

@@ -11,6 +11,7 @@ from pydantic.dataclasses import dataclass
 from moesim.config.hardware import HardwareSpec
 from moesim.config.model import ModelShape
 from moesim.config.parallel import ParallelConfig
+from moesim.config.placement import PlacementConfig
 from moesim.config.routing import RoutingPolicy
 from moesim.config.serving import ServingConfig
 from moesim.validation import STRICT
@@ -31,7 +32,8 @@ class Scenario:
     preset name or a YAML path; ``trace`` a routing trace (``.npz``, schema
     ``moesim.trace/1``) to replay instead of synthetic routing. ``network`` picks the
     network model: ``analytical`` (latency plus the busiest link) or ``flow`` (max-min
-    fair sharing among all concurrent flows).
+    fair sharing among all concurrent flows). ``placement`` puts the experts (and
+    redundant replicas) on the GPUs of every EP group.
     """
 
     name: str = "scenario"
@@ -42,6 +44,7 @@ class Scenario:
     topology: str
     parallel: ParallelConfig
     routing: RoutingPolicy
+    placement: PlacementConfig = Field(default_factory=PlacementConfig)
     trace: str | None = None
     network: Literal["analytical", "flow"] = "analytical"
     serving: ServingConfig | None = None

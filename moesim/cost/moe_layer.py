@@ -45,7 +45,7 @@ def moe_layer_costs(scenario: Scenario, topology, counts_gm: list[list[BatchCoun
             gpus_per_node=min(p.ep, topology.gpus_per_domain), phases=phases)
         for (phase, backward), exchange in timed.items():
             exchanges[mb, phase, backward] = exchange
-        tokens = np.concatenate([c.kept_e.reshape(p.ep, -1) for c in groups])
+        tokens = np.concatenate([c.kept_s.reshape(p.ep, -1) for c in groups])
         received = np.concatenate([c.reach_gpu_sg.sum(axis=0) for c in groups])
         tokens_ge.append(tokens)
         for backward in step.passes:

@@ -80,7 +80,7 @@ def alltoall(topology, *, hw: HardwareSpec, gpus: int, bytes_per_rank: float) ->
     # One copy per (source, destination) pair; the per-gpu route carries it (NVLink in a
     # node, the NIC with PXN between nodes), the network model times it.
     counts = BatchCounts(routed=n * n, kept_e=np.zeros(n), dropped_e=np.zeros(n),
-                         dropped_unknown=0, pairs_sg=ones, reach_gpu_sg=ones,
+                         kept_s=np.zeros(n), dropped_unknown=0, pairs_sg=ones, reach_gpu_sg=ones,
                          reach_node_sn=np.full((n, n // per_node), per_node))
     (copies,), _ = group_traffic([counts], kernel="nccl-alltoall", topology=topology,
                                  network=_ANALYTICAL, gpus_per_node=per_node)

@@ -27,6 +27,8 @@ class Summary(TypedDict):
     ep_groups: int
     nodes: int
     dispatch_kernel: str
+    placement: str
+    redundant_experts: int
     step_time_s: float
     tokens_per_step: int
     tokens_per_s: float
@@ -176,6 +178,8 @@ def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys
         "ep_groups": p.ep_groups,
         "nodes": int(topology.n_domains),
         "dispatch_kernel": p.dispatch_kernel,
+        "placement": scenario.placement.policy,
+        "redundant_experts": scenario.placement.redundant_experts,
         "step_time_s": step_s,
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / step_s,

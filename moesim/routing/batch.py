@@ -11,14 +11,18 @@ import numpy as np
 class RoutedBatch:
     """Routing of one micro-batch in one EP group.
 
-    Token ``t`` lives on rank ``t // tokens_per_rank`` of the group; ``ids_tk`` are its
-    experts and ``kept_tk`` says which assignments survived capacity dropping. An id of
-    ``-1`` (never kept) is a slot a replayed trace recorded as already dropped.
+    Token ``t`` lives on rank ``t // tokens_per_rank`` of the group; ``ids_tk`` are the
+    physical expert slots it reaches (the experts themselves under contiguous placement;
+    slot ``s`` on GPU ``s // (S / ep)``) and ``kept_tk`` says which assignments survived
+    capacity dropping. An id of ``-1`` (never kept) is a slot a replayed trace recorded
+    as already dropped. ``phy2log_s`` [S] names each slot's logical expert (None: slot
+    ``s`` holds expert ``s``).
     """
 
     ids_tk: np.ndarray
     kept_tk: np.ndarray
     tokens_per_rank: int
+    phy2log_s: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         assert self.ids_tk.shape == self.kept_tk.shape
@@ -35,8 +39,9 @@ class BatchCounts:
     """
 
     routed: int  # (token, expert) assignments made by the gate, kept or not
-    kept_e: np.ndarray  # [E] assignments each expert computes
-    dropped_e: np.ndarray  # [E] assignments dropped at each expert
+    kept_e: np.ndarray  # [E] assignments each logical expert computes
+    dropped_e: np.ndarray  # [E] assignments dropped at each logical expert
+    kept_s: np.ndarray  # [S] assignments each physical slot computes (S / ep per GPU)
     dropped_unknown: int  # slots dropped before a replayed trace was recorded (id -1)
     pairs_sg: np.ndarray  # [ep, ep] kept assignments from rank s to rank g
     reach_gpu_sg: np.ndarray  # [ep, ep] tokens of rank s with >= 1 kept expert on g
@@ -72,7 +77,8 @@ def _count_by_source(unit_kt: np.ndarray, n_src: int, n_units: int) -> np.ndarra
 def count_batch(
     batch: RoutedBatch, *, n_experts: int, ep: int, gpus_per_node: int
 ) -> BatchCounts:
-    """Count assignments and per-destination reach of ``batch`` (see BatchCounts)."""
+    """Count assignments and per-destination reach of ``batch`` (see BatchCounts);
+    ``n_experts`` is the number of slots its ids index (the experts, without replicas)."""
     # Slot-major copies: every per-slot operation then runs over contiguous memory.
     ids_kt = np.ascontiguousarray(batch.ids_tk.T)
     kept_kt = np.ascontiguousarray(batch.kept_tk.T)
@@ -102,10 +108,17 @@ def count_batch(
         # The dropped marker ep maps to node n_nodes, the skipped bin.
         node_kt = gpu_kt // gpus_per_node
         reach_node_sn = _count_by_source(_first_seen(node_kt, n_nodes), ep, n_nodes)
+    kept_s = kept_e
+    if batch.phy2log_s is not None:  # physical slots -> their logical experts
+        experts = int(batch.phy2log_s.max()) + 1
+        kept_e = np.bincount(batch.phy2log_s, weights=kept_s, minlength=experts).astype(np.int64)
+        dropped_e = np.bincount(batch.phy2log_s, weights=dropped_e,
+                                minlength=experts).astype(np.int64)
     return BatchCounts(
         routed=int(ids_kt.size),
         kept_e=kept_e,
         dropped_e=dropped_e,
+        kept_s=kept_s,
         dropped_unknown=int((ids_kt < 0).sum()),
         pairs_sg=pairs_sg,
         reach_gpu_sg=reach_gpu_sg,

@@ -12,12 +12,14 @@ import numpy as np
 
 from moesim.config.feasibility import limit_units
 from moesim.config.scenario import Scenario
+from moesim.placement.layout import LayerPlacement
 from moesim.routing.batch import RoutedBatch
 from moesim.routing.dropping import keep_within_capacity
 
 
 def _reroute(scenario: Scenario, trace, layer: int, tokens: np.ndarray,
              gpus_per_domain: int) -> tuple[np.ndarray, np.ndarray]:
+    """The stored scores of ``tokens`` routed again under the scenario's gate and ``M``."""
     import torch
 
     from moesim.traces.gates import route
@@ -36,23 +38,36 @@ def _reroute(scenario: Scenario, trace, layer: int, tokens: np.ndarray,
     return routing.ids_tk.numpy(), routing.weights_tk.numpy()
 
 
+def route_logical(scenario: Scenario, trace, layer: int, tokens: np.ndarray,
+                  gpus_per_domain: int) -> tuple[np.ndarray, np.ndarray]:
+    """Logical expert ids and gate weights ``[T, K]`` of trace ``tokens`` of ``layer``:
+    the captured choices, or the stored scores re-routed."""
+    if scenario.routing.replay == "reroute":
+        return _reroute(scenario, trace, layer, tokens, gpus_per_domain)
+    return trace.expert_ids[layer, tokens].astype(np.int64), trace.weights[layer, tokens]
+
+
 def route_tokens(scenario: Scenario, trace, layer: int, tokens: np.ndarray, *,
-                 tokens_per_rank: int, gpus_per_domain: int, seed: int) -> RoutedBatch:
-    """Routed batch of trace ``tokens`` (indices, rank-major) of trace ``layer``."""
+                 tokens_per_rank: int, gpus_per_domain: int, seed: int,
+                 placement: LayerPlacement | None = None) -> RoutedBatch:
+    """Routed batch of trace ``tokens`` (indices, rank-major) of trace ``layer``, on the
+    slots of ``placement``."""
     r, p = scenario.routing, scenario.parallel
-    if r.replay == "reroute":
-        ids_tk, weights_tk = _reroute(scenario, trace, layer, tokens, gpus_per_domain)
-    else:
-        ids_tk = trace.expert_ids[layer, tokens].astype(np.int64)
-        weights_tk = trace.weights[layer, tokens]
+    ids_tk, weights_tk = route_logical(scenario, trace, layer, tokens, gpus_per_domain)
+    phy2log_s = None
+    if placement is not None and not placement.identity:
+        ids_tk = placement.slots_of(ids_tk, tokens_per_rank=tokens_per_rank)
+        phy2log_s = placement.phy2log_s
     kept_tk = ids_tk >= 0
     if r.capacity_factor is not None:
+        slots = scenario.model.routed_experts + scenario.placement.redundant_experts
         kept_tk = keep_within_capacity(
             ids_tk, weights_tk, drop_policy=r.drop_policy,
             pos_t=np.arange(tokens.shape[0]) % tokens_per_rank,
-            experts_per_device=scenario.model.routed_experts // p.ep,
+            experts_per_device=slots // p.ep,
             n_devices=p.ep, capacity_factor=r.capacity_factor,
             seq_id_t=trace.seq_id[tokens], never_drop_fraction=r.never_drop_fraction,
             seed=seed,
         )
-    return RoutedBatch(ids_tk=ids_tk, kept_tk=kept_tk, tokens_per_rank=tokens_per_rank)
+    return RoutedBatch(ids_tk=ids_tk, kept_tk=kept_tk, tokens_per_rank=tokens_per_rank,
+                       phy2log_s=phy2log_s)

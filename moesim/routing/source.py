@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 import numpy as np
 
 from moesim.config.scenario import Scenario
+from moesim.placement.layout import LayerPlacement, scenario_placement
 from moesim.routing.batch import BatchCounts, count_batch
 from moesim.routing.synthetic_layers import draw_of, layer_draws, synthetic_batches
 
@@ -32,7 +33,8 @@ class RoutingSource(ABC):
 
 
 def _count(scenario: Scenario, batch, gpus_per_node: int) -> BatchCounts:
-    return count_batch(batch, n_experts=scenario.model.routed_experts,
+    slots = scenario.model.routed_experts + scenario.placement.redundant_experts
+    return count_batch(batch, n_experts=slots,
                        ep=scenario.parallel.ep, gpus_per_node=gpus_per_node)
 
 
@@ -76,6 +78,12 @@ class TraceSource(RoutingSource):
         self.per_node = min(scenario.parallel.ep, gpus_per_domain)
         self.gpus_per_domain = gpus_per_domain
         self.n_keys = scenario.model.moe_layers
+        self.file_loads = None
+        pl = scenario.placement
+        if pl.rebalanced and pl.loads not in ("window", "trace"):
+            from moesim.placement.loads import read_loads
+
+            self.file_loads = read_loads(pl.loads, experts=trace.num_experts)
         ranks = trace.src_rank
         self.rank_tokens = None
         if ranks is not None:
@@ -97,12 +105,33 @@ class TraceSource(RoutingSource):
             for r in range(ep)
         ])
 
+    def _placement(self, layer: int, per_rank: int) -> LayerPlacement:
+        """The layer's placement, from the loads ``placement.loads`` names."""
+        from moesim.routing.replay import route_logical
+
+        s, pl = self.scenario, self.scenario.placement
+        loads_e = None
+        if pl.rebalanced:
+            if pl.loads == "window":  # an earlier window of this layer, routed alike
+                ids_tk, _ = route_logical(s, self.trace, layer, self._token_ids(per_rank),
+                                          self.gpus_per_domain)
+            elif pl.loads == "trace":
+                ids_tk, _ = route_logical(s, self.trace, layer,
+                                          np.arange(self.trace.num_tokens),
+                                          self.gpus_per_domain)
+            else:
+                return scenario_placement(s, self.file_loads[layer % len(self.file_loads)],
+                                          gpus_per_domain=self.gpus_per_domain)
+            loads_e = np.bincount(ids_tk[ids_tk >= 0], minlength=s.model.routed_experts)
+        return scenario_placement(s, loads_e, gpus_per_domain=self.gpus_per_domain)
+
     def key_counts(self, key: int) -> list[list[BatchCounts]]:
         from moesim.routing.replay import route_tokens
 
         p = self.scenario.parallel
         per_rank = p.tokens_per_gpu // p.micro_batches
         layer = key % self.trace.num_layers
+        placement = self._placement(layer, per_rank)
         out = []
         for _group in range(p.ep_groups):
             row = []
@@ -111,7 +140,8 @@ class TraceSource(RoutingSource):
                 batch = route_tokens(self.scenario, self.trace, layer, tokens,
                                      tokens_per_rank=per_rank,
                                      gpus_per_domain=self.gpus_per_domain,
-                                     seed=int(self.rng.integers(2**31)) + mb)
+                                     seed=int(self.rng.integers(2**31)) + mb,
+                                     placement=placement)
                 row.append(_count(self.scenario, batch, self.per_node))
             out.append(row)
         return out

@@ -3,6 +3,10 @@
 Draw ``s`` of micro-batch ``m`` routes ``ep x tokens_per_microbatch`` tokens of one EP
 group. MoE layer ``l`` of EP group ``g`` uses draw ``(l + g) mod S``: every group sees
 a different draw in the same layer, and layers cycle through the ``S`` draws.
+
+Each draw has its expert placement: contiguous, or rebalanced from the loads of an
+earlier window of the same draw (an independent batch with the same popularity), as a
+system rebalances from recent statistics before the step that is simulated.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import numpy as np
 
 from moesim.config.feasibility import limit_units
 from moesim.config.scenario import Scenario
+from moesim.placement.layout import LayerPlacement, scenario_placement
 from moesim.routing.batch import RoutedBatch
 from moesim.routing.dropping import keep_within_capacity
 from moesim.routing.synthetic import expert_popularity, sample_topk
@@ -46,13 +51,18 @@ class Capacity:
 def draw_batch(
     popularity_e: np.ndarray, *, n_tokens: int, tokens_per_rank: int, top_k: int,
     rng: np.random.Generator, unit_size: int | None = None, max_units: int | None = None,
-    capacity: Capacity | None = None,
+    capacity: Capacity | None = None, placement: LayerPlacement | None = None,
 ) -> RoutedBatch:
     """One routed micro-batch of ``n_tokens`` synthetic tokens, ``tokens_per_rank`` per
     rank: ``top_k`` distinct experts each (:func:`sample_topk`, within ``max_units``
-    units of ``unit_size`` experts), then dropped to ``capacity``."""
+    units of ``unit_size`` experts), on the slots of ``placement``, then dropped to
+    ``capacity``."""
     ids_tk = sample_topk(popularity_e, n_tokens=n_tokens, top_k=top_k, rng=rng,
                          unit_size=unit_size, max_units=max_units)
+    phy2log_s = None
+    if placement is not None and not placement.identity:
+        ids_tk = placement.slots_of(ids_tk, tokens_per_rank=tokens_per_rank)
+        phy2log_s = placement.phy2log_s
     if capacity is None:
         kept_tk = np.ones(ids_tk.shape, dtype=bool)
     else:
@@ -68,7 +78,8 @@ def draw_batch(
             never_drop_fraction=capacity.never_drop_fraction,
             seed=int(rng.integers(2**31)),
         )
-    return RoutedBatch(ids_tk=ids_tk, kept_tk=kept_tk, tokens_per_rank=tokens_per_rank)
+    return RoutedBatch(ids_tk=ids_tk, kept_tk=kept_tk, tokens_per_rank=tokens_per_rank,
+                       phy2log_s=phy2log_s)
 
 
 def synthetic_batches(
@@ -82,17 +93,24 @@ def synthetic_batches(
     if r.max_devices is not None:
         _, unit_size = limit_units(scenario, gpus_per_domain)
         max_units = r.max_devices
+    slots = m.routed_experts + scenario.placement.redundant_experts
     capacity = None
     if r.capacity_factor is not None:
         capacity = Capacity(factor=r.capacity_factor, drop_policy=r.drop_policy,
-                            experts_per_device=m.routed_experts // p.ep, n_devices=p.ep,
+                            experts_per_device=slots // p.ep, n_devices=p.ep,
                             seq_len=p.seq_len, never_drop_fraction=r.never_drop_fraction)
     for draw in range(layer_draws(scenario)):
         popularity_e = expert_popularity(
             m.routed_experts, assignment=r.assignment, zipf_exponent=r.zipf_exponent, rng=rng,
             power_law_alpha=r.power_law_alpha, tokens=n_tokens, top_k=m.top_k)
+        loads_e = None
+        if scenario.placement.rebalanced:  # an earlier window of this draw
+            earlier = sample_topk(popularity_e, n_tokens=n_tokens, top_k=m.top_k, rng=rng,
+                                  unit_size=unit_size, max_units=max_units)
+            loads_e = np.bincount(earlier.ravel(), minlength=m.routed_experts)
+        placement = scenario_placement(scenario, loads_e, gpus_per_domain=gpus_per_domain)
         for mb in range(p.micro_batches):
             yield draw, mb, draw_batch(popularity_e, n_tokens=n_tokens,
                                        tokens_per_rank=tokens_per_mb, top_k=m.top_k, rng=rng,
                                        unit_size=unit_size, max_units=max_units,
-                                       capacity=capacity)
+                                       capacity=capacity, placement=placement)

@@ -33,11 +33,12 @@ def readme_examples() -> list[str]:
 
 
 def docstring_examples() -> list[str]:
-    from moesim.cli import calibrate, capture, regress, simulate, topo, trace
+    from moesim.cli import calibrate, capture, placement, regress, simulate, topo, trace
 
     found = []
     for command in (simulate.simulate, topo.topo_show, capture.capture, trace.stats,
-                    trace.import_, trace.synth, regress.regress, calibrate.calibrate):
+                    trace.import_, trace.synth, regress.regress, calibrate.calibrate,
+                    placement.placement):
         doc = command.__doc__ or ""
         found += re.findall(r"^\s+moesim (.+)$", doc.split("Examples:")[-1], flags=re.M)
     return found

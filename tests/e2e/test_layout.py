@@ -23,18 +23,20 @@ ALLOWED = {
     "engine": set(),
     "topologies": {"errors", "validation"},
     "config": {"errors", "validation", "topologies"},
-    "routing": {"config", "errors", "traces"},
+    "placement": {"config", "errors"},
+    "routing": {"config", "errors", "placement", "traces"},
     "comm": {"config", "routing", "errors"},
     "network": {"comm", "config", "routing", "errors"},
     "cost": {"network", "comm", "config", "routing", "errors"},
     "output": {"cost", "engine", "comm", "config", "errors"},
     "tracefile": {"routing", "config", "errors"},
-    "simulation": {"config", "routing", "comm", "network", "cost", "engine", "output",
-                   "tracefile", "topologies", "errors"},
+    "simulation": {"config", "placement", "routing", "comm", "network", "cost", "engine",
+                   "output", "tracefile", "topologies", "errors"},
     "traces": {"moesim", "config", "errors", "tracefile", "validation"},
     "reports": set(),
 }
-CORE = {"errors", "validation", "engine", "config", "routing", "comm", "network", "cost",
+CORE = {"errors", "validation", "engine", "config", "placement", "routing", "comm",
+        "network", "cost",
         "output", "tracefile", "simulation", "topologies"}
 
 

@@ -1,0 +1,36 @@
+"""Expert loads from a file: one row per MoE layer, one column per logical expert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from moesim.errors import InputError
+
+
+def read_loads(path: str | Path, *, experts: int | None = None) -> np.ndarray:
+    """``loads_le`` [L, E] from a CSV file without a header (tokens, or any non-negative
+    load per expert); ``experts`` is the column count it must have."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise InputError(f"cannot read the loads file ({err})", source=source,
+                         allowed="a CSV file: one row per MoE layer, one column per "
+                                 "expert") from None
+    rows = [line for line in text.splitlines() if line.strip()]
+    if not rows:
+        raise InputError("no rows", source=source, allowed="one row per MoE layer")
+    try:
+        loads = np.array([[float(v) for v in row.split(",")] for row in rows])
+    except ValueError:
+        raise InputError("rows of different lengths or values that are not numbers",
+                         source=source, allowed="numbers, one column per expert") from None
+    if experts is not None and loads.shape[1] != experts:
+        raise InputError(f"{loads.shape[1]} columns", source=source,
+                         allowed=f"{experts} (one per logical expert)")
+    if not np.isfinite(loads).all() or (loads < 0).any():
+        raise InputError("a load that is negative or not finite", source=source,
+                         allowed="finite numbers >= 0")
+    return loads
