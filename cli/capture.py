@@ -64,6 +64,10 @@ def capture(
         trace = _capture_own(gate=gate, experts=experts, top_k=top_k, shared=shared,
                              steps=steps, tokens=tokens, seed=seed, device=device)
     write_trace(out, trace)
+    from moesim.tracefile.stats import trace_warnings
+
+    for warning in trace_warnings(trace):
+        typer.echo(f"moesim: warning: {warning}", err=True)
     typer.echo(f"wrote {out}: {trace.num_layers} MoE layers x {trace.num_tokens} tokens, "
                f"E = {trace.num_experts}, K = {trace.top_k}, "
                f"source {trace.metadata['source'].get('kind')}")

@@ -51,6 +51,7 @@ def simulate(
       moesim simulate --out runs/m8 --report --what-if routing.max_devices=8
     """
     from moesim import load_scenario
+    from moesim.config.loading import DEFAULT_SCENARIO, attribute
     from moesim.simulation import simulate as run
 
     overrides = list(set_ or [])
@@ -64,8 +65,22 @@ def simulate(
     # Load every variant before running anything: a bad one must not cost a long run.
     variant_scenarios = [(text, load_scenario(scenario, overrides=[*overrides, text]))
                          for text in variants_wanted]
-    result = run(base)
-    variants = [(text, run(sc)) for text, sc in variant_scenarios]
+
+    def simulated(sc, extra=()):
+        """A run whose mistakes (e.g. a trace that cannot drive it) name the scenario's
+        file or ``--set`` as loading does."""
+        try:
+            return run(sc)
+        except InputError as err:
+            source = f"<default scenario {DEFAULT_SCENARIO}>" if scenario is None \
+                else str(scenario)
+            raise attribute(err, source, [*overrides, *extra]) from None
+
+    result = simulated(base)
+    variants = [(text, simulated(sc, [text])) for text, sc in variant_scenarios]
+    for res in (result, *(r for _, r in variants)):
+        for warning in res.warnings:
+            typer.echo(f"moesim: warning: {warning}", err=True)
 
     if as_json:
         typer.echo(json.dumps(result.summary, indent=1))

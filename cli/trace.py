@@ -35,9 +35,16 @@ def stats(
       moesim trace stats traces/samples/tiny-v3.npz --ep 8 --capacity-factor 1.0 --json
     """
     from moesim.tracefile.format import RoutingTrace
-    from moesim.tracefile.stats import capacity_drop_rates, format_stats, trace_stats
+    from moesim.tracefile.stats import (
+        capacity_drop_rates,
+        format_stats,
+        trace_stats,
+        trace_warnings,
+    )
 
     loaded = RoutingTrace.load(trace)
+    for warning in trace_warnings(loaded):
+        typer.echo(f"moesim: warning: {warning}", err=True)
     result = trace_stats(loaded, ep=ep, max_devices=max_devices, gpus_per_node=gpus_per_node)
     layers = result.layers.copy()
     if capacity_factor is not None:

@@ -56,6 +56,7 @@ def simulate(scenario: Scenario, trace=None) -> SimResult:
     from moesim.routing.source import SyntheticSource, TraceSource
     from moesim.topologies import load_topology
     from moesim.tracefile.format import RoutingTrace
+    from moesim.tracefile.stats import trace_warnings
 
     p = scenario.parallel
     topology = load_topology(scenario.topology, gpus=p.total_gpus)
@@ -89,9 +90,11 @@ def simulate(scenario: Scenario, trace=None) -> SimResult:
     links = links_table(scenario, topology, ops, costs, keys_l)
     experts = experts_table(scenario, costs, keys_l)
     if trace is None:
-        routing = {"routing_source": "synthetic", "routing_draws": source.n_keys}
+        routing = {"routing_source": "synthetic", "routing_gate": source.gate,
+                   "routing_draws": source.n_keys}
     else:
         routing = {"routing_source": f"trace ({scenario.routing.replay})",
+                   "routing_gate": source.gate,
                    "routing_trace": scenario.trace or trace.metadata.get("source", {}).get(
                        "kind", "in memory")}
     summary = summarize(scenario, topology, ops, timeline, costs, keys_l, links, step=step,
@@ -99,4 +102,5 @@ def simulate(scenario: Scenario, trace=None) -> SimResult:
     if not links.empty:
         links["utilization"] = links["busy_s"] / summary["step_time_s"]
     return SimResult(scenario=scenario, summary=summary, spans=spans, links=links,
-                     experts=experts)
+                     experts=experts,
+                     warnings=(*(trace_warnings(trace) if trace else ()), *source.warnings))

@@ -28,6 +28,18 @@ def _batch(sc) -> str:
             f"{sv.isl}, osl {sv.osl}, {sv.kv_dtype} KV cache; expert TP {p.moe_tp})")
 
 
+def _limits(sc) -> str:
+    """The routing limits of the scenario in words."""
+    r = sc.routing
+    words = [f"at most {r.max_devices} {r.limit_scope}s per token" if r.max_devices
+             else "no device limit"]
+    if sc.trace is None:
+        words.append(f"{r.assignment} expert popularity")
+    words.append(f"capacity factor {r.capacity_factor} ({r.drop_policy} drops first)"
+                 if r.capacity_factor else "no capacity limit")
+    return ", ".join(words)
+
+
 def build_report(result, variants: list[tuple[str, object]] = ()) -> tuple[list[Block], dict]:
     """Blocks of the report and its figures ``{file name: matplotlib Figure}``.
 
@@ -42,10 +54,9 @@ def build_report(result, variants: list[tuple[str, object]] = ()) -> tuple[list[
             f"{sc.model.routed_experts} routed + {sc.model.shared_experts} shared experts, "
             f"top-{sc.model.top_k}); GPU {sc.hardware.name}; "
             f"{_batch(sc)} in {sc.parallel.micro_batches} "
-            f"micro-batch(es); routing {sc.routing.gate}, M = {sc.routing.max_devices} "
-            f"{sc.routing.limit_scope}s, {sc.routing.assignment} assignment, capacity factor "
-            f"{sc.routing.capacity_factor}."
+            f"micro-batch(es); {_limits(sc)}."
         ),
+        *(Paragraph(f"Warning: {w}") for w in result.warnings),
         Heading("Step breakdown"),
         Table(("quantity", "value"), tuple(breakdown_rows(s))),
         Figure("figures/step_breakdown.png", "Where the mean GPU's step goes"),

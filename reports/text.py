@@ -37,9 +37,22 @@ def serving_rows(s: dict) -> list[tuple[str, str]]:
     ]
 
 
+def routing_words(s: dict) -> str:
+    """Where the step's routing comes from, in words."""
+    if s["routing_source"] == "synthetic":
+        words = f"synthetic, gate {s['routing_gate']}, {s['routing_draws']} layer draw(s)"
+    else:
+        how = ("the captured choices of gate" if s["routing_source"].endswith("(captured)")
+               else "its stored scores re-routed by gate")
+        words = f"trace {s['routing_trace']}: {how} {s['routing_gate']}"
+    if s["placement"] != "contiguous":
+        words += f"; placement {s['placement']}, {s['redundant_experts']} redundant experts"
+    return words
+
+
 def breakdown_rows(s: dict) -> list[tuple[str, str]]:
     """(label, value) rows shared by the terminal output and the report."""
-    return serving_rows(s) + [
+    return [("routing", routing_words(s))] + serving_rows(s) + [
         ("step time", seconds(s["step_time_s"])),
         ("tokens/s", f"{s['tokens_per_s']:,.0f} ({s['tokens_per_s'] / s['gpus']:,.0f} per GPU)"),
         ("MFU", f"{s['mfu']:.1%} ({s['model_tflops_per_gpu']:.0f} model TFLOP/s per GPU)"),

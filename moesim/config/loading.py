@@ -240,7 +240,7 @@ def scenario_from_dict(
         _apply_override(data, path, value)
 
     def blame(err: InputError) -> InputError:
-        return _attribute(err, source, overrides)
+        return attribute(err, source, overrides)
 
     try:
         # Without a hardware preset or full spec, the GPU is the topology's own; fields
@@ -296,11 +296,11 @@ def load_scenario(path: str | Path | None = None, *, overrides: Sequence[str] = 
     try:
         check_feasible(scenario)
     except InputError as err:
-        raise _attribute(err, source, overrides) from None
+        raise attribute(err, source, overrides) from None
     return scenario
 
 
-def _attribute(err: InputError, source: str, overrides: Sequence[str]) -> InputError:
+def attribute(err: InputError, source: str | None, overrides: Sequence[str]) -> InputError:
     """Blame ``--set`` when an override wrote the faulty field (or a section holding
     it, or a field inside it), the scenario's source otherwise."""
     overridden = {".".join(parse_override(text)[0]) for text in overrides}

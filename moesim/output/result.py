@@ -28,3 +28,4 @@ class SimResult:
     spans: pd.DataFrame
     links: pd.DataFrame
     experts: pd.DataFrame
+    warnings: tuple[str, ...] = ()  # what the user should know about these numbers

@@ -69,6 +69,7 @@ class Summary(TypedDict):
     tokens_computed: int
     tokens_dropped: int
     routing_source: str
+    routing_gate: str
     routing_draws: NotRequired[int]  # synthetic routing
     routing_trace: NotRequired[str]  # a replayed trace
 

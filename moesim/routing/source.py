@@ -11,6 +11,8 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+from moesim.config.feasibility import limit_units
+from moesim.config.gates import GATES
 from moesim.config.scenario import Scenario
 from moesim.placement.layout import LayerPlacement, scenario_placement
 from moesim.routing.batch import BatchCounts, count_batch
@@ -19,6 +21,8 @@ from moesim.routing.synthetic_layers import draw_of, layer_draws, synthetic_batc
 
 class RoutingSource(ABC):
     n_keys: int
+    gate: str  # the gate whose choices the simulation replays
+    warnings: list[str]  # what the user should know about this routing
 
     @abstractmethod
     def key_of(self, moe_layer: int) -> int:
@@ -44,6 +48,7 @@ class SyntheticSource(RoutingSource):
 
     def __init__(self, scenario: Scenario, *, gpus_per_domain: int, rng: np.random.Generator):
         self.n_keys = layer_draws(scenario)
+        self.gate, self.warnings = scenario.routing.gate, []
         self.groups = scenario.parallel.ep_groups
         per_node = min(scenario.parallel.ep, gpus_per_domain)
         self.draws: list[list[BatchCounts | None]] = [
@@ -74,7 +79,16 @@ class TraceSource(RoutingSource):
     def __init__(self, scenario: Scenario, trace, *, gpus_per_domain: int,
                  rng: np.random.Generator):
         check_trace(scenario, trace)
+        check_captured_limit(scenario, trace, gpus_per_domain)
         self.scenario, self.trace, self.rng = scenario, trace, rng
+        r = scenario.routing
+        traced_gate = str((trace.metadata.get("gate") or {}).get("kind", "unknown"))
+        self.gate = traced_gate if r.replay == "captured" else r.gate
+        self.warnings = []
+        if r.replay == "reroute" and traced_gate in GATES and traced_gate != r.gate:
+            self.warnings.append(
+                f"re-routing with gate {r.gate} the scores that gate {traced_gate} "
+                "produced: their scale and selection were made for another gate")
         self.per_node = min(scenario.parallel.ep, gpus_per_domain)
         self.gpus_per_domain = gpus_per_domain
         self.n_keys = scenario.model.moe_layers
@@ -166,3 +180,34 @@ def check_trace(scenario: Scenario, trace) -> None:
                          field="routing.replay", allowed="captured")
     if trace.num_tokens == 0:
         raise InputError("the trace has no tokens", field="trace")
+
+
+def units_reached(ids_tk: np.ndarray, per_unit: int) -> np.ndarray:
+    """[T] distinct units (blocks of ``per_unit`` experts) each token's picks reach."""
+    units_tk = np.sort(np.where(ids_tk >= 0, ids_tk // per_unit, -1), axis=1)
+    new_tk = np.ones(units_tk.shape, dtype=bool)
+    new_tk[:, 1:] = units_tk[:, 1:] != units_tk[:, :-1]
+    return (new_tk & (units_tk >= 0)).sum(axis=1)
+
+
+def check_captured_limit(scenario: Scenario, trace, gpus_per_domain: int) -> None:
+    """InputError when captured choices reach more units than the scenario's ``M``: a
+    replay never ignores the device limit it was asked to simulate."""
+    from moesim.errors import InputError
+
+    r = scenario.routing
+    if r.replay != "captured" or r.max_devices is None:
+        return
+    units, per_unit = limit_units(scenario, gpus_per_domain)
+    reach = np.concatenate([units_reached(ids.astype(np.int64), per_unit)
+                            for ids in trace.expert_ids])
+    worst = int(reach.max(initial=0))
+    if worst <= r.max_devices:
+        return
+    options = [f"routing.max_devices >= {worst}", "null"]
+    if trace.scores is not None:
+        options.insert(0, "routing.replay=reroute (the stored scores routed again under M)")
+    raise InputError(
+        f"the captured choices reach up to {worst} {r.limit_scope}s of this EP group, more "
+        f"than M = {r.max_devices} ({np.mean(reach > r.max_devices):.1%} of tokens)",
+        field="routing.max_devices", allowed=", or ".join(options))

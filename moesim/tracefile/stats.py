@@ -298,3 +298,25 @@ def capacity_drop_rates(trace: RoutingTrace, *, ep: int, capacity_factor: float)
             n_devices=ep, capacity_factor=capacity_factor)
         rates[layer] = 1.0 - kept_tk.sum() / max(valid.sum(), 1)
     return rates
+
+
+# A trained model spreads its load: the 600-step sample traces have expert-load CVs of
+# 0.4-0.5; an untrained or barely trained one sends most tokens to a few experts.
+DEGENERATE_CV = 1.0
+FEW_STEPS = 100
+
+
+def trace_warnings(trace: RoutingTrace) -> list[str]:
+    """Why a trace may not stand for a trained model's routing (empty when none)."""
+    ids_ltk = trace.expert_ids.astype(np.int64)
+    cv = float(np.mean([_cv(np.bincount(ids[ids >= 0], minlength=trace.num_experts))[0]
+                        for ids in ids_ltk]))
+    training = (trace.metadata.get("source") or {}).get("training") or {}
+    steps = training.get("steps")
+    out = []
+    if cv > DEGENERATE_CV or (isinstance(steps, int) and steps < FEW_STEPS):
+        trained = f", from a model trained for {steps} steps" if steps is not None else ""
+        out.append(f"the trace's expert loads are far from a trained model's: load CV "
+                   f"{cv:.2f} (mean of layers{trained}; the 600-step sample traces have "
+                   f"0.4-0.5), so replaying it exaggerates imbalance and drops")
+    return out

@@ -10,7 +10,7 @@ from moesim import InputError, RoutingTrace
 
 E, K = 256, 8
 SMALL = ["model.num_layers=5", "parallel.tokens_per_gpu=256", "parallel.micro_batches=1",
-         "mode=inference"]
+         "mode=inference", "routing.max_devices=null"]
 
 
 def scored_trace(*, layers: int = 2, tokens: int = 64 * 256, seed: int = 0,
@@ -122,9 +122,44 @@ def test_a_scenario_names_its_trace_next_to_it(tmp_path):
     scored_trace().save(tmp_path / "t.npz")
     (tmp_path / "s.yaml").write_text(
         "model: {preset: deepseek-v3, num_layers: 5}\ntopology: h800-cluster\nmode: inference\n"
-        "trace: t.npz\nparallel: {ep: 64, tokens_per_gpu: 256}\n")
+        "trace: t.npz\nparallel: {ep: 64, tokens_per_gpu: 256}\nrouting: {max_devices: null}\n")
     scenario = moesim.load_scenario(tmp_path / "s.yaml")
     assert moesim.simulate(scenario).summary["routing_source"] == "trace (captured)"
     (tmp_path / "t.npz").write_bytes(b"PK broken")
     with pytest.raises(InputError, match="t.npz"):
         moesim.simulate(scenario)
+
+
+def test_a_captured_replay_never_ignores_a_tighter_device_limit():
+    """The capture chose among all 8 nodes; asked to simulate M = 4 it refuses and names
+    the way out (re-routing the stored scores), and re-routing obeys M."""
+    trace = scored_trace()
+    with pytest.raises(InputError) as err:
+        run(trace, "routing.max_devices=4")
+    assert err.value.field == "routing.max_devices"
+    assert "up to 8 nodes" in err.value.problem and "reroute" in err.value.allowed
+    rerouted = run(trace, "routing.max_devices=4", "routing.replay=reroute",
+                   "routing.gate=softmax-topk")
+    assert rerouted.summary["routing_gate"] == "softmax-topk"
+    assert not rerouted.warnings
+
+
+def test_rerouting_with_another_gate_warns_and_the_summary_names_the_gates():
+    trace = scored_trace()
+    captured = run(trace)
+    assert captured.summary["routing_gate"] == "softmax-topk"  # the trace's own gate
+    other = run(trace, "routing.replay=reroute", "routing.gate=group-limited-sigmoid")
+    assert other.summary["routing_gate"] == "group-limited-sigmoid"
+    (warning,) = other.warnings
+    assert "softmax-topk" in warning and "group-limited-sigmoid" in warning
+
+
+def test_a_barely_trained_trace_gets_a_warning_with_its_numbers():
+    trace = scored_trace()
+    hot = np.broadcast_to(np.arange(K), trace.expert_ids.shape).astype(np.int16)
+    skewed = RoutingTrace(expert_ids=hot, weights=trace.weights, seq_id=trace.seq_id,
+                          pos=trace.pos, metadata={**trace.metadata, "source": {
+                              "kind": "own-model", "training": {"steps": 20}}})
+    (warning,) = run(skewed).warnings
+    assert "trained for 20 steps" in warning and "load CV" in warning
+    assert not run(trace).warnings
