@@ -5,7 +5,10 @@ Each token picks ``K`` distinct experts one after another, each in proportion to
 popularity among the experts it has not picked yet (sequential sampling without
 replacement, the same law as Gumbel-top-k on log-popularity). With a device limit,
 the token first picks ``M`` distinct units in proportion to their summed popularity,
-then its experts among those units only, so it never reaches more than ``M`` units.
+then its experts among those units only, so it never reaches more than ``M`` units:
+one expert in each chosen unit first (a group-limited gate chooses a unit for its best
+experts, so the unit contributes one: the DeepSeek gates on random scores reach 3.96 to
+3.98 of 4 chosen units, the free draw 3.63), then the rest anywhere in the chosen units.
 
 The draws are vectorised over tokens and cost O(tokens x K): each slot is drawn with
 replacement and the rows that repeat an earlier expert are redrawn, which is exactly
@@ -62,7 +65,7 @@ def _distinct_draws(draw, n_rows: int, n_slots: int, exact) -> np.ndarray:
 
     ``draw(rows, slot)`` draws one candidate per listed row; rows that repeat an earlier
     slot are redrawn. After ``_MAX_REDRAWS`` rounds (only under extreme skew) the
-    remaining rows are finished by ``exact(rows, chosen_rs)``, vectorised. Slots are
+    remaining rows are finished by ``exact(rows, chosen_rs, slot)``, vectorised. Slots are
     stored slot-major so that each comparison runs over contiguous memory; the result
     is a transposed view.
     """
@@ -78,7 +81,7 @@ def _distinct_draws(draw, n_rows: int, n_slots: int, exact) -> np.ndarray:
                 cur[rows] = draw(rows, slot)
                 rows = rows[_repeats(out_st, slot, cur[rows], rows)]
             if rows.size:
-                cur[rows] = exact(rows, out_st[:slot, rows].T)
+                cur[rows] = exact(rows, out_st[:slot, rows].T, slot)
         out_st[slot] = cur
     return out_st.T
 
@@ -116,7 +119,7 @@ def _sample_distinct(
         def draw(rows, _slot):
             return _draw_categorical(cdf_x, zeros[rows], ones[rows], rng)
 
-    def exact(rows, chosen_rs):
+    def exact(rows, chosen_rs, _slot):
         weight = np.broadcast_to(weight_x, (rows.shape[0], n))
         return _gumbel_pick(weight, _not_chosen(n, chosen_rs), rng)
 
@@ -153,25 +156,31 @@ def sample_topk(
     cdf_e = np.cumsum(popularity_e)
     cdf_e /= cdf_e[-1]
     start_e = np.concatenate(([0.0], cdf_e[:-1]))
+    # Slot k < M takes its expert in the token's k-th unit; later slots in any of them.
     if uniform:
-        def draw_expert(rows, _slot):
-            which = rng.integers(0, max_units, rows.shape[0])
+        def draw_expert(rows, slot):
+            which = (np.full(rows.shape[0], slot) if slot < max_units
+                     else rng.integers(0, max_units, rows.shape[0]))
             unit = units_tm[rows, which]
             return unit * unit_size + rng.integers(0, unit_size, rows.shape[0], dtype=np.int16)
     else:
         # Pick one of the token's units by mass, then an expert inside it by popularity.
         cum_tm = np.cumsum(mass_u[units_tm], axis=1)
 
-        def draw_expert(rows, _slot):
-            cum = cum_tm[rows]
-            u = rng.random(rows.shape[0]) * cum[:, -1]
-            which = np.minimum((u[:, None] >= cum).sum(axis=1), max_units - 1)
+        def draw_expert(rows, slot):
+            if slot < max_units:
+                which = np.full(rows.shape[0], slot)
+            else:
+                cum = cum_tm[rows]
+                u = rng.random(rows.shape[0]) * cum[:, -1]
+                which = np.minimum((u[:, None] >= cum).sum(axis=1), max_units - 1)
             first = units_tm[rows, which] * unit_size
             return _draw_categorical(cdf_e, start_e[first], cdf_e[first + unit_size - 1], rng)
 
-    def exact_expert(rows, chosen_rs):
+    def exact_expert(rows, chosen_rs, slot):
         allowed_rx = np.zeros((rows.shape[0], n_units), dtype=bool)
-        np.put_along_axis(allowed_rx, units_tm[rows], True, axis=1)
+        units_rm = units_tm[rows, slot:slot + 1] if slot < max_units else units_tm[rows]
+        np.put_along_axis(allowed_rx, units_rm, True, axis=1)
         allowed_rx = np.repeat(allowed_rx, unit_size, axis=1) & _not_chosen(n_experts, chosen_rs)
         weight = np.broadcast_to(popularity_e, (rows.shape[0], n_experts))
         return _gumbel_pick(weight, allowed_rx, rng)

@@ -70,10 +70,10 @@ def test_every_expert_has_a_replica_every_gpu_its_slots_every_group_one_node(cas
     for e in range(experts):
         listed = placed.log2phy_lex[0, e]
         assert sorted(listed[listed >= 0]) == np.flatnonzero(phy2log == e).tolist()
-    # Replication never makes the busiest GPU busier than the contiguous layout would.
-    if experts % gpus == 0:
-        contiguous = gpu_loads(weight, np.arange(experts)[None], gpus).max()
-        assert gpu_loads(weight, placed.phy2log_ls, gpus).max() <= contiguous + 1e-9
+    # Replicas share their expert's load: the GPUs carry exactly the layer's load. (The
+    # heuristics do not promise a busiest GPU below contiguous placement's: loads
+    # 0,0,0,0,1,2,3,0 on 4 GPUs with 12 slots give 3.5 against 3.)
+    assert gpu_loads(weight, placed.phy2log_ls, gpus).sum() == pytest.approx(weight.sum())
 
 
 def test_source_rank_split_prefers_a_replica_on_the_senders_gpu_then_node():

@@ -27,7 +27,7 @@ def test_redundant_experts_even_out_a_skewed_synthetic_step():
                  "placement.redundant_experts=64")
     assert placed["placement"] == "eplb-hierarchical" and placed["redundant_experts"] == 64
     assert placed["max_over_mean_gpu_load"] < 0.5 * plain["max_over_mean_gpu_load"]
-    assert placed["step_time_s"] < 0.6 * plain["step_time_s"]
+    assert placed["step_time_s"] < 0.7 * plain["step_time_s"]
     # The hierarchical policy keeps each node-limited group on its node: no extra RDMA.
     assert placed["rdma_bytes"] == pytest.approx(plain["rdma_bytes"], rel=0.05)
     anywhere = run(*SKEWED, "placement.policy=eplb-global", "placement.redundant_experts=64")

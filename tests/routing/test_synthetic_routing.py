@@ -262,3 +262,29 @@ def test_capacity_property(data):
     everything = apply_capacity(ids, experts_per_device=per_device, n_devices=n_devices,
                                 capacity_factor=float(n_devices), priority_tk=priority)
     assert everything.all()
+
+
+@pytest.mark.parametrize("gate, scores", [("group-limited-sigmoid", "sigmoid"),
+                                          ("device-limited", "softmax"),
+                                          ("softmax-topk", "softmax")])
+@pytest.mark.parametrize("units, max_units", [(8, 4), (8, 2), (32, 3)])
+def test_synthetic_device_limited_draws_spread_like_the_real_gates(gate, scores, units,
+                                                                    max_units):
+    """On random scores the torch gates (the simulator's own re-routing) reach almost
+    every unit they choose; uniform synthetic draws under the same limit reach the same
+    number of units (within 1.5%) and of 4-expert GPUs (within 3%)."""
+    import torch
+
+    from moesim.routing.source import units_reached
+    from moesim.traces.gates import route, score
+
+    n, experts, top_k = 8000, 256, 8
+    torch.manual_seed(units * 10 + max_units)
+    real = route(score(torch.randn(n, experts), scores), kind=gate, top_k=top_k,
+                 group_size=experts // units, max_groups=max_units).ids_tk.numpy()
+    synthetic = sample_topk(uniform(experts), n_tokens=n, top_k=top_k,
+                            rng=np.random.default_rng(units), unit_size=experts // units,
+                            max_units=max_units).astype(np.int64)
+    for per_unit, rel in ((experts // units, 0.015), (4, 0.03)):
+        assert units_reached(synthetic, per_unit).mean() == pytest.approx(
+            units_reached(real, per_unit).mean(), rel=rel)
