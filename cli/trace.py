@@ -24,6 +24,9 @@ def stats(
     gpus_per_node: Annotated[int, typer.Option(help="GPUs per node.")] = 8,
     capacity_factor: Annotated[float | None, typer.Option(
         help="Also report the drop rate under this per-device capacity factor.")] = None,
+    affinity: Annotated[bool, typer.Option(
+        "--affinity", help="Also report the affinity each device limit M = 1..ep keeps "
+                           "(re-routing the trace's scores).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Expert-load CV and max/mean, the f/P balance terms, devices and nodes reached.
@@ -33,9 +36,12 @@ def stats(
       moesim trace stats traces/samples/tiny-v3.npz --ep 8 --max-devices 2
 
       moesim trace stats traces/samples/tiny-v3.npz --ep 8 --capacity-factor 1.0 --json
+
+      moesim trace stats traces/samples/tiny-v1.npz --ep 8 --affinity
     """
     from moesim.tracefile.format import RoutingTrace
     from moesim.tracefile.stats import (
+        affinity_by_limit,
         capacity_drop_rates,
         format_stats,
         trace_stats,
@@ -50,6 +56,7 @@ def stats(
     if capacity_factor is not None:
         layers["drop_rate"] = capacity_drop_rates(loaded, ep=ep,
                                                   capacity_factor=capacity_factor)
+    by_limit = affinity_by_limit(loaded, units=ep) if affinity else None
     if as_json:
         typer.echo(json.dumps({
             "num_layers": result.num_layers, "num_tokens": result.num_tokens,
@@ -61,6 +68,8 @@ def stats(
             "share_over_m_nodes": result.share_over_m_nodes,
             "layers": json.loads(layers.reset_index().to_json(orient="records")),
             "source": loaded.metadata.get("source"),
+            **({} if by_limit is None else {"affinity_by_m": json.loads(
+                by_limit.reset_index().to_json(orient="records"))}),
         }, indent=1))
         return
     typer.echo(format_stats(result))
@@ -68,6 +77,10 @@ def stats(
         typer.echo(f"\ndrop rate at capacity factor {capacity_factor}: " + ", ".join(
             f"layer {i}: {r:.2%}" for i, r in zip(layers.index, layers["drop_rate"],
                                                   strict=True)))
+    if by_limit is not None:
+        typer.echo("\naffinity kept under a device limit M (of the unrestricted top-K, "
+                   "scores re-routed):")
+        typer.echo(by_limit.to_string(float_format="{:.3f}".format))
 
 
 @trace_app.command("import")

@@ -26,7 +26,9 @@ class RoutingPolicy:
     DeepSeek-V2); ``None`` means no limit. ``capacity_factor`` bounds the
     (token, expert) assignments each GPU takes per micro-batch to
     ``ceil(cf * assignments / ep)``; the rest are dropped by ``drop_policy``
-    (``probs``: lowest gate weight first; ``position``: latest tokens first).
+    (``probs``: lowest gate weight first; ``position``: latest tokens first). With
+    ``capacity_scope: expert`` every source rank's router instead keeps at most
+    ``ceil(tokens x K / E x cf)`` of its assignments per expert (Megatron, Switch).
 
     A share ``never_drop_fraction`` of sequences is never dropped (DeepSeek-V2 kept
     about 10% of training sequences whole).
@@ -50,6 +52,7 @@ class RoutingPolicy:
     limit_scope: Literal["node", "device"] = "node"
     capacity_factor: float | None = Field(default=None, gt=0)
     drop_policy: Literal["probs", "position"] = "probs"
+    capacity_scope: Literal["device", "expert"] = "device"
     assignment: Literal["uniform", "zipf", "power-law"] = "uniform"
     zipf_exponent: float = Field(default=1.0, ge=0)
     power_law_alpha: float = Field(default=1.2, gt=0)

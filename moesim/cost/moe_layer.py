@@ -28,6 +28,9 @@ class LayerCosts:
     kept_e: np.ndarray  # [E] assignments computed, all groups and micro-batches
     dropped_e: np.ndarray  # [E] assignments dropped
     dropped_unknown: int  # replayed slots recorded as dropped, expert unknown
+    weight_routed: float | None  # a real gate's weights of all assignments (None: synthetic)
+    weight_dropped: float | None  # ... of the dropped ones
+    score_mass: tuple[float, float] | None  # (chosen, unrestricted top-K) affinity
 
 
 def moe_layer_costs(scenario: Scenario, topology, counts_gm: list[list[BatchCounts]], *,
@@ -59,4 +62,12 @@ def moe_layer_costs(scenario: Scenario, topology, counts_gm: list[list[BatchCoun
         kept_e=np.sum([c.kept_e for c in every], axis=0),
         dropped_e=np.sum([c.dropped_e for c in every], axis=0),
         dropped_unknown=sum(c.dropped_unknown for c in every),
+        weight_routed=_total([c.weight_routed for c in every]),
+        weight_dropped=_total([c.weight_dropped for c in every]),
+        score_mass=None if every[0].score_mass is None else tuple(
+            float(sum(c.score_mass[i] for c in every)) for i in range(2)),
     )
+
+
+def _total(values: list) -> float | None:
+    return None if values[0] is None else float(sum(values))

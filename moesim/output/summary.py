@@ -65,6 +65,8 @@ class Summary(TypedDict):
     bottleneck_link: str
     max_over_mean_gpu_load: float
     dropped_token_fraction: float
+    dropped_affinity_fraction: NotRequired[float]  # replayed traces: real gate weights
+    affinity_kept: NotRequired[float]  # traces with scores
     tokens_dispatched: int
     tokens_computed: int
     tokens_dropped: int
@@ -136,6 +138,21 @@ def _load_imbalance(scenario: Scenario, costs, keys_l) -> float:
     return float(np.mean(ratios)) if ratios else 1.0
 
 
+def _affinity(costs, keys_l) -> dict:
+    """The affinity keys, where the routing carries a real gate's weights and scores."""
+    out = {}
+    first = costs[keys_l[0]]
+    if first.weight_routed is not None:
+        routed = sum(costs[k].weight_routed for k in keys_l)
+        dropped = sum(costs[k].weight_dropped for k in keys_l)
+        out["dropped_affinity_fraction"] = dropped / routed if routed else 0.0
+    if first.score_mass is not None:
+        chosen = sum(costs[k].score_mass[0] for k in keys_l)
+        free = sum(costs[k].score_mass[1] for k in keys_l)
+        out["affinity_kept"] = chosen / free if free else 1.0
+    return out
+
+
 def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys_l,
               links: pd.DataFrame, *, step: StepCosts, routing: dict) -> Summary:
     """The summary; ``step`` is the mode's costs (its tokens, FLOPs and own keys),
@@ -202,6 +219,7 @@ def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys
         "bottleneck_link": bottlenecks.most_common(1)[0][0] if bottlenecks else "none",
         "max_over_mean_gpu_load": _load_imbalance(scenario, costs, keys_l),
         "dropped_token_fraction": dropped / dispatched if dispatched else 0.0,
+        **_affinity(costs, keys_l),
         "tokens_dispatched": dispatched,
         "tokens_computed": computed,
         "tokens_dropped": dropped,

@@ -23,6 +23,8 @@ class RoutedBatch:
     kept_tk: np.ndarray
     tokens_per_rank: int
     phy2log_s: np.ndarray | None = None
+    affinity_tk: np.ndarray | None = None  # a real gate's weights (None: synthetic picks)
+    score_mass: tuple[float, float] | None = None  # (chosen, unrestricted top-K) affinity
 
     def __post_init__(self) -> None:
         assert self.ids_tk.shape == self.kept_tk.shape
@@ -43,6 +45,12 @@ class BatchCounts:
     dropped_e: np.ndarray  # [E] assignments dropped at each logical expert
     kept_s: np.ndarray  # [S] assignments each physical slot computes (S / ep per GPU)
     dropped_unknown: int  # slots dropped before a replayed trace was recorded (id -1)
+    # A real gate's weights of the assignments made and of those dropped (None: synthetic
+    # picks carry no gate weights), and the affinity the picks kept of the unrestricted
+    # top-K's (chosen, free; None without scores).
+    weight_routed: float | None = None
+    weight_dropped: float | None = None
+    score_mass: tuple[float, float] | None = None
     pairs_sg: np.ndarray  # [ep, ep] kept assignments from rank s to rank g
     reach_gpu_sg: np.ndarray  # [ep, ep] tokens of rank s with >= 1 kept expert on g
     reach_node_sn: np.ndarray  # [ep, nodes] tokens of rank s with >= 1 kept expert on node n
@@ -114,7 +122,15 @@ def count_batch(
         kept_e = np.bincount(batch.phy2log_s, weights=kept_s, minlength=experts).astype(np.int64)
         dropped_e = np.bincount(batch.phy2log_s, weights=dropped_e,
                                 minlength=experts).astype(np.int64)
+    weight_routed = weight_dropped = None
+    if batch.affinity_tk is not None:
+        picked = batch.ids_tk >= 0
+        weight_routed = float(batch.affinity_tk[picked].sum())
+        weight_dropped = float(batch.affinity_tk[picked & ~batch.kept_tk].sum())
     return BatchCounts(
+        weight_routed=weight_routed,
+        weight_dropped=weight_dropped,
+        score_mass=batch.score_mass,
         routed=int(ids_kt.size),
         kept_e=kept_e,
         dropped_e=dropped_e,

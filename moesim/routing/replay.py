@@ -8,13 +8,15 @@ scenario sets a capacity factor, applies after either.
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
 from moesim.config.feasibility import limit_units
 from moesim.config.scenario import Scenario
 from moesim.placement.layout import LayerPlacement
 from moesim.routing.batch import RoutedBatch
-from moesim.routing.dropping import keep_within_capacity
+from moesim.routing.dropping import capacity_of, routed_batch
 
 
 def _reroute(scenario: Scenario, trace, layer: int, tokens: np.ndarray,
@@ -52,22 +54,21 @@ def route_tokens(scenario: Scenario, trace, layer: int, tokens: np.ndarray, *,
                  placement: LayerPlacement | None = None) -> RoutedBatch:
     """Routed batch of trace ``tokens`` (indices, rank-major) of trace ``layer``, on the
     slots of ``placement``."""
-    r, p = scenario.routing, scenario.parallel
     ids_tk, weights_tk = route_logical(scenario, trace, layer, tokens, gpus_per_domain)
-    phy2log_s = None
-    if placement is not None and not placement.identity:
-        ids_tk = placement.slots_of(ids_tk, tokens_per_rank=tokens_per_rank)
-        phy2log_s = placement.phy2log_s
-    kept_tk = ids_tk >= 0
-    if r.capacity_factor is not None:
-        slots = scenario.model.routed_experts + scenario.placement.redundant_experts
-        kept_tk = keep_within_capacity(
-            ids_tk, weights_tk, drop_policy=r.drop_policy,
-            pos_t=np.arange(tokens.shape[0]) % tokens_per_rank,
-            experts_per_device=slots // p.ep,
-            n_devices=p.ep, capacity_factor=r.capacity_factor,
-            seq_id_t=trace.seq_id[tokens], never_drop_fraction=r.never_drop_fraction,
-            seed=seed,
-        )
-    return RoutedBatch(ids_tk=ids_tk, kept_tk=kept_tk, tokens_per_rank=tokens_per_rank,
-                       phy2log_s=phy2log_s)
+    batch = routed_batch(ids_tk, weights_tk, tokens_per_rank=tokens_per_rank,
+                         experts=scenario.model.routed_experts, placement=placement,
+                         capacity=capacity_of(scenario), seq_id_t=trace.seq_id[tokens],
+                         seed=seed, affinity_tk=weights_tk)
+    if trace.scores is None:
+        return batch
+    return dataclasses.replace(batch, score_mass=score_mass(
+        trace.scores[layer, tokens].astype(np.float32), ids_tk))
+
+
+def score_mass(scores_te: np.ndarray, ids_tk: np.ndarray) -> tuple[float, float]:
+    """(affinity of the chosen experts, affinity of each token's unrestricted top-K):
+    their ratio is the share of the gate's affinity a device limit keeps."""
+    top_k = ids_tk.shape[1]
+    free = -np.partition(-scores_te, top_k - 1, axis=1)[:, :top_k]
+    chosen = np.take_along_axis(scores_te, np.maximum(ids_tk, 0), axis=1) * (ids_tk >= 0)
+    return float(chosen.sum()), float(free.sum())

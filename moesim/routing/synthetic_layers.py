@@ -12,7 +12,6 @@ system rebalances from recent statistics before the step that is simulated.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -20,7 +19,7 @@ from moesim.config.feasibility import limit_units
 from moesim.config.scenario import Scenario
 from moesim.placement.layout import LayerPlacement, scenario_placement
 from moesim.routing.batch import RoutedBatch
-from moesim.routing.dropping import keep_within_capacity
+from moesim.routing.dropping import Capacity, capacity_of, routed_batch
 from moesim.routing.synthetic import expert_popularity, sample_topk
 
 
@@ -36,50 +35,29 @@ def draw_of(layer_index: int, group: int, n_draws: int) -> int:
     return (layer_index + group) % n_draws
 
 
-@dataclass(frozen=True, kw_only=True)
-class Capacity:
-    """Device-level dropping of a synthetic batch (``RoutingPolicy``'s capacity fields)."""
-
-    factor: float
-    drop_policy: str
-    experts_per_device: int
-    n_devices: int
-    seq_len: int
-    never_drop_fraction: float = 0.0
-
-
 def draw_batch(
     popularity_e: np.ndarray, *, n_tokens: int, tokens_per_rank: int, top_k: int,
     rng: np.random.Generator, unit_size: int | None = None, max_units: int | None = None,
     capacity: Capacity | None = None, placement: LayerPlacement | None = None,
+    seq_len: int | None = None,
 ) -> RoutedBatch:
     """One routed micro-batch of ``n_tokens`` synthetic tokens, ``tokens_per_rank`` per
     rank: ``top_k`` distinct experts each (:func:`sample_topk`, within ``max_units``
-    units of ``unit_size`` experts), on the slots of ``placement``, then dropped to
-    ``capacity``."""
+    units of ``unit_size`` experts), on the slots of ``placement``, within ``capacity``
+    (sequences of ``seq_len`` tokens, or one per rank)."""
     ids_tk = sample_topk(popularity_e, n_tokens=n_tokens, top_k=top_k, rng=rng,
                          unit_size=unit_size, max_units=max_units)
-    phy2log_s = None
-    if placement is not None and not placement.identity:
-        ids_tk = placement.slots_of(ids_tk, tokens_per_rank=tokens_per_rank)
-        phy2log_s = placement.phy2log_s
-    if capacity is None:
-        kept_tk = np.ones(ids_tk.shape, dtype=bool)
-    else:
+    weights_tk, seed = None, 0
+    if capacity is not None:
         # Synthetic tokens carry no affinities: their gate weights are exchangeable, so
         # the lowest-weight assignments are a random set.
         weights_tk = rng.random(ids_tk.shape) if capacity.drop_policy == "probs" else None
-        kept_tk = keep_within_capacity(
-            ids_tk, weights_tk, drop_policy=capacity.drop_policy,
-            pos_t=np.arange(n_tokens) % tokens_per_rank,
-            experts_per_device=capacity.experts_per_device, n_devices=capacity.n_devices,
-            capacity_factor=capacity.factor,
-            seq_id_t=np.arange(n_tokens) // min(capacity.seq_len, tokens_per_rank),
-            never_drop_fraction=capacity.never_drop_fraction,
-            seed=int(rng.integers(2**31)),
-        )
-    return RoutedBatch(ids_tk=ids_tk, kept_tk=kept_tk, tokens_per_rank=tokens_per_rank,
-                       phy2log_s=phy2log_s)
+        seed = int(rng.integers(2**31))
+    sequence = min(seq_len or tokens_per_rank, tokens_per_rank)
+    return routed_batch(ids_tk, weights_tk, tokens_per_rank=tokens_per_rank,
+                        experts=popularity_e.shape[0], placement=placement,
+                        capacity=capacity, seq_id_t=np.arange(n_tokens) // sequence,
+                        seed=seed)
 
 
 def synthetic_batches(
@@ -93,12 +71,7 @@ def synthetic_batches(
     if r.max_devices is not None:
         _, unit_size = limit_units(scenario, gpus_per_domain)
         max_units = r.max_devices
-    slots = m.routed_experts + scenario.placement.redundant_experts
-    capacity = None
-    if r.capacity_factor is not None:
-        capacity = Capacity(factor=r.capacity_factor, drop_policy=r.drop_policy,
-                            experts_per_device=slots // p.ep, n_devices=p.ep,
-                            seq_len=p.seq_len, never_drop_fraction=r.never_drop_fraction)
+    capacity = capacity_of(scenario)
     for draw in range(layer_draws(scenario)):
         popularity_e = expert_popularity(
             m.routed_experts, assignment=r.assignment, zipf_exponent=r.zipf_exponent, rng=rng,
@@ -113,4 +86,5 @@ def synthetic_batches(
             yield draw, mb, draw_batch(popularity_e, n_tokens=n_tokens,
                                        tokens_per_rank=tokens_per_mb, top_k=m.top_k, rng=rng,
                                        unit_size=unit_size, max_units=max_units,
-                                       capacity=capacity, placement=placement)
+                                       capacity=capacity, placement=placement,
+                                       seq_len=p.seq_len)

@@ -284,7 +284,7 @@ def capacity_drop_rates(trace: RoutingTrace, *, ep: int, capacity_factor: float)
     """Per layer, the share of (token, expert) assignments that device-level dropping
     with ``capacity_factor`` would drop if the layer's tokens formed one batch over
     ``ep`` devices (lowest gate weight first; torch's dropping, imported lazily)."""
-    from moesim.routing.dropping import keep_within_capacity
+    from moesim.routing.dropping import Capacity, keep_within_capacity
 
     if not capacity_factor > 0:
         raise InputError(f"got {capacity_factor!r}", field="capacity_factor", allowed="> 0")
@@ -293,9 +293,10 @@ def capacity_drop_rates(trace: RoutingTrace, *, ep: int, capacity_factor: float)
         ids_tk = trace.expert_ids[layer].astype(np.int64)
         valid = ids_tk >= 0
         kept_tk = keep_within_capacity(
-            ids_tk, trace.weights[layer], drop_policy="probs",
-            pos_t=np.arange(ids_tk.shape[0]), experts_per_device=trace.num_experts // ep,
-            n_devices=ep, capacity_factor=capacity_factor)
+            ids_tk, trace.weights[layer],
+            capacity=Capacity(factor=capacity_factor, drop_policy="probs", scope="device"),
+            pos_t=np.arange(ids_tk.shape[0]), bins=ep, per_bin=trace.num_experts // ep,
+            tokens_per_rank=ids_tk.shape[0])
         rates[layer] = 1.0 - kept_tk.sum() / max(valid.sum(), 1)
     return rates
 
@@ -320,3 +321,47 @@ def trace_warnings(trace: RoutingTrace) -> list[str]:
                    f"{cv:.2f} (mean of layers{trained}; the 600-step sample traces have "
                    f"0.4-0.5), so replaying it exaggerates imbalance and drops")
     return out
+
+
+def affinity_by_limit(trace: RoutingTrace, *, units: int) -> pd.DataFrame:
+    """For every device limit ``M = 1 .. units`` (units: contiguous blocks of ``E / units``
+    experts, one per GPU or node), the share of the unrestricted top-K affinity the
+    trace's scores keep when re-routed under ``M``, and the units a token then reaches.
+
+    The scores are re-routed by the trace's own gate when it is a DeepSeek gate (with its
+    stored V3 bias), else by the plain group-limited top-K (``device-limited``); the
+    torch routing layers do the routing (imported here, not at module load)."""
+    import torch
+
+    from moesim.config.gates import SCENARIO_GATES
+    from moesim.routing.replay import score_mass
+    from moesim.routing.source import units_reached
+    from moesim.traces.gates import route
+
+    if trace.scores is None:
+        raise InputError("the trace has no scores to re-route", field="trace",
+                         allowed="a trace captured with scores")
+    if units < 1 or trace.num_experts % units:
+        raise InputError(f"{units} units do not split {trace.num_experts} experts",
+                         field="units", allowed=f"divisors of {trace.num_experts}")
+    gate = str((trace.metadata.get("gate") or {}).get("kind"))
+    kind = gate if gate in SCENARIO_GATES else "device-limited"
+    per_unit = trace.num_experts // units
+    rows = []
+    for limit in range(1, units + 1):
+        if limit * per_unit < trace.top_k:
+            continue
+        chosen = free = reach = 0.0
+        for layer in range(trace.num_layers):
+            scores = trace.scores[layer].astype(np.float32)
+            bias = None
+            if kind == "group-limited-sigmoid" and trace.bias is not None:
+                bias = torch.from_numpy(trace.bias[layer])
+            ids = route(torch.from_numpy(scores), kind=kind, top_k=trace.top_k,
+                        group_size=per_unit, max_groups=limit, bias_e=bias).ids_tk.numpy()
+            kept, total = score_mass(scores, ids)
+            chosen, free = chosen + kept, free + total
+            reach += units_reached(ids, per_unit).mean() / trace.num_layers
+        rows.append({"M": limit, "affinity_kept": chosen / free if free else 1.0,
+                     "units_per_token": reach})
+    return pd.DataFrame(rows).set_index("M")

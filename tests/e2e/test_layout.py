@@ -29,7 +29,7 @@ ALLOWED = {
     "network": {"comm", "config", "routing", "errors"},
     "cost": {"network", "comm", "config", "routing", "errors"},
     "output": {"cost", "engine", "comm", "config", "errors"},
-    "tracefile": {"routing", "config", "errors"},
+    "tracefile": {"routing", "config", "errors", "traces"},
     "simulation": {"config", "placement", "routing", "comm", "network", "cost", "engine",
                    "output", "tracefile", "topologies", "errors"},
     "traces": {"moesim", "config", "errors", "tracefile", "validation"},

@@ -163,3 +163,26 @@ def test_a_barely_trained_trace_gets_a_warning_with_its_numbers():
     (warning,) = run(skewed).warnings
     assert "trained for 20 steps" in warning and "load CV" in warning
     assert not run(trace).warnings
+
+
+def test_capacity_reports_the_affinity_it_drops_per_device_or_per_expert():
+    """Dropping the lowest gate weights first drops a smaller share of the affinity than
+    of the assignments; at the routers (expert scope) or at the GPUs (device scope), the
+    assignments are conserved."""
+    trace = scored_trace(seed=2)
+    for scope in ("device", "expert"):
+        s = run(trace, "routing.capacity_factor=0.9", f"routing.capacity_scope={scope}").summary
+        assert s["tokens_dispatched"] == s["tokens_computed"] + s["tokens_dropped"]
+        assert 0 < s["dropped_affinity_fraction"] < s["dropped_token_fraction"]
+    free = run(trace).summary
+    assert free["dropped_affinity_fraction"] == free["tokens_dropped"] == 0
+
+
+def test_affinity_kept_falls_as_the_device_limit_tightens():
+    trace = scored_trace()
+    assert run(trace).summary["affinity_kept"] == pytest.approx(1.0)
+    kept = [run(trace, "routing.replay=reroute", "routing.gate=softmax-topk",
+                f"routing.max_devices={m}").summary["affinity_kept"] for m in (1, 2, 4, 8)]
+    assert kept == sorted(kept) and kept[0] < 0.8 and kept[-1] == pytest.approx(1.0)
+    assert "affinity_kept" not in moesim.simulate(moesim.load_scenario(
+        overrides=SMALL)).summary  # synthetic picks carry no scores

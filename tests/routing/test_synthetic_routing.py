@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from moesim.routing.batch import RoutedBatch, count_batch
-from moesim.routing.dropping import keep_within_capacity
+from moesim.routing.dropping import Capacity, keep_within_capacity
 from moesim.routing.synthetic import expert_popularity, sample_topk
 from moesim.traces.capacity import device_budget as _budget
 
@@ -184,10 +184,10 @@ def device_budget(n_assignments, n_devices, capacity_factor):
 
 def apply_capacity(ids, *, experts_per_device, n_devices, capacity_factor, priority_tk):
     """Drop by ``priority_tk`` as gate weights (the ``probs`` policy)."""
-    return keep_within_capacity(ids, priority_tk, drop_policy="probs",
-                                pos_t=np.arange(ids.shape[0]),
-                                experts_per_device=experts_per_device,
-                                n_devices=n_devices, capacity_factor=capacity_factor)
+    capacity = Capacity(factor=capacity_factor, drop_policy="probs", scope="device")
+    return keep_within_capacity(ids, priority_tk, capacity=capacity,
+                                pos_t=np.arange(ids.shape[0]), bins=n_devices,
+                                per_bin=experts_per_device, tokens_per_rank=ids.shape[0])
 
 
 def test_budget_is_ceil_of_cf_times_assignments_over_devices():

@@ -226,3 +226,22 @@ def test_sigmoid_scores_are_normalised_per_token_for_the_balance_terms():
     row = trace_stats(trace, ep=4, gpus_per_node=4).layers.iloc[0]
     assert row["exp_bal"] == pytest.approx(1.0)
     assert row["dev_bal"] == pytest.approx(1.0)
+
+
+def test_affinity_by_limit_makes_the_m_claim_checkable():
+    """On the V1 sample trace over 8 devices the kept affinity rises with M, reaches the
+    unrestricted top-K once M can hold every pick, and tokens never reach more than M."""
+    from pathlib import Path
+
+    from moesim.tracefile.stats import affinity_by_limit
+
+    path = Path(__file__).resolve().parents[2] / "traces" / "samples" / "tiny-v1.npz"
+    table = affinity_by_limit(RoutingTrace.load(path), units=8)
+    kept = table["affinity_kept"].to_numpy()
+    assert list(table.index) == list(range(1, 9))
+    assert (np.diff(kept) >= -1e-12).all() and kept[0] < 0.7
+    assert kept[-1] == pytest.approx(1.0)
+    assert (table["units_per_token"] <= table.index + 1e-9).all()
+    with pytest.raises(InputError) as err:
+        affinity_by_limit(RoutingTrace.load(path), units=7)
+    assert err.value.field == "units"
