@@ -110,6 +110,8 @@ def _write_outputs(out: Path, result, variants, *, report: bool, trace_gpus: int
     write_parquet(out / "spans.parquet", result.spans)
     write_parquet(out / "links.parquet", result.links)
     write_parquet(out / "experts.parquet", result.experts)
+    if result.balance is not None:
+        write_parquet(out / "balance.parquet", result.balance)
     write_json(out / "timeline.json",
                chrome_trace(result.spans, max_gpus=trace_gpus or None))
     if report:

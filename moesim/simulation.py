@@ -7,6 +7,8 @@ The assembly knows no modes and no network models: the mode's
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from moesim.config.feasibility import check_feasible
@@ -15,7 +17,7 @@ from moesim.cost.modes import step_costs
 from moesim.cost.moe_layer import LayerCosts, moe_layer_costs
 from moesim.cost.step import StepCosts
 from moesim.engine.program import COMM, Op, build_program
-from moesim.engine.simpy_engine import run_program
+from moesim.engine.simpy_engine import Timeline, run_program
 from moesim.network.models import NETWORK_MODELS
 from moesim.output.result import SimResult
 
@@ -45,18 +47,68 @@ def _durations(scenario: Scenario, ops: list[Op], costs: list[LayerCosts], keys_
     return duration
 
 
+@dataclass(frozen=True, kw_only=True)
+class _Step:
+    """One simulated step: its ops, their timeline and the MoE layers' costs."""
+
+    ops: list[Op]
+    timeline: Timeline
+    costs: list[LayerCosts]
+    keys_l: list[int]
+
+
+def _run(scenario: Scenario, topology, source, step: StepCosts, network) -> _Step:
+    """Cost every routing key of ``source``, then run the step's program on the engine."""
+    keys_l = source.keys_per_layer(scenario.model.moe_layers)
+    costs = [moe_layer_costs(scenario, topology, source.key_counts(key), step=step,
+                             network=network)
+             for key in range(source.n_keys)]
+    ops = build_program(
+        num_layers=scenario.model.num_layers,
+        first_dense_layers=scenario.model.first_dense_layers,
+        micro_batches=scenario.parallel.micro_batches,
+        train=step.train,
+    )
+    duration_og = _durations(scenario, ops, costs, keys_l, step)
+    timeline = run_program(ops, duration_og, ep=scenario.parallel.ep)
+    return _Step(ops=ops, timeline=timeline, costs=costs, keys_l=keys_l)
+
+
+def _balanced(scenario: Scenario, routed: Scenario, trace, topology, step: StepCosts,
+              network):
+    """The aux-loss-free balance policy: the routing of the step after
+    ``balance_steps`` bias updates, and the series of every step (balance of its
+    sample; step time at the checkpoints)."""
+    from moesim.routing.balance import balanced_source, bias_history, checkpoints
+
+    per_domain = topology.gpus_per_domain
+    history = bias_history(routed, trace, gpus_per_domain=per_domain, seed=scenario.seed)
+    series = history.series.assign(step_time_s=np.nan)
+    last = scenario.routing.balance_steps
+    for when in checkpoints(last)[:-1]:
+        source = balanced_source(routed, trace, history.bias_ske[when],
+                                 gpus_per_domain=per_domain, seed=scenario.seed)
+        timeline = _run(scenario, topology, source, step, network).timeline
+        series.loc[series["step"] == when, "step_time_s"] = float(timeline.end_og.max())
+    source = balanced_source(routed, trace, history.bias_ske[last],
+                             gpus_per_domain=per_domain, seed=scenario.seed)
+    return source, series
+
+
 def simulate(scenario: Scenario, trace=None) -> SimResult:
     """Simulate one step of ``scenario``; deterministic for a given ``scenario.seed``.
 
     Routing replays ``trace`` (a RoutingTrace), else the trace the scenario names,
-    else synthetic draws.
+    else synthetic draws. Under ``routing.balance: aux-free-bias`` the step is the one
+    after ``routing.balance_steps`` steps of bias updates, and ``SimResult.balance``
+    holds the series of every step.
     """
     from moesim.output.summary import summarize
     from moesim.output.tables import experts_table, links_table, spans_table
     from moesim.routing.source import SyntheticSource, TraceSource
     from moesim.topologies import load_topology
     from moesim.tracefile.format import RoutingTrace
-    from moesim.tracefile.stats import trace_warnings
+    from moesim.tracefile.stats import seed_balance, trace_warnings
 
     p = scenario.parallel
     topology = load_topology(scenario.topology, gpus=p.total_gpus)
@@ -68,23 +120,19 @@ def simulate(scenario: Scenario, trace=None) -> SimResult:
 
     if trace is None and scenario.trace is not None:
         trace = RoutingTrace.load(scenario.trace)
-    if trace is None:
+    series = None
+    if scenario.routing.balance == "aux-free-bias":
+        source, series = _balanced(scenario, routed, trace, topology, step, network)
+    elif trace is None:
         source = SyntheticSource(routed, gpus_per_domain=topology.gpus_per_domain, rng=rng)
     else:
         source = TraceSource(routed, trace, gpus_per_domain=topology.gpus_per_domain,
                              rng=rng)
-    keys_l = source.keys_per_layer(scenario.model.moe_layers)
-    costs = [moe_layer_costs(scenario, topology, source.key_counts(key), step=step,
-                             network=network)
-             for key in range(source.n_keys)]
-    ops = build_program(
-        num_layers=scenario.model.num_layers,
-        first_dense_layers=scenario.model.first_dense_layers,
-        micro_batches=p.micro_batches,
-        train=step.train,
-    )
-    duration_og = _durations(scenario, ops, costs, keys_l, step)
-    timeline = run_program(ops, duration_og, ep=p.ep)
+    run = _run(scenario, topology, source, step, network)
+    ops, timeline, costs, keys_l = run.ops, run.timeline, run.costs, run.keys_l
+    if series is not None:
+        series.loc[series["step"] == scenario.routing.balance_steps, "step_time_s"] = float(
+            timeline.end_og.max())
 
     spans = spans_table(ops, timeline, ep=p.ep)
     links = links_table(scenario, topology, ops, costs, keys_l)
@@ -97,10 +145,16 @@ def simulate(scenario: Scenario, trace=None) -> SimResult:
                    "routing_gate": source.gate,
                    "routing_trace": scenario.trace or trace.metadata.get("source", {}).get(
                        "kind", "in memory")}
+    if series is not None:
+        routing["balance_series"] = [
+            {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+            for row in series.to_dict(orient="records")]
+    elif trace is not None:
+        routing.update(seed_balance(trace, scenario, topology.gpus_per_domain))
     summary = summarize(scenario, topology, ops, timeline, costs, keys_l, links, step=step,
                         routing=routing)
     if not links.empty:
         links["utilization"] = links["busy_s"] / summary["step_time_s"]
     return SimResult(scenario=scenario, summary=summary, spans=spans, links=links,
-                     experts=experts,
+                     experts=experts, balance=series,
                      warnings=(*(trace_warnings(trace) if trace else ()), *source.warnings))

@@ -80,3 +80,40 @@ def expert_load(experts: pd.DataFrame):
     ax.set_title("Expert load / layer mean")
     fig.colorbar(image, ax=ax)
     return fig
+
+
+def gpu_load(spans: pd.DataFrame, placement: str):
+    """Forward expert-GEMM time per GPU over the step, sorted, against the mean: how far
+    the busiest GPUs stand above the others under the step's placement."""
+    plt = _plt()
+    fwd = spans[(spans["phase"] == "experts") & ~spans["backward"]]
+    per_gpu = ((fwd["end_s"] - fwd["start_s"]) * 1e3).groupby(fwd["gpu"], observed=True).sum()
+    ordered = np.sort(per_gpu.to_numpy())[::-1]
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.bar(np.arange(ordered.size), ordered, width=1.0, color="tab:blue")
+    ax.axhline(ordered.mean(), color="k", ls="--", lw=1, label="mean")
+    ax.set_xlabel("GPUs, busiest first")
+    ax.set_ylabel("forward expert GEMMs (ms)")
+    ax.set_title(f"Expert work per GPU, placement {placement} (max/mean "
+                 f"{ordered.max() / ordered.mean():.2f})")
+    ax.legend(fontsize=8)
+    return fig
+
+
+def balance_series(series: pd.DataFrame):
+    """The aux-loss-free bias policy step by step: load max/mean and the step time."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(8, 3))
+    ax.plot(series["step"], series["expert_max_over_mean"], label="expert load max/mean")
+    if series["gpu_max_over_mean"].notna().any():
+        ax.plot(series["step"], series["gpu_max_over_mean"], label="GPU load max/mean")
+    ax.set_xlabel("training step (bias updates)")
+    ax.set_ylabel("max / mean")
+    timed = series.dropna(subset=["step_time_s"])
+    right = ax.twinx()
+    right.plot(timed["step"], timed["step_time_s"] * 1e3, "o--", color="tab:red",
+               label="step time")
+    right.set_ylabel("step time (ms)", color="tab:red")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title("Auxiliary-loss-free balancing, step after step")
+    return fig

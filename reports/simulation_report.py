@@ -68,8 +68,17 @@ def build_report(result, variants: list[tuple[str, object]] = ()) -> tuple[list[
             (label, *(fmt(r.summary[key]) for r in results)) for label, key, fmt in _COMPARE
         )
         blocks += [Heading("What if"), Table(("quantity", *names), rows)]
+    figs = {}
+    if result.balance is not None:
+        blocks += [Heading("Balance policy"),
+                   Paragraph(f"routing.balance aux-free-bias: {sc.routing.balance_steps} "
+                             f"steps of bias updates at speed {sc.routing.bias_update_speed}; "
+                             "the step above is the last one (balance.parquet: every step)."),
+                   Figure("figures/balance.png", "Load balance and step time, step by step")]
+        figs["balance.png"] = figures.balance_series(result.balance)
     blocks += [
         Heading("Imbalance and links"),
+        Figure("figures/gpu_load.png", "Expert work per GPU under the placement"),
         Figure("figures/expert_time.png", "Forward expert GEMM time per GPU and MoE layer"),
         Figure("figures/expert_load.png", "Assignments per expert relative to the layer mean"),
         Figure("figures/link_utilization.png", "Busy share of each directed link"),
@@ -89,8 +98,9 @@ def build_report(result, variants: list[tuple[str, object]] = ()) -> tuple[list[
             "gradient reduction, optimizer step, recomputation, multi-token prediction."
         ),
     ]
-    figs = {
+    figs |= {
         "step_breakdown.png": figures.step_breakdown(s),
+        "gpu_load.png": figures.gpu_load(result.spans, s["placement"]),
         "expert_time.png": figures.expert_time_heatmap(result.spans),
         "expert_load.png": figures.expert_load(result.experts),
         "link_utilization.png": figures.link_utilization(result.links),

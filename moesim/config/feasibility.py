@@ -190,6 +190,14 @@ def check_feasible(scenario: Scenario, topology=None) -> None:
                 f"fewer than top_k = {m.top_k}",
                 field="routing.max_devices", allowed=allowed,
             )
+    if r.balance == "aux-free-bias":
+        if r.gate != "group-limited-sigmoid":
+            raise InputError("the aux-loss-free bias steers a sigmoid gate's selection",
+                             field="routing.balance",
+                             allowed="none, or routing.gate: group-limited-sigmoid")
+        if scenario.trace is not None and r.replay != "reroute":
+            raise InputError("balancing re-routes the trace's stored scores step after step",
+                             field="routing.replay", allowed="reroute")
     if scenario.placement.policy == "eplb-hierarchical":
         groups, nodes = placement_groups(scenario, per_domain)
         if E % groups or groups % nodes:

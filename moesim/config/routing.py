@@ -45,6 +45,13 @@ class RoutingPolicy:
     layers; the expected step time does not depend on it, only the run-to-run spread
     (``None`` draws every MoE layer afresh). On the default scenario 4, 8 and all 58
     draws give step times within 0.1% of each other.
+
+    ``balance: aux-free-bias`` (DeepSeek-V3's auxiliary-loss-free balancing, sigmoid gate
+    only) routes ``balance_steps`` training steps one after another, moving every
+    expert's selection bias by ``bias_update_speed`` against its load
+    (:mod:`moesim.routing.balance`), then simulates the step after them; a trace's stored
+    scores are re-routed (``replay: reroute``), without a trace synthetic tokens get
+    scores from the expert popularity.
     """
 
     gate: GateKind = "softmax-topk"
@@ -59,3 +66,6 @@ class RoutingPolicy:
     layer_samples: int | None = Field(default=4, gt=0)
     never_drop_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
     replay: Literal["captured", "reroute"] = "captured"
+    balance: Literal["none", "aux-free-bias"] = "none"
+    bias_update_speed: float = Field(default=0.001, ge=0)
+    balance_steps: int = Field(default=10, ge=0, le=10_000)

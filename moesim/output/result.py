@@ -28,4 +28,5 @@ class SimResult:
     spans: pd.DataFrame
     links: pd.DataFrame
     experts: pd.DataFrame
+    balance: pd.DataFrame | None = None  # the balance policy's steps (routing.balance)
     warnings: tuple[str, ...] = ()  # what the user should know about these numbers

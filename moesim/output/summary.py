@@ -74,6 +74,10 @@ class Summary(TypedDict):
     routing_gate: str
     routing_draws: NotRequired[int]  # synthetic routing
     routing_trace: NotRequired[str]  # a replayed trace
+    balance_series: NotRequired[list]  # routing.balance: aux-free-bias
+    expert_balance: NotRequired[float]  # a replayed trace with scores
+    device_balance: NotRequired[float]
+    comm_balance: NotRequired[float]
 
 
 def check_summary(summary: dict) -> Summary:

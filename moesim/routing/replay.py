@@ -19,42 +19,50 @@ from moesim.routing.batch import RoutedBatch
 from moesim.routing.dropping import capacity_of, routed_batch
 
 
-def _reroute(scenario: Scenario, trace, layer: int, tokens: np.ndarray,
-             gpus_per_domain: int) -> tuple[np.ndarray, np.ndarray]:
-    """The stored scores of ``tokens`` routed again under the scenario's gate and ``M``."""
+def route_scores(scenario: Scenario, scores_te: np.ndarray, *, gpus_per_domain: int,
+                 bias_e: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Ids and gate weights ``[T, K]`` of affinities ``scores_te`` [T, E] under the
+    scenario's gate, top-k and ``M``, through the torch routing layers; ``bias_e`` [E]
+    steers a group-limited-sigmoid gate's selection."""
     import torch
 
     from moesim.traces.gates import route
 
     m, r = scenario.model, scenario.routing
-    scores_te = torch.from_numpy(trace.scores[layer, tokens].astype(np.float32))
     group_size = max_groups = None
     if r.max_devices is not None:
         _, group_size = limit_units(scenario, gpus_per_domain)
         max_groups = r.max_devices
     bias = None
-    if r.gate == "group-limited-sigmoid" and trace.bias is not None:
-        bias = torch.from_numpy(trace.bias[layer])
-    routing = route(scores_te, kind=r.gate, top_k=m.top_k, group_size=group_size,
-                    max_groups=max_groups, bias_e=bias)
+    if r.gate == "group-limited-sigmoid" and bias_e is not None:
+        bias = torch.from_numpy(np.asarray(bias_e, dtype=np.float32))
+    routing = route(torch.from_numpy(np.asarray(scores_te, dtype=np.float32)), kind=r.gate,
+                    top_k=m.top_k, group_size=group_size, max_groups=max_groups, bias_e=bias)
     return routing.ids_tk.numpy(), routing.weights_tk.numpy()
 
 
 def route_logical(scenario: Scenario, trace, layer: int, tokens: np.ndarray,
-                  gpus_per_domain: int) -> tuple[np.ndarray, np.ndarray]:
+                  gpus_per_domain: int, bias_e: np.ndarray | None = None,
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """Logical expert ids and gate weights ``[T, K]`` of trace ``tokens`` of ``layer``:
-    the captured choices, or the stored scores re-routed."""
+    the captured choices, or the stored scores re-routed (with ``bias_e``, else the
+    trace's own selection bias)."""
     if scenario.routing.replay == "reroute":
-        return _reroute(scenario, trace, layer, tokens, gpus_per_domain)
+        if bias_e is None and trace.bias is not None:
+            bias_e = trace.bias[layer]
+        return route_scores(scenario, trace.scores[layer, tokens],
+                            gpus_per_domain=gpus_per_domain, bias_e=bias_e)
     return trace.expert_ids[layer, tokens].astype(np.int64), trace.weights[layer, tokens]
 
 
 def route_tokens(scenario: Scenario, trace, layer: int, tokens: np.ndarray, *,
                  tokens_per_rank: int, gpus_per_domain: int, seed: int,
-                 placement: LayerPlacement | None = None) -> RoutedBatch:
+                 placement: LayerPlacement | None = None,
+                 bias_e: np.ndarray | None = None) -> RoutedBatch:
     """Routed batch of trace ``tokens`` (indices, rank-major) of trace ``layer``, on the
-    slots of ``placement``."""
-    ids_tk, weights_tk = route_logical(scenario, trace, layer, tokens, gpus_per_domain)
+    slots of ``placement`` (re-routing with selection bias ``bias_e`` when given)."""
+    ids_tk, weights_tk = route_logical(scenario, trace, layer, tokens, gpus_per_domain,
+                                       bias_e=bias_e)
     batch = routed_batch(ids_tk, weights_tk, tokens_per_rank=tokens_per_rank,
                          experts=scenario.model.routed_experts, placement=placement,
                          capacity=capacity_of(scenario), seq_id_t=trace.seq_id[tokens],

@@ -106,6 +106,10 @@ class TraceSource(RoutingSource):
     def key_of(self, moe_layer: int) -> int:
         return moe_layer
 
+    def bias_of(self, layer: int) -> np.ndarray | None:
+        """The selection bias re-routing uses in trace ``layer`` (None: the trace's own)."""
+        return None
+
     def _window(self, tokens: np.ndarray, n: int) -> np.ndarray:
         start = int(self.rng.integers(tokens.shape[0]))
         return tokens[(start + np.arange(n)) % tokens.shape[0]]
@@ -128,11 +132,11 @@ class TraceSource(RoutingSource):
         if pl.rebalanced:
             if pl.loads == "window":  # an earlier window of this layer, routed alike
                 ids_tk, _ = route_logical(s, self.trace, layer, self._token_ids(per_rank),
-                                          self.gpus_per_domain)
+                                          self.gpus_per_domain, bias_e=self.bias_of(layer))
             elif pl.loads == "trace":
                 ids_tk, _ = route_logical(s, self.trace, layer,
                                           np.arange(self.trace.num_tokens),
-                                          self.gpus_per_domain)
+                                          self.gpus_per_domain, bias_e=self.bias_of(layer))
             else:
                 return scenario_placement(s, self.file_loads[layer % len(self.file_loads)],
                                           gpus_per_domain=self.gpus_per_domain)
@@ -155,7 +159,7 @@ class TraceSource(RoutingSource):
                                      tokens_per_rank=per_rank,
                                      gpus_per_domain=self.gpus_per_domain,
                                      seed=int(self.rng.integers(2**31)) + mb,
-                                     placement=placement)
+                                     placement=placement, bias_e=self.bias_of(layer))
                 row.append(_count(self.scenario, batch, self.per_node))
             out.append(row)
         return out

@@ -365,3 +365,19 @@ def affinity_by_limit(trace: RoutingTrace, *, units: int) -> pd.DataFrame:
         rows.append({"M": limit, "affinity_kept": chosen / free if free else 1.0,
                      "units_per_token": reach})
     return pd.DataFrame(rows).set_index("M")
+
+
+def seed_balance(trace: RoutingTrace, scenario, gpus_per_domain: int) -> dict:
+    """The DeepSeek-V2 balance terms of the replayed trace over the scenario's EP group
+    (mean of layers; docs/routing.md section 2.4): ``expert_balance`` (sum f_i P_i),
+    ``device_balance``, ``comm_balance``; empty without scores or when the GPUs do not
+    divide the experts."""
+    p, r = scenario.parallel, scenario.routing
+    if trace.scores is None or trace.num_experts % p.ep:
+        return {}
+    stats = trace_stats(trace, ep=p.ep, max_devices=r.max_devices,
+                        gpus_per_node=min(p.ep, gpus_per_domain))
+    terms = {"expert_balance": "exp_bal", "device_balance": "dev_bal",
+             "comm_balance": "comm_bal"}
+    return {key: float(stats.layers[column].mean()) for key, column in terms.items()
+            if np.isfinite(stats.layers[column]).all()}

@@ -1,0 +1,197 @@
+"""The auxiliary-loss-free balance policy over training steps (DeepSeek-V3;
+docs/routing.md section 3.3): every step routes with the current selection bias, and
+each expert's bias moves by ``bias_update_speed`` against its load's deviation from the
+mean (the sign rule of ``moesim.traces.bias``).
+
+Scores come from the replayed trace (its stored affinities, every step a fresh window
+of a layer's tokens) or, without a trace, from synthetic tokens: ``sigmoid(z + log(E
+p_e))`` with ``z ~ N(0, 1)`` and the draw's expert popularity ``p`` (uniform popularity
+gives the random scores the gate is tested on). Either way the scenario's gate routes
+them, through the torch routing layers. The bias history is computed once on samples of
+``SAMPLE_TOKENS`` tokens per step and key; the simulated steps then route whole batches
+with the bias of their step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from moesim.config.scenario import Scenario
+from moesim.placement.layout import LayerPlacement, scenario_placement
+from moesim.routing.batch import BatchCounts, count_batch
+from moesim.routing.dropping import capacity_of, routed_batch
+from moesim.routing.replay import route_scores
+from moesim.routing.source import RoutingSource, TraceSource
+from moesim.routing.synthetic import expert_popularity
+from moesim.routing.synthetic_layers import draw_of, layer_draws
+
+SAMPLE_TOKENS = 16384  # per step and key: about 500 picks per expert of a 256 x top-8 gate
+CHECKPOINTS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
+def synthetic_scores(popularity_e: np.ndarray, n_tokens: int,
+                     rng: np.random.Generator) -> np.ndarray:
+    """[T, E] sigmoid affinities of synthetic tokens whose preferences follow ``popularity_e``."""
+    offset_e = np.log(popularity_e * popularity_e.shape[0])
+    logits = rng.standard_normal((n_tokens, popularity_e.shape[0]), dtype=np.float32)
+    return (1.0 / (1.0 + np.exp(-(logits + offset_e)))).astype(np.float32)
+
+
+def checkpoints(steps: int) -> list[int]:
+    """The steps whose whole step is simulated for the series (always the last)."""
+    return sorted({s for s in CHECKPOINTS if s < steps} | {steps})
+
+
+@dataclass(frozen=True, kw_only=True)
+class BiasHistory:
+    """``bias_ske`` [steps + 1, keys, E] the selection bias at each step, and the balance
+    of the samples routed with it (``series``: step, expert_max_over_mean,
+    gpu_max_over_mean under contiguous placement, each the mean over keys)."""
+
+    bias_ske: np.ndarray
+    series: pd.DataFrame
+
+
+class _Scores:
+    """Samples of affinities per routing key: a trace layer's tokens, or synthetic ones."""
+
+    def __init__(self, scenario: Scenario, trace, rng: np.random.Generator) -> None:
+        self.scenario, self.trace, self.rng = scenario, trace, rng
+        m, r = scenario.model, scenario.routing
+        if trace is None:
+            self.n_keys = layer_draws(scenario)
+            tokens = scenario.parallel.ep * (scenario.parallel.tokens_per_gpu
+                                             // scenario.parallel.micro_batches)
+            self.popularity = [expert_popularity(
+                m.routed_experts, assignment=r.assignment, zipf_exponent=r.zipf_exponent,
+                rng=rng, power_law_alpha=r.power_law_alpha, tokens=tokens, top_k=m.top_k)
+                for _ in range(self.n_keys)]
+        else:
+            self.n_keys = scenario.model.moe_layers
+
+    def initial_bias(self, key: int) -> np.ndarray:
+        if self.trace is not None and self.trace.bias is not None:
+            return self.trace.bias[key % self.trace.num_layers].astype(np.float32)
+        return np.zeros(self.scenario.model.routed_experts, dtype=np.float32)
+
+    def sample(self, key: int, n_tokens: int) -> np.ndarray:
+        if self.trace is None:
+            return synthetic_scores(self.popularity[key], n_tokens, self.rng)
+        layer = key % self.trace.num_layers
+        start = int(self.rng.integers(self.trace.num_tokens))
+        tokens = (start + np.arange(min(n_tokens, self.trace.num_tokens))) \
+            % self.trace.num_tokens
+        return self.trace.scores[layer, tokens].astype(np.float32)
+
+
+def bias_history(scenario: Scenario, trace, *, gpus_per_domain: int,
+                 seed: int) -> BiasHistory:
+    """Route ``routing.balance_steps`` steps with the aux-loss-free bias update."""
+    import torch
+
+    from moesim.traces.bias import update_bias
+
+    r, p = scenario.routing, scenario.parallel
+    scores = _Scores(scenario, trace, np.random.default_rng([seed, 1]))
+    experts = scenario.model.routed_experts
+    per_gpu = experts // p.ep if experts % p.ep == 0 else None
+    bias_ske = np.zeros((r.balance_steps + 1, scores.n_keys, experts), dtype=np.float32)
+    rows = []
+    for key in range(scores.n_keys):
+        bias_ske[0, key] = scores.initial_bias(key)
+    for step in range(r.balance_steps + 1):
+        expert_mom, gpu_mom = [], []
+        for key in range(scores.n_keys):
+            ids_tk, _ = route_scores(scenario, scores.sample(key, SAMPLE_TOKENS),
+                                     gpus_per_domain=gpus_per_domain, bias_e=bias_ske[step, key])
+            load_e = np.bincount(ids_tk[ids_tk >= 0], minlength=experts)
+            expert_mom.append(load_e.max() / load_e.mean())
+            if per_gpu is not None:
+                load_g = load_e.reshape(p.ep, per_gpu).sum(axis=1)
+                gpu_mom.append(load_g.max() / load_g.mean())
+            if step < r.balance_steps:
+                bias_ske[step + 1, key] = update_bias(
+                    torch.from_numpy(bias_ske[step, key]), torch.from_numpy(load_e),
+                    rate=r.bias_update_speed).numpy()
+        rows.append({"step": step, "expert_max_over_mean": float(np.mean(expert_mom)),
+                     "gpu_max_over_mean": float(np.mean(gpu_mom)) if gpu_mom else np.nan})
+    return BiasHistory(bias_ske=bias_ske, series=pd.DataFrame(rows))
+
+
+class BiasedTraceSource(TraceSource):
+    """A trace's stored scores re-routed with the balance policy's bias of one step."""
+
+    def __init__(self, scenario: Scenario, trace, *, bias_ke: np.ndarray, **kwargs) -> None:
+        super().__init__(scenario, trace, **kwargs)
+        self.bias_ke = bias_ke
+
+    def bias_of(self, layer: int) -> np.ndarray | None:
+        return self.bias_ke[layer % self.bias_ke.shape[0]]
+
+
+class ScoredSyntheticSource(RoutingSource):
+    """Synthetic tokens with affinities, routed by the scenario's gate with the balance
+    policy's bias of one step. EP group ``g`` of MoE layer ``l`` uses draw
+    ``(l + g) mod S`` as :class:`~moesim.routing.source.SyntheticSource` does."""
+
+    def __init__(self, scenario: Scenario, *, bias_ke: np.ndarray, gpus_per_domain: int,
+                 rng: np.random.Generator, seed: int) -> None:
+        m, p = scenario.model, scenario.parallel
+        self.scenario, self.gate, self.warnings = scenario, scenario.routing.gate, []
+        self.n_keys = layer_draws(scenario)
+        self.groups = p.ep_groups
+        # The draws' popularity as the bias history saw it (the same seeded stream).
+        scores = _Scores(scenario, None, np.random.default_rng([seed, 1]))
+        per_mb = p.tokens_per_gpu // p.micro_batches
+        per_node = min(p.ep, gpus_per_domain)
+        self.draws: list[list[BatchCounts]] = []
+        for key in range(self.n_keys):
+            placement = self._placement(scores, key, bias_ke[key], per_mb, gpus_per_domain,
+                                        rng)
+            row = []
+            for _ in range(p.micro_batches):
+                sample = synthetic_scores(scores.popularity[key], p.ep * per_mb, rng)
+                ids_tk, weights_tk = route_scores(scenario, sample,
+                                                  gpus_per_domain=gpus_per_domain,
+                                                  bias_e=bias_ke[key])
+                batch = routed_batch(
+                    ids_tk, weights_tk, tokens_per_rank=per_mb, experts=m.routed_experts,
+                    placement=placement, capacity=capacity_of(scenario),
+                    seq_id_t=np.arange(p.ep * per_mb) // min(p.seq_len, per_mb),
+                    seed=int(rng.integers(2**31)), affinity_tk=weights_tk)
+                row.append(count_batch(batch, n_experts=placement.slots, ep=p.ep,
+                                       gpus_per_node=per_node))
+            self.draws.append(row)
+
+    def _placement(self, scores: _Scores, key: int, bias_e: np.ndarray, per_mb: int,
+                   gpus_per_domain: int, rng: np.random.Generator) -> LayerPlacement:
+        s = self.scenario
+        loads_e = None
+        if s.placement.rebalanced:  # an earlier window, routed with the same bias
+            window = synthetic_scores(scores.popularity[key], s.parallel.ep * per_mb, rng)
+            ids_tk, _ = route_scores(s, window, gpus_per_domain=gpus_per_domain,
+                                     bias_e=bias_e)
+            loads_e = np.bincount(ids_tk[ids_tk >= 0], minlength=s.model.routed_experts)
+        return scenario_placement(s, loads_e, gpus_per_domain=gpus_per_domain)
+
+    def key_of(self, moe_layer: int) -> int:
+        return moe_layer % self.n_keys
+
+    def key_counts(self, key: int) -> list[list[BatchCounts]]:
+        return [self.draws[draw_of(key, g, self.n_keys)] for g in range(self.groups)]
+
+
+def balanced_source(scenario: Scenario, trace, bias_ke: np.ndarray, *, gpus_per_domain: int,
+                    seed: int) -> RoutingSource:
+    """The routing of a step that routes with ``bias_ke`` [keys, E]; every step's source
+    draws the same tokens (a fixed seed), so steps differ only by their bias."""
+    rng = np.random.default_rng([seed, 2])
+    if trace is None:
+        return ScoredSyntheticSource(scenario, bias_ke=bias_ke, gpus_per_domain=gpus_per_domain,
+                                     rng=rng, seed=seed)
+    return BiasedTraceSource(scenario, trace, bias_ke=bias_ke, gpus_per_domain=gpus_per_domain,
+                             rng=rng)
+
