@@ -25,7 +25,7 @@ TRACE_BASE = ["model=deepseekmoe-16b", "topology=h800-cluster", f"trace={TRACE}"
               "parallel.ep=64", "parallel.tokens_per_gpu=4096", "parallel.micro_batches=2",
               "parallel.dispatch_dtype=fp8", "routing.gate=group-limited-sigmoid",
               "routing.replay=reroute", "routing.max_devices=4", "routing.limit_scope=node"]
-V3_BASE = ["parallel.gpus=256", "parallel.ep=64"]
+V3_BASE = ["parallel.gpus=256", "parallel.ep=64", "routing.assignment=power-law"]
 
 POLICIES = [
     ("contiguous", []),
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         table("V3 sample trace (tiny-v3.npz) re-routed at EP64, 8 nodes", TRACE_BASE,
               POLICIES + limits)
     if args.only in (None, "v3"):
-        table("DeepSeek-V3 training, 256 H800 GPUs (4 x EP64), synthetic routing",
+        table("DeepSeek-V3 training, 256 H800 GPUs (4 x EP64), power-law expert loads",
               V3_BASE, POLICIES + limits)
     return 0
 

@@ -14,6 +14,7 @@ _COMPARE = [
     ("combine", "combine_time_s", seconds),
     ("exposed comm", "comm_exposed_time_s", seconds),
     ("RDMA bytes", "rdma_bytes", nbytes),
+    ("dropped", "dropped_token_fraction", lambda v: f"{v:.2%}"),
     ("NVLink bytes", "nvlink_bytes", nbytes),
 ]
 

@@ -29,6 +29,10 @@ class Summary(TypedDict):
     dispatch_kernel: str
     placement: str
     redundant_experts: int
+    max_devices: NotRequired[int]  # routing.max_devices, when set
+    capacity_factor: NotRequired[float]  # when set, with its scope and protected share
+    capacity_scope: NotRequired[str]
+    never_drop_fraction: NotRequired[float]
     step_time_s: float
     tokens_per_step: int
     tokens_per_s: float
@@ -142,6 +146,16 @@ def _load_imbalance(scenario: Scenario, costs, keys_l) -> float:
     return float(np.mean(ratios)) if ratios else 1.0
 
 
+def _limits(scenario: Scenario) -> dict:
+    """The routing limits the step ran under, where set."""
+    r = scenario.routing
+    out = {} if r.max_devices is None else {"max_devices": r.max_devices}
+    if r.capacity_factor is not None:
+        out |= {"capacity_factor": r.capacity_factor, "capacity_scope": r.capacity_scope,
+                "never_drop_fraction": r.never_drop_fraction}
+    return out
+
+
 def _affinity(costs, keys_l) -> dict:
     """The affinity keys, where the routing carries a real gate's weights and scores."""
     out = {}
@@ -202,6 +216,7 @@ def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys
         "dispatch_kernel": p.dispatch_kernel,
         "placement": scenario.placement.policy,
         "redundant_experts": scenario.placement.redundant_experts,
+        **_limits(scenario),
         "step_time_s": step_s,
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / step_s,

@@ -21,12 +21,11 @@ import pandas as pd
 
 from moesim.config.scenario import Scenario
 from moesim.placement.layout import LayerPlacement, scenario_placement
-from moesim.routing.batch import BatchCounts, count_batch
 from moesim.routing.dropping import capacity_of, routed_batch
 from moesim.routing.replay import route_scores
-from moesim.routing.source import RoutingSource, TraceSource
+from moesim.routing.source import DrawnSource, RoutingSource, TraceSource, count
 from moesim.routing.synthetic import expert_popularity
-from moesim.routing.synthetic_layers import draw_of, layer_draws
+from moesim.routing.synthetic_layers import layer_draws
 
 SAMPLE_TOKENS = 16384  # per step and key: about 500 picks per expert of a 256 x top-8 gate
 CHECKPOINTS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
@@ -132,27 +131,21 @@ class BiasedTraceSource(TraceSource):
         return self.bias_ke[layer % self.bias_ke.shape[0]]
 
 
-class ScoredSyntheticSource(RoutingSource):
-    """Synthetic tokens with affinities, routed by the scenario's gate with the balance
-    policy's bias of one step. EP group ``g`` of MoE layer ``l`` uses draw
-    ``(l + g) mod S`` as :class:`~moesim.routing.source.SyntheticSource` does."""
+class ScoredSyntheticSource(DrawnSource):
+    """Draws of synthetic tokens with affinities, routed by the scenario's gate with the
+    balance policy's bias of one step."""
 
     def __init__(self, scenario: Scenario, *, bias_ke: np.ndarray, gpus_per_domain: int,
                  rng: np.random.Generator, seed: int) -> None:
+        super().__init__(scenario)
         m, p = scenario.model, scenario.parallel
-        self.scenario, self.gate, self.warnings = scenario, scenario.routing.gate, []
-        self.n_keys = layer_draws(scenario)
-        self.groups = p.ep_groups
         # The draws' popularity as the bias history saw it (the same seeded stream).
         scores = _Scores(scenario, None, np.random.default_rng([seed, 1]))
         per_mb = p.tokens_per_gpu // p.micro_batches
-        per_node = min(p.ep, gpus_per_domain)
-        self.draws: list[list[BatchCounts]] = []
         for key in range(self.n_keys):
-            placement = self._placement(scores, key, bias_ke[key], per_mb, gpus_per_domain,
-                                        rng)
-            row = []
-            for _ in range(p.micro_batches):
+            placement = self._placement(scenario, scores.popularity[key], bias_ke[key], per_mb,
+                                        gpus_per_domain, rng)
+            for mb in range(p.micro_batches):
                 sample = synthetic_scores(scores.popularity[key], p.ep * per_mb, rng)
                 ids_tk, weights_tk = route_scores(scenario, sample,
                                                   gpus_per_domain=gpus_per_domain,
@@ -162,26 +155,19 @@ class ScoredSyntheticSource(RoutingSource):
                     placement=placement, capacity=capacity_of(scenario),
                     seq_id_t=np.arange(p.ep * per_mb) // min(p.seq_len, per_mb),
                     seed=int(rng.integers(2**31)), affinity_tk=weights_tk)
-                row.append(count_batch(batch, n_experts=placement.slots, ep=p.ep,
-                                       gpus_per_node=per_node))
-            self.draws.append(row)
+                self.draws[key][mb] = count(scenario, batch, gpus_per_domain)
 
-    def _placement(self, scores: _Scores, key: int, bias_e: np.ndarray, per_mb: int,
-                   gpus_per_domain: int, rng: np.random.Generator) -> LayerPlacement:
-        s = self.scenario
+    @staticmethod
+    def _placement(scenario: Scenario, popularity_e: np.ndarray, bias_e: np.ndarray,
+                   per_mb: int, gpus_per_domain: int,
+                   rng: np.random.Generator) -> LayerPlacement:
         loads_e = None
-        if s.placement.rebalanced:  # an earlier window, routed with the same bias
-            window = synthetic_scores(scores.popularity[key], s.parallel.ep * per_mb, rng)
-            ids_tk, _ = route_scores(s, window, gpus_per_domain=gpus_per_domain,
+        if scenario.placement.rebalanced:  # an earlier window, routed with the same bias
+            window = synthetic_scores(popularity_e, scenario.parallel.ep * per_mb, rng)
+            ids_tk, _ = route_scores(scenario, window, gpus_per_domain=gpus_per_domain,
                                      bias_e=bias_e)
-            loads_e = np.bincount(ids_tk[ids_tk >= 0], minlength=s.model.routed_experts)
-        return scenario_placement(s, loads_e, gpus_per_domain=gpus_per_domain)
-
-    def key_of(self, moe_layer: int) -> int:
-        return moe_layer % self.n_keys
-
-    def key_counts(self, key: int) -> list[list[BatchCounts]]:
-        return [self.draws[draw_of(key, g, self.n_keys)] for g in range(self.groups)]
+            loads_e = np.bincount(ids_tk[ids_tk >= 0], minlength=scenario.model.routed_experts)
+        return scenario_placement(scenario, loads_e, gpus_per_domain=gpus_per_domain)
 
 
 def balanced_source(scenario: Scenario, trace, bias_ke: np.ndarray, *, gpus_per_domain: int,

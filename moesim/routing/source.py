@@ -36,33 +36,42 @@ class RoutingSource(ABC):
         return [self.key_of(li) for li in range(moe_layers)]
 
 
-def _count(scenario: Scenario, batch, gpus_per_node: int) -> BatchCounts:
+def count(scenario: Scenario, batch, gpus_per_domain: int) -> BatchCounts:
+    """The counts of one routed batch of an EP group of ``scenario``."""
+    p = scenario.parallel
     slots = scenario.model.routed_experts + scenario.placement.redundant_experts
-    return count_batch(batch, n_experts=slots,
-                       ep=scenario.parallel.ep, gpus_per_node=gpus_per_node)
+    return count_batch(batch, n_experts=slots, ep=p.ep,
+                       gpus_per_node=min(p.ep, gpus_per_domain))
 
 
-class SyntheticSource(RoutingSource):
-    """``S`` independent layer draws; EP group ``g`` of layer ``l`` uses draw
+class DrawnSource(RoutingSource):
+    """``S`` independent synthetic layer draws, each routed once per micro-batch
+    (``draws[draw][microbatch]``); EP group ``g`` of layer ``l`` uses draw
     ``(l + g) mod S``, so the key is ``l mod S``."""
 
-    def __init__(self, scenario: Scenario, *, gpus_per_domain: int, rng: np.random.Generator):
+    def __init__(self, scenario: Scenario) -> None:
         self.n_keys = layer_draws(scenario)
         self.gate, self.warnings = scenario.routing.gate, []
         self.groups = scenario.parallel.ep_groups
-        per_node = min(scenario.parallel.ep, gpus_per_domain)
         self.draws: list[list[BatchCounts | None]] = [
             [None] * scenario.parallel.micro_batches for _ in range(self.n_keys)
         ]
-        for draw, mb, batch in synthetic_batches(scenario, gpus_per_domain=gpus_per_domain,
-                                                 rng=rng):
-            self.draws[draw][mb] = _count(scenario, batch, per_node)
 
     def key_of(self, moe_layer: int) -> int:
         return moe_layer % self.n_keys
 
     def key_counts(self, key: int) -> list[list[BatchCounts]]:
         return [self.draws[draw_of(key, g, self.n_keys)] for g in range(self.groups)]
+
+
+class SyntheticSource(DrawnSource):
+    """Draws of expert picks by popularity (:mod:`moesim.routing.synthetic_layers`)."""
+
+    def __init__(self, scenario: Scenario, *, gpus_per_domain: int, rng: np.random.Generator):
+        super().__init__(scenario)
+        for draw, mb, batch in synthetic_batches(scenario, gpus_per_domain=gpus_per_domain,
+                                                 rng=rng):
+            self.draws[draw][mb] = count(scenario, batch, gpus_per_domain)
 
 
 class TraceSource(RoutingSource):
@@ -89,7 +98,6 @@ class TraceSource(RoutingSource):
             self.warnings.append(
                 f"re-routing with gate {r.gate} the scores that gate {traced_gate} "
                 "produced: their scale and selection were made for another gate")
-        self.per_node = min(scenario.parallel.ep, gpus_per_domain)
         self.gpus_per_domain = gpus_per_domain
         self.n_keys = scenario.model.moe_layers
         self.file_loads = None
@@ -160,7 +168,7 @@ class TraceSource(RoutingSource):
                                      gpus_per_domain=self.gpus_per_domain,
                                      seed=int(self.rng.integers(2**31)) + mb,
                                      placement=placement, bias_e=self.bias_of(layer))
-                row.append(_count(self.scenario, batch, self.per_node))
+                row.append(count(self.scenario, batch, self.gpus_per_domain))
             out.append(row)
         return out
 

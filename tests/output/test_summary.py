@@ -33,7 +33,7 @@ def test_docs_metrics_documents_exactly_the_declared_keys():
 
 def test_a_training_step_has_the_required_keys_and_its_routing_detail():
     summary = moesim.simulate(moesim.load_scenario(overrides=SMALL)).summary
-    assert summary.keys() == Summary.__required_keys__ | {"routing_draws"}
+    assert summary.keys() == Summary.__required_keys__ | {"routing_draws", "max_devices"}
 
 
 @pytest.mark.parametrize("example, own", [
@@ -46,7 +46,11 @@ def test_a_serving_step_adds_its_mode_keys(example, own):
     keys = moesim.simulate(scenario).summary.keys()
     mode_keys = (SERVING - {"ttft_s", "input_tokens_per_s_per_gpu", "tpot_s",
                             "output_tokens_per_s_per_gpu"}) | own
-    assert keys == Summary.__required_keys__ | mode_keys | {"routing_draws"}
+    limit = {"max_devices"} if scenario.routing.max_devices is not None else set()
+    assert keys == Summary.__required_keys__ | mode_keys | {"routing_draws"} | limit
+    capped = moesim.simulate(moesim.load_scenario(overrides=[
+        *SMALL, "routing.capacity_factor=1.0"])).summary
+    assert capped["capacity_scope"] == "device" and capped["never_drop_fraction"] == 0
 
 
 def test_an_undeclared_missing_or_mistyped_key_is_caught():
