@@ -97,3 +97,30 @@ def test_slots_hold_the_expert_that_was_picked(split):
     ids = rng.integers(0, 16, size=(64, 3))
     slots = placement.slots_of(ids, tokens_per_rank=8)
     assert (placement.phy2log_s[slots] == ids).all()
+
+
+def test_the_placement_command_prints_and_writes_the_placement(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from moesim.cli.main import app
+
+    loads = tmp_path / "loads.csv"
+    loads.write_text("90,132,40,61,104,165,39,4,73,56,183,86\n"
+                     "20,107,104,64,19,197,187,157,172,86,16,27\n")
+    out = tmp_path / "placement.json"
+    result = CliRunner().invoke(app, ["placement", str(loads), "--gpus", "8", "--slots", "16",
+                                      "--nodes", "2", "--groups", "4", "--json",
+                                      "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(result.output)
+    assert document == json.loads(out.read_text())
+    assert document["phy2log"][0] == [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1]
+    assert len(document["replicas"][1]) == 12 and sum(document["replicas"][1]) == 16
+    assert document["gpu_load_max_over_mean_contiguous"] is None  # 12 experts, 8 GPUs
+    bad = CliRunner().invoke(app, ["placement", str(loads), "--gpus", "8", "--slots", "12"])
+    assert bad.exit_code == 2 and "--slots" in bad.output and "multiples of 8" in bad.output
+    wrong = CliRunner().invoke(app, ["placement", str(loads), "--gpus", "8", "--slots", "16",
+                                     "--nodes", "2", "--groups", "3"])
+    assert wrong.exit_code == 2 and "--groups" in wrong.output
