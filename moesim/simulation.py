@@ -86,12 +86,12 @@ def _balanced(scenario: Scenario, routed: Scenario, trace, topology, step: StepC
     series = history.series.assign(step_time_s=np.nan)
     last = scenario.routing.balance_steps
     for when in checkpoints(last)[:-1]:
-        source = balanced_source(routed, trace, history.bias_ske[when],
-                                 gpus_per_domain=per_domain, seed=scenario.seed)
+        source = balanced_source(routed, trace, history, when, gpus_per_domain=per_domain,
+                                 seed=scenario.seed)
         timeline = _run(scenario, topology, source, step, network).timeline
         series.loc[series["step"] == when, "step_time_s"] = float(timeline.end_og.max())
-    source = balanced_source(routed, trace, history.bias_ske[last],
-                             gpus_per_domain=per_domain, seed=scenario.seed)
+    source = balanced_source(routed, trace, history, last, gpus_per_domain=per_domain,
+                             seed=scenario.seed)
     return source, series
 
 

@@ -4,12 +4,13 @@ each expert's bias moves by ``bias_update_speed`` against its load's deviation f
 mean (the sign rule of ``moesim.traces.bias``).
 
 Scores come from the replayed trace (its stored affinities, every step a fresh window
-of a layer's tokens) or, without a trace, from synthetic tokens: ``sigmoid(z + log(E
-p_e))`` with ``z ~ N(0, 1)`` and the draw's expert popularity ``p`` (uniform popularity
-gives the random scores the gate is tested on). Either way the scenario's gate routes
-them, through the torch routing layers. The bias history is computed once on samples of
-``SAMPLE_TOKENS`` tokens per step and key; the simulated steps then route whole batches
-with the bias of their step.
+of a layer's tokens) or, without a trace, from synthetic tokens: ``sigmoid(z + c_e)``
+with ``z ~ N(0, 1)`` and per-expert offsets ``c`` calibrated so that the gate's picks
+follow the draw's expert popularity, as the popularity draws of plain synthetic
+routing do (uniform popularity gives the random scores the gate is tested on). Either
+way the scenario's gate routes them, through the torch routing layers. The bias history
+is computed once on samples of ``SAMPLE_TOKENS`` tokens per step and key; the simulated
+steps then route whole batches with the bias of their step.
 """
 
 from __future__ import annotations
@@ -31,12 +32,32 @@ SAMPLE_TOKENS = 16384  # per step and key: about 500 picks per expert of a 256 x
 CHECKPOINTS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
-def synthetic_scores(popularity_e: np.ndarray, n_tokens: int,
+CALIBRATION_ROUNDS = 12
+
+
+def synthetic_scores(offset_e: np.ndarray, n_tokens: int,
                      rng: np.random.Generator) -> np.ndarray:
-    """[T, E] sigmoid affinities of synthetic tokens whose preferences follow ``popularity_e``."""
-    offset_e = np.log(popularity_e * popularity_e.shape[0])
-    logits = rng.standard_normal((n_tokens, popularity_e.shape[0]), dtype=np.float32)
+    """[T, E] sigmoid affinities ``sigmoid(z + offset_e)`` of synthetic tokens."""
+    logits = rng.standard_normal((n_tokens, offset_e.shape[0]), dtype=np.float32)
     return (1.0 / (1.0 + np.exp(-(logits + offset_e)))).astype(np.float32)
+
+
+def calibrated_offsets(scenario: Scenario, popularity_e: np.ndarray, *, gpus_per_domain: int,
+                       rng: np.random.Generator) -> np.ndarray:
+    """Logit offsets [E] with which the scenario's gate picks each expert in proportion to
+    its popularity: from ``log(E p)``, each round moves every offset by part of the log
+    ratio of its wanted to its routed picks on a sample."""
+    experts, top_k = popularity_e.shape[0], scenario.model.top_k
+    wanted_e = np.minimum(popularity_e * top_k, 1.0)
+    floor = 1.0 / SAMPLE_TOKENS
+    offset_e = np.log(np.maximum(popularity_e * experts, 1e-9)).astype(np.float32)
+    for _ in range(CALIBRATION_ROUNDS):
+        ids_tk, _ = route_scores(scenario, synthetic_scores(offset_e, SAMPLE_TOKENS, rng),
+                                 gpus_per_domain=gpus_per_domain)
+        got_e = np.bincount(ids_tk[ids_tk >= 0], minlength=experts) / SAMPLE_TOKENS
+        offset_e = (offset_e + 0.7 * np.log((wanted_e + floor) / (got_e + floor))).astype(
+            np.float32)
+    return offset_e
 
 
 def checkpoints(steps: int) -> list[int]:
@@ -48,26 +69,31 @@ def checkpoints(steps: int) -> list[int]:
 class BiasHistory:
     """``bias_ske`` [steps + 1, keys, E] the selection bias at each step, and the balance
     of the samples routed with it (``series``: step, expert_max_over_mean,
-    gpu_max_over_mean under contiguous placement, each the mean over keys)."""
+    gpu_max_over_mean under contiguous placement, each the mean over keys); without a
+    trace, ``offsets`` [keys] the synthetic tokens' calibrated logit offsets."""
 
     bias_ske: np.ndarray
     series: pd.DataFrame
+    offsets: list[np.ndarray] | None = None
 
 
 class _Scores:
     """Samples of affinities per routing key: a trace layer's tokens, or synthetic ones."""
 
-    def __init__(self, scenario: Scenario, trace, rng: np.random.Generator) -> None:
+    def __init__(self, scenario: Scenario, trace, rng: np.random.Generator, *,
+                 gpus_per_domain: int, offsets: list[np.ndarray] | None = None) -> None:
         self.scenario, self.trace, self.rng = scenario, trace, rng
         m, r = scenario.model, scenario.routing
-        if trace is None:
+        if trace is None and offsets is not None:
+            self.n_keys, self.offsets = len(offsets), offsets
+        elif trace is None:
             self.n_keys = layer_draws(scenario)
             tokens = scenario.parallel.ep * (scenario.parallel.tokens_per_gpu
                                              // scenario.parallel.micro_batches)
-            self.popularity = [expert_popularity(
+            self.offsets = [calibrated_offsets(scenario, expert_popularity(
                 m.routed_experts, assignment=r.assignment, zipf_exponent=r.zipf_exponent,
-                rng=rng, power_law_alpha=r.power_law_alpha, tokens=tokens, top_k=m.top_k)
-                for _ in range(self.n_keys)]
+                rng=rng, power_law_alpha=r.power_law_alpha, tokens=tokens, top_k=m.top_k),
+                gpus_per_domain=gpus_per_domain, rng=rng) for _ in range(self.n_keys)]
         else:
             self.n_keys = scenario.model.moe_layers
 
@@ -78,7 +104,7 @@ class _Scores:
 
     def sample(self, key: int, n_tokens: int) -> np.ndarray:
         if self.trace is None:
-            return synthetic_scores(self.popularity[key], n_tokens, self.rng)
+            return synthetic_scores(self.offsets[key], n_tokens, self.rng)
         layer = key % self.trace.num_layers
         start = int(self.rng.integers(self.trace.num_tokens))
         tokens = (start + np.arange(min(n_tokens, self.trace.num_tokens))) \
@@ -94,7 +120,8 @@ def bias_history(scenario: Scenario, trace, *, gpus_per_domain: int,
     from moesim.traces.bias import update_bias
 
     r, p = scenario.routing, scenario.parallel
-    scores = _Scores(scenario, trace, np.random.default_rng([seed, 1]))
+    scores = _Scores(scenario, trace, np.random.default_rng([seed, 1]),
+                     gpus_per_domain=gpus_per_domain)
     experts = scenario.model.routed_experts
     per_gpu = experts // p.ep if experts % p.ep == 0 else None
     bias_ske = np.zeros((r.balance_steps + 1, scores.n_keys, experts), dtype=np.float32)
@@ -117,7 +144,8 @@ def bias_history(scenario: Scenario, trace, *, gpus_per_domain: int,
                     rate=r.bias_update_speed).numpy()
         rows.append({"step": step, "expert_max_over_mean": float(np.mean(expert_mom)),
                      "gpu_max_over_mean": float(np.mean(gpu_mom)) if gpu_mom else np.nan})
-    return BiasHistory(bias_ske=bias_ske, series=pd.DataFrame(rows))
+    return BiasHistory(bias_ske=bias_ske, series=pd.DataFrame(rows),
+                       offsets=None if trace is not None else scores.offsets)
 
 
 class BiasedTraceSource(TraceSource):
@@ -135,18 +163,16 @@ class ScoredSyntheticSource(DrawnSource):
     """Draws of synthetic tokens with affinities, routed by the scenario's gate with the
     balance policy's bias of one step."""
 
-    def __init__(self, scenario: Scenario, *, bias_ke: np.ndarray, gpus_per_domain: int,
-                 rng: np.random.Generator, seed: int) -> None:
+    def __init__(self, scenario: Scenario, *, bias_ke: np.ndarray, offsets: list[np.ndarray],
+                 gpus_per_domain: int, rng: np.random.Generator) -> None:
         super().__init__(scenario)
         m, p = scenario.model, scenario.parallel
-        # The draws' popularity as the bias history saw it (the same seeded stream).
-        scores = _Scores(scenario, None, np.random.default_rng([seed, 1]))
         per_mb = p.tokens_per_gpu // p.micro_batches
         for key in range(self.n_keys):
-            placement = self._placement(scenario, scores.popularity[key], bias_ke[key], per_mb,
+            placement = self._placement(scenario, offsets[key], bias_ke[key], per_mb,
                                         gpus_per_domain, rng)
             for mb in range(p.micro_batches):
-                sample = synthetic_scores(scores.popularity[key], p.ep * per_mb, rng)
+                sample = synthetic_scores(offsets[key], p.ep * per_mb, rng)
                 ids_tk, weights_tk = route_scores(scenario, sample,
                                                   gpus_per_domain=gpus_per_domain,
                                                   bias_e=bias_ke[key])
@@ -158,26 +184,27 @@ class ScoredSyntheticSource(DrawnSource):
                 self.draws[key][mb] = count(scenario, batch, gpus_per_domain)
 
     @staticmethod
-    def _placement(scenario: Scenario, popularity_e: np.ndarray, bias_e: np.ndarray,
+    def _placement(scenario: Scenario, offset_e: np.ndarray, bias_e: np.ndarray,
                    per_mb: int, gpus_per_domain: int,
                    rng: np.random.Generator) -> LayerPlacement:
         loads_e = None
         if scenario.placement.rebalanced:  # an earlier window, routed with the same bias
-            window = synthetic_scores(popularity_e, scenario.parallel.ep * per_mb, rng)
+            window = synthetic_scores(offset_e, scenario.parallel.ep * per_mb, rng)
             ids_tk, _ = route_scores(scenario, window, gpus_per_domain=gpus_per_domain,
                                      bias_e=bias_e)
             loads_e = np.bincount(ids_tk[ids_tk >= 0], minlength=scenario.model.routed_experts)
         return scenario_placement(scenario, loads_e, gpus_per_domain=gpus_per_domain)
 
 
-def balanced_source(scenario: Scenario, trace, bias_ke: np.ndarray, *, gpus_per_domain: int,
-                    seed: int) -> RoutingSource:
-    """The routing of a step that routes with ``bias_ke`` [keys, E]; every step's source
-    draws the same tokens (a fixed seed), so steps differ only by their bias."""
+def balanced_source(scenario: Scenario, trace, history: BiasHistory, step: int, *,
+                    gpus_per_domain: int, seed: int) -> RoutingSource:
+    """The routing of a step that routes with the bias of ``step`` of ``history``; every
+    step's source draws the same tokens (a fixed seed), so steps differ only by their
+    bias."""
     rng = np.random.default_rng([seed, 2])
+    bias_ke = history.bias_ske[step]
     if trace is None:
-        return ScoredSyntheticSource(scenario, bias_ke=bias_ke, gpus_per_domain=gpus_per_domain,
-                                     rng=rng, seed=seed)
+        return ScoredSyntheticSource(scenario, bias_ke=bias_ke, offsets=history.offsets,
+                                     gpus_per_domain=gpus_per_domain, rng=rng)
     return BiasedTraceSource(scenario, trace, bias_ke=bias_ke, gpus_per_domain=gpus_per_domain,
                              rng=rng)
-
