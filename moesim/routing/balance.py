@@ -81,12 +81,10 @@ class _Scores:
     """Samples of affinities per routing key: a trace layer's tokens, or synthetic ones."""
 
     def __init__(self, scenario: Scenario, trace, rng: np.random.Generator, *,
-                 gpus_per_domain: int, offsets: list[np.ndarray] | None = None) -> None:
+                 gpus_per_domain: int) -> None:
         self.scenario, self.trace, self.rng = scenario, trace, rng
         m, r = scenario.model, scenario.routing
-        if trace is None and offsets is not None:
-            self.n_keys, self.offsets = len(offsets), offsets
-        elif trace is None:
+        if trace is None:
             self.n_keys = layer_draws(scenario)
             tokens = scenario.parallel.ep * (scenario.parallel.tokens_per_gpu
                                              // scenario.parallel.micro_batches)
