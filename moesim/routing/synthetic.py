@@ -3,12 +3,12 @@ to ``M`` placement units (GPUs or nodes) per token.
 
 Each token picks ``K`` distinct experts one after another, each in proportion to its
 popularity among the experts it has not picked yet (sequential sampling without
-replacement, the same law as Gumbel-top-k on log-popularity). With a device limit,
-the token first picks ``M`` distinct units in proportion to their summed popularity,
-then its experts among those units only, so it never reaches more than ``M`` units:
-one expert in each chosen unit first (a group-limited gate chooses a unit for its best
-experts, so the unit contributes one: the DeepSeek gates on random scores reach 3.96 to
-3.98 of 4 chosen units, the free draw 3.63), then the rest anywhere in the chosen units.
+replacement, the same law as Gumbel-top-k on log-popularity). With a device limit
+``M`` the draw is a group-limited gate on those scores (:class:`_LimitedDraw`): the
+units whose best expert ranks highest are chosen, and the token's top ``K`` among them
+are taken, so it never reaches more than ``M`` units and reaches as many as the DeepSeek
+gates do on random scores (3.97-3.98 of 4 chosen nodes, 5.3 of 8 when any may be
+chosen; a free draw inside ``M`` random units reached 3.63 of 4).
 
 The draws are vectorised over tokens and cost O(tokens x K): each slot is drawn with
 replacement and the rows that repeat an earlier expert are redrawn, which is exactly
@@ -147,42 +147,94 @@ def sample_topk(
         return _sample_distinct(popularity_e, n_rows=n_tokens, n_slots=top_k, rng=rng)
 
     assert unit_size is not None and n_experts % unit_size == 0
-    n_units = n_experts // unit_size
-    assert max_units <= n_units and max_units * unit_size >= top_k
-    mass_u = popularity_e.reshape(n_units, unit_size).sum(axis=1)
-    units_tm = _sample_distinct(mass_u, n_rows=n_tokens, n_slots=max_units, rng=rng)
+    assert max_units <= n_experts // unit_size and max_units * unit_size >= top_k
+    return _LimitedDraw(popularity_e, n_tokens=n_tokens, top_k=top_k, rng=rng,
+                        unit_size=unit_size, max_units=max_units).draw()
 
-    uniform = bool(np.all(popularity_e == popularity_e[0]))
-    cdf_e = np.cumsum(popularity_e)
-    cdf_e /= cdf_e[-1]
-    start_e = np.concatenate(([0.0], cdf_e[:-1]))
-    # Slot k < M takes its expert in the token's k-th unit; later slots in any of them.
-    if uniform:
-        def draw_expert(rows, slot):
-            which = (np.full(rows.shape[0], slot) if slot < max_units
-                     else rng.integers(0, max_units, rows.shape[0]))
-            unit = units_tm[rows, which]
-            return unit * unit_size + rng.integers(0, unit_size, rows.shape[0], dtype=np.int16)
-    else:
-        # Pick one of the token's units by mass, then an expert inside it by popularity.
-        cum_tm = np.cumsum(mass_u[units_tm], axis=1)
 
-        def draw_expert(rows, slot):
-            if slot < max_units:
-                which = np.full(rows.shape[0], slot)
-            else:
-                cum = cum_tm[rows]
-                u = rng.random(rows.shape[0]) * cum[:, -1]
-                which = np.minimum((u[:, None] >= cum).sum(axis=1), max_units - 1)
-            first = units_tm[rows, which] * unit_size
-            return _draw_categorical(cdf_e, start_e[first], cdf_e[first + unit_size - 1], rng)
+class _LimitedDraw:
+    """Group-limited top-K on Gumbel-perturbed log-popularity, drawn lazily.
 
-    def exact_expert(rows, chosen_rs, slot):
-        allowed_rx = np.zeros((rows.shape[0], n_units), dtype=bool)
-        units_rm = units_tm[rows, slot:slot + 1] if slot < max_units else units_tm[rows]
-        np.put_along_axis(allowed_rx, units_rm, True, axis=1)
-        allowed_rx = np.repeat(allowed_rx, unit_size, axis=1) & _not_chosen(n_experts, chosen_rs)
-        weight = np.broadcast_to(popularity_e, (rows.shape[0], n_experts))
-        return _gumbel_pick(weight, allowed_rx, rng)
+    A token's experts, ordered by score, are a sequential draw without replacement. A
+    group-limited gate that scores a unit by its best expert keeps the first ``M``
+    distinct units of that sequence and takes its first ``K`` experts in them. So: draw
+    the sequence until ``M`` units have appeared (every expert so far is kept); the
+    first expert of an ``M + 1``-th unit is skipped and from then on the draw is
+    restricted to the token's ``M`` units.
+    """
 
-    return _distinct_draws(draw_expert, n_tokens, top_k, exact_expert)
+    def __init__(self, popularity_e, *, n_tokens, top_k, rng, unit_size, max_units):
+        self.p_e, self.rng, self.k = popularity_e, rng, top_k
+        self.size, self.m, self.t = unit_size, max_units, n_tokens
+        n_units = popularity_e.shape[0] // unit_size
+        self.mass_u = popularity_e.reshape(n_units, unit_size).sum(axis=1)
+        self.uniform = bool(np.all(popularity_e == popularity_e[0]))
+        cdf = np.cumsum(popularity_e)
+        self.cdf_e = cdf / cdf[-1]
+        self.start_e = np.concatenate(([0.0], self.cdf_e[:-1]))
+        self.units_tm = np.full((n_tokens, max_units), -1, dtype=np.int64)
+        self.seen_t = np.zeros(n_tokens, dtype=np.int64)
+        self.out_st = np.empty((top_k, n_tokens), dtype=np.int16)
+
+    def _any(self, rows):
+        """One expert per row from all experts, by popularity."""
+        n = rows.shape[0]
+        if self.uniform:
+            return self.rng.integers(0, self.p_e.shape[0], n)
+        return _draw_categorical(self.cdf_e, np.zeros(n), np.ones(n), self.rng)
+
+    def _within(self, rows):
+        """One expert per row from the row's units, by popularity."""
+        units = self.units_tm[rows]
+        n = rows.shape[0]
+        if self.uniform:
+            unit = units[np.arange(n), self.rng.integers(0, self.m, n)]
+            return unit * self.size + self.rng.integers(0, self.size, n)
+        cum = np.cumsum(self.mass_u[units], axis=1)
+        u = self.rng.random(n) * cum[:, -1]
+        which = np.minimum((u[:, None] >= cum).sum(axis=1), self.m - 1)
+        first = units[np.arange(n), which] * self.size
+        return _draw_categorical(self.cdf_e, self.start_e[first],
+                                 self.cdf_e[first + self.size - 1], self.rng)
+
+    def _distinct(self, rows, slot, draw, restricted: bool):
+        """``draw`` for ``rows``, redrawn where it repeats an earlier slot of the row."""
+        cur = draw(rows).astype(np.int64)
+        todo = np.flatnonzero(_repeats(self.out_st, slot, cur, rows))
+        for _ in range(_MAX_REDRAWS):
+            if todo.size == 0:
+                return cur
+            cur[todo] = draw(rows[todo])
+            todo = todo[_repeats(self.out_st, slot, cur[todo], rows[todo])]
+        if todo.size:  # extreme skew: pick exactly among the allowed, not-chosen experts
+            chosen_rs = self.out_st[:slot, rows[todo]].T
+            allowed = _not_chosen(self.p_e.shape[0], chosen_rs)
+            if restricted:
+                in_unit = np.zeros((todo.size, self.mass_u.shape[0]), dtype=bool)
+                np.put_along_axis(in_unit, self.units_tm[rows[todo]], True, axis=1)
+                allowed &= np.repeat(in_unit, self.size, axis=1)
+            weight = np.broadcast_to(self.p_e, allowed.shape)
+            cur[todo] = _gumbel_pick(weight, allowed, self.rng)
+        return cur
+
+    def draw(self) -> np.ndarray:
+        restricted_t = np.zeros(self.t, dtype=bool)
+        all_rows = np.arange(self.t)
+        for slot in range(self.k):
+            cur = np.empty(self.t, dtype=np.int64)
+            free = all_rows[~restricted_t]
+            if free.size:
+                cand = self._distinct(free, slot, self._any, restricted=False)
+                unit = cand // self.size
+                known = (self.units_tm[free] == unit[:, None]).any(axis=1)
+                skip = ~known & (self.seen_t[free] == self.m)
+                keep, new = free[~skip], free[~known & ~skip]
+                cur[keep] = cand[~skip]
+                self.units_tm[new, self.seen_t[new]] = unit[~known & ~skip]
+                self.seen_t[new] += 1
+                restricted_t[free[skip]] = True
+            limited = all_rows[restricted_t]  # every row that no longer draws freely
+            if limited.size:
+                cur[limited] = self._distinct(limited, slot, self._within, restricted=True)
+            self.out_st[slot] = cur
+        return self.out_st.T

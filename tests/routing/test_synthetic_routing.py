@@ -267,12 +267,15 @@ def test_capacity_property(data):
 @pytest.mark.parametrize("gate, scores", [("group-limited-sigmoid", "sigmoid"),
                                           ("device-limited", "softmax"),
                                           ("softmax-topk", "softmax")])
-@pytest.mark.parametrize("units, max_units", [(8, 4), (8, 2), (32, 3)])
+@pytest.mark.parametrize("units, max_units", [(8, 1), (8, 2), (8, 4), (8, 6), (8, 8),
+                                              (32, 3), (32, 16)])
 def test_synthetic_device_limited_draws_spread_like_the_real_gates(gate, scores, units,
                                                                     max_units):
-    """On random scores the torch gates (the simulator's own re-routing) reach almost
-    every unit they choose; uniform synthetic draws under the same limit reach the same
-    number of units (within 1.5%) and of 4-expert GPUs (within 3%)."""
+    """On random scores the torch gates (the simulator's own re-routing) reach the units
+    and 4-expert GPUs that uniform synthetic draws under the same limit reach, at every
+    M from a binding limit (every chosen unit used) to none: within 1.5% and 3% for the
+    gates that rank a unit by its best expert, within 2.5% for DeepSeek-V3's, which ranks
+    it by its best two (the draw ranks by the best one)."""
     import torch
 
     from moesim.routing.source import units_reached
@@ -285,6 +288,7 @@ def test_synthetic_device_limited_draws_spread_like_the_real_gates(gate, scores,
     synthetic = sample_topk(uniform(experts), n_tokens=n, top_k=top_k,
                             rng=np.random.default_rng(units), unit_size=experts // units,
                             max_units=max_units).astype(np.int64)
-    for per_unit, rel in ((experts // units, 0.015), (4, 0.03)):
+    unit_rel = 0.025 if gate == "group-limited-sigmoid" else 0.015
+    for per_unit, rel in ((experts // units, unit_rel), (4, 0.03)):
         assert units_reached(synthetic, per_unit).mean() == pytest.approx(
             units_reached(real, per_unit).mean(), rel=rel)
