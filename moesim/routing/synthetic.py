@@ -172,9 +172,17 @@ class _LimitedDraw:
         cdf = np.cumsum(popularity_e)
         self.cdf_e = cdf / cdf[-1]
         self.start_e = np.concatenate(([0.0], self.cdf_e[:-1]))
-        self.units_tm = np.full((n_tokens, max_units), -1, dtype=np.int64)
-        self.seen_t = np.zeros(n_tokens, dtype=np.int64)
+        self.units_tm = np.full((n_tokens, max_units), -1, dtype=np.int32)
+        self.seen_t = np.zeros(n_tokens, dtype=np.int32)
+        # Up to 63 units a token's units fit one int64 bit mask: a fast membership test.
+        self.mask_t = np.zeros(n_tokens, dtype=np.int64) if n_units < 64 else None
         self.out_st = np.empty((top_k, n_tokens), dtype=np.int16)
+
+    def _known(self, rows, unit):
+        """Which rows already hold ``unit`` among their units."""
+        if self.mask_t is not None:
+            return (self.mask_t[rows] >> unit) & 1 == 1
+        return (self.units_tm[rows] == unit[:, None]).any(axis=1)
 
     def _any(self, rows):
         """One expert per row from all experts, by popularity."""
@@ -185,11 +193,11 @@ class _LimitedDraw:
 
     def _within(self, rows):
         """One expert per row from the row's units, by popularity."""
-        units = self.units_tm[rows]
         n = rows.shape[0]
         if self.uniform:
-            unit = units[np.arange(n), self.rng.integers(0, self.m, n)]
-            return unit * self.size + self.rng.integers(0, self.size, n)
+            unit = self.units_tm[rows, self.rng.integers(0, self.m, n)]
+            return unit * self.size + self.rng.integers(0, self.size, n, dtype=np.int32)
+        units = self.units_tm[rows]
         cum = np.cumsum(self.mass_u[units], axis=1)
         u = self.rng.random(n) * cum[:, -1]
         which = np.minimum((u[:, None] >= cum).sum(axis=1), self.m - 1)
@@ -226,12 +234,15 @@ class _LimitedDraw:
             if free.size:
                 cand = self._distinct(free, slot, self._any, restricted=False)
                 unit = cand // self.size
-                known = (self.units_tm[free] == unit[:, None]).any(axis=1)
+                known = self._known(free, unit)
                 skip = ~known & (self.seen_t[free] == self.m)
-                keep, new = free[~skip], free[~known & ~skip]
-                cur[keep] = cand[~skip]
-                self.units_tm[new, self.seen_t[new]] = unit[~known & ~skip]
+                fresh = ~known & ~skip
+                new = free[fresh]
+                cur[free] = cand  # the skipped rows are overwritten below
+                self.units_tm[new, self.seen_t[new]] = unit[fresh]
                 self.seen_t[new] += 1
+                if self.mask_t is not None:
+                    self.mask_t[new] |= np.left_shift(1, unit[fresh]).astype(np.int64)
                 restricted_t[free[skip]] = True
             limited = all_rows[restricted_t]  # every row that no longer draws freely
             if limited.size:
