@@ -13,10 +13,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import ConfigDict, Field, ValidationError
 
 from moesim.errors import InputError
+from moesim.inputs import load_yaml, read_text
 from moesim.validation import StrictModel, field_names, input_error
 
 SCHEMA = "moesim.topology/1"
@@ -89,16 +89,13 @@ def read_spec(name_or_path: str | os.PathLike[str]) -> tuple[TopologySpec, str]:
         text = resources.files(_PACKAGE).joinpath(f"{name_or_path}.yaml").read_text("utf-8")
     elif _looks_like_path(name_or_path):
         source = name_or_path
-        try:
-            text = Path(name_or_path).read_text(encoding="utf-8")
-        except FileNotFoundError:
+        if not Path(name_or_path).exists():
             raise InputError(
                 "no such topology file",
                 source=source,
                 allowed="a YAML file or a preset: " + ", ".join(names),
-            ) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise InputError(f"cannot read the file: {exc}", source=source) from None
+            )
+        text = read_text(name_or_path, what="topology file")
     else:
         raise InputError(
             f"unknown topology preset {name_or_path!r}", field="topology", allowed=", ".join(names)
@@ -112,13 +109,7 @@ def _looks_like_path(text: str) -> bool:
 
 def parse_spec(text: str, *, source: str) -> TopologySpec:
     """Parse and check YAML text; every problem becomes an :class:`InputError`."""
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise InputError(f"not valid YAML{where}: {problem}", source=source) from None
+    data = load_yaml(text, source=source)
     if not isinstance(data, dict):
         raise InputError(
             "a topology file holds a YAML mapping of fields",

@@ -31,6 +31,7 @@ from moesim.config.routing import RoutingPolicy
 from moesim.config.scenario import SCHEMA, Scenario
 from moesim.config.serving import ServingConfig
 from moesim.errors import InputError
+from moesim.inputs import load_yaml, read_yaml
 from moesim.validation import field_names, input_error
 
 DEFAULT_SCENARIO = "default-scenario.yaml"
@@ -43,22 +44,6 @@ _SECTION_TYPES: dict[str, type] = {
     "placement": PlacementConfig,
     "serving": ServingConfig,
 }
-
-
-def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file; a missing or broken file becomes an InputError naming it."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise InputError(f"cannot read file ({err.strerror})", source=str(path)) from None
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "not valid YAML"
-        raise InputError(f"broken YAML{where}: {problem}", source=str(path)) from None
 
 
 @cache
@@ -114,9 +99,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             allowed="e.g. parallel.ep=64, routing.max_devices=4, model=deepseek-v2",
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
+        value = load_yaml(raw, source="--set") if raw.strip() else None
+    except InputError:
+        value = raw  # not YAML: the text itself (a name, a path)
     return path, value
 
 
@@ -252,9 +237,11 @@ def scenario_from_dict(
                                 **(hardware or {})}
         model, routing_base = _expand(data, "model")
         hardware, _ = _expand(data, "hardware")
-        routing_user = data.get("routing") or {}
+        routing_user = data.get("routing")
+        routing_user = {} if routing_user is None else routing_user
         if not isinstance(routing_user, dict):
-            raise InputError("expected a mapping", field="routing")
+            raise InputError(f"expected a mapping, got {type(routing_user).__name__}",
+                             field="routing", allowed="a mapping of routing fields")
         data["model"] = model
         data["routing"] = {**routing_base, **routing_user}
         if hardware:

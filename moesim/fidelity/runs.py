@@ -17,9 +17,9 @@ from typing import Annotated, Literal, Union
 
 from pydantic import ConfigDict, Field, ValidationError
 
-from moesim.config.loading import read_yaml
 from moesim.config.parallel import KernelName
 from moesim.errors import InputError
+from moesim.inputs import read_yaml
 from moesim.validation import StrictModel, field_names, input_error
 
 SCHEMA = "moesim.recorded-run/1"

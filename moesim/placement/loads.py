@@ -7,18 +7,14 @@ from pathlib import Path
 import numpy as np
 
 from moesim.errors import InputError
+from moesim.inputs import read_text
 
 
 def read_loads(path: str | Path, *, experts: int | None = None) -> np.ndarray:
     """``loads_le`` [L, E] from a CSV file without a header (tokens, or any non-negative
     load per expert); ``experts`` is the column count it must have."""
     source = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"cannot read the loads file ({err})", source=source,
-                         allowed="a CSV file: one row per MoE layer, one column per "
-                                 "expert") from None
+    text = read_text(path, what="loads CSV file")
     rows = [line for line in text.splitlines() if line.strip()]
     if not rows:
         raise InputError("no rows", source=source, allowed="one row per MoE layer")

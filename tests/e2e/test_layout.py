@@ -19,11 +19,12 @@ FOLDERS = {"topologies": "topologies", "traces": "traces", "cli": "cli", "report
 # reached from routing only lazily: the torch gates and dropping.
 ALLOWED = {
     "errors": set(),
+    "inputs": {"errors"},
     "validation": {"errors"},
     "engine": set(),
-    "topologies": {"errors", "validation"},
-    "config": {"errors", "validation", "topologies"},
-    "placement": {"config", "errors"},
+    "topologies": {"errors", "inputs", "validation"},
+    "config": {"errors", "inputs", "validation", "topologies"},
+    "placement": {"config", "errors", "inputs"},
     "routing": {"config", "errors", "placement", "traces"},
     "comm": {"config", "routing", "errors"},
     "network": {"comm", "config", "routing", "errors"},
@@ -35,7 +36,7 @@ ALLOWED = {
     "traces": {"moesim", "config", "errors", "tracefile", "validation"},
     "reports": set(),
 }
-CORE = {"errors", "validation", "engine", "config", "placement", "routing", "comm",
+CORE = {"errors", "inputs", "validation", "engine", "config", "placement", "routing", "comm",
         "network", "cost",
         "output", "tracefile", "simulation", "topologies"}
 

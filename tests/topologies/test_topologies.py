@@ -273,7 +273,7 @@ def test_broken_yaml_names_the_file(tmp_path):
     with pytest.raises(InputError) as err:
         load_topology(str(path))
     assert err.value.source == str(path)
-    assert "not valid YAML" in str(err.value)
+    assert "broken YAML" in str(err.value)
 
 
 def test_unknown_field_names_file_field_and_allowed_keys(tmp_path):

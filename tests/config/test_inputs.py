@@ -1,0 +1,48 @@
+"""Hostile input files get one clear line and exit 2: bytes that are not UTF-8, a file
+without end, nesting without end, aliases that multiply, a key written twice, a section of
+the wrong type. Every file a user hands moesim is read by ``moesim.inputs``."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from moesim.cli.main import app
+from moesim.errors import InputError
+from moesim.inputs import MAX_DEPTH, load_yaml, read_text
+
+HOSTILE = {
+    "not-utf8.yaml": (b"name: x\n\xff\xfe\n", "not UTF-8 text"),
+    "deep.yaml": (("a: " + "[" * 100 + "]" * 100 + "\n").encode(), "nested deeper than"),
+    "laughs.yaml": (b'a: &a ["x", "x"]\nb: &b [*a, *a]\nc: [*b, *b]\n', "aliases"),
+    "twice.yaml": (b"model: deepseek-v3\nmodel: mixtral-8x7b\n", "duplicate key 'model'"),
+    "broken.yaml": (b"model: [unclosed\n", "broken YAML at line"),
+}
+COMMANDS = [["simulate"], ["topo", "show"], ["regress"]]
+CASES = [(command, name) for command in COMMANDS for name in sorted(HOSTILE)]
+# A scenario's section of the wrong type is no longer taken as absent.
+CASES.append((["simulate"], "list-routing.yaml"))
+HOSTILE["list-routing.yaml"] = (b"routing: []\n", "expected a mapping, got list")
+
+
+@pytest.mark.parametrize("command, name", CASES)
+def test_hostile_files_exit_2_with_one_line(tmp_path, command, name):
+    content, problem = HOSTILE[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    result = CliRunner().invoke(app, [*command, str(path)])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"moesim: error: {path}") and problem in line
+
+
+def test_an_endless_file_is_refused_unread():
+    with pytest.raises(InputError, match="larger than 16 MiB"):
+        read_text("/dev/zero")
+
+
+def test_depth_limit_leaves_room_for_every_schema():
+    nested = "a:\n" + "".join("  " * i + "b:\n" for i in range(1, MAX_DEPTH - 1))
+    assert load_yaml(nested, source="x") is not None
+    with pytest.raises(InputError, match="nested deeper"):
+        load_yaml("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), source="x")
