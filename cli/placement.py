@@ -17,12 +17,12 @@ def _loads(path: Path):
     import numpy as np
 
     if path.suffix == ".npz":
+        from moesim.routing.batch import expert_loads
         from moesim.tracefile.format import RoutingTrace
 
         trace = RoutingTrace.load(path)
         ids = trace.expert_ids.astype(np.int64)
-        return np.stack([np.bincount(layer[layer >= 0], minlength=trace.num_experts)
-                         for layer in ids]).astype(float)
+        return np.stack([expert_loads(layer, trace.num_experts) for layer in ids]).astype(float)
     from moesim.placement.loads import read_loads
 
     return read_loads(path)

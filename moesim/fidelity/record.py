@@ -243,8 +243,9 @@ def tokens_per_expert(expert_ids, num_experts: int) -> tuple[float, int]:
     """Mean and max tokens per expert of one layer's ``[T, K]`` ids (-1 = dropped)."""
     import numpy as np
 
-    ids = np.asarray(expert_ids).reshape(-1)
-    counts = np.bincount(ids[ids >= 0], minlength=num_experts)
+    from moesim.routing.batch import expert_loads
+
+    counts = expert_loads(np.asarray(expert_ids), num_experts)
     return float(counts.mean()), int(counts.max())
 
 

@@ -22,6 +22,7 @@ import pandas as pd
 
 from moesim.config.scenario import Scenario
 from moesim.placement.layout import LayerPlacement, scenario_placement
+from moesim.routing.batch import expert_loads
 from moesim.routing.dropping import capacity_of, routed_batch
 from moesim.routing.replay import route_scores
 from moesim.routing.source import DrawnSource, RoutingSource, TraceSource, count
@@ -54,7 +55,7 @@ def calibrated_offsets(scenario: Scenario, popularity_e: np.ndarray, *, gpus_per
     for _ in range(CALIBRATION_ROUNDS):
         ids_tk, _ = route_scores(scenario, synthetic_scores(offset_e, SAMPLE_TOKENS, rng),
                                  gpus_per_domain=gpus_per_domain)
-        got_e = np.bincount(ids_tk[ids_tk >= 0], minlength=experts) / SAMPLE_TOKENS
+        got_e = expert_loads(ids_tk, experts) / SAMPLE_TOKENS
         offset_e = (offset_e + 0.7 * np.log((wanted_e + floor) / (got_e + floor))).astype(
             np.float32)
     return offset_e
@@ -131,7 +132,7 @@ def bias_history(scenario: Scenario, trace, *, gpus_per_domain: int,
         for key in range(scores.n_keys):
             ids_tk, _ = route_scores(scenario, scores.sample(key, SAMPLE_TOKENS),
                                      gpus_per_domain=gpus_per_domain, bias_e=bias_ske[step, key])
-            load_e = np.bincount(ids_tk[ids_tk >= 0], minlength=experts)
+            load_e = expert_loads(ids_tk, experts)
             expert_mom.append(load_e.max() / load_e.mean())
             if per_gpu is not None:
                 load_g = load_e.reshape(p.ep, per_gpu).sum(axis=1)
@@ -190,7 +191,7 @@ class ScoredSyntheticSource(DrawnSource):
             window = synthetic_scores(offset_e, scenario.parallel.ep * per_mb, rng)
             ids_tk, _ = route_scores(scenario, window, gpus_per_domain=gpus_per_domain,
                                      bias_e=bias_e)
-            loads_e = np.bincount(ids_tk[ids_tk >= 0], minlength=scenario.model.routed_experts)
+            loads_e = expert_loads(ids_tk, scenario.model.routed_experts)
         return scenario_placement(scenario, loads_e, gpus_per_domain=gpus_per_domain)
 
 

@@ -56,6 +56,12 @@ class BatchCounts:
     reach_node_sn: np.ndarray  # [ep, nodes] tokens of rank s with >= 1 kept expert on node n
 
 
+def expert_loads(ids: np.ndarray, n_experts: int) -> np.ndarray:
+    """[n_experts] int64 assignments per expert of ``ids`` (any shape; -1, a slot dropped
+    before the trace was recorded, counts nowhere)."""
+    return np.bincount(ids[ids >= 0], minlength=n_experts)
+
+
 def _first_seen(units_kt: np.ndarray, skip: int) -> np.ndarray:
     """Slot-major units with repeats within a token (column) replaced by ``skip``."""
     out_kt = units_kt.copy()
@@ -99,8 +105,7 @@ def count_batch(
         dropped_e = np.zeros(n_experts, dtype=np.int64)
     else:
         kept_e = np.bincount(ids_kt[kept_kt], minlength=n_experts)
-        lost = ids_kt[~kept_kt]
-        dropped_e = np.bincount(lost[lost >= 0], minlength=n_experts)
+        dropped_e = expert_loads(ids_kt[~kept_kt], n_experts)
 
     gpu_kt = ids_kt // experts_per_gpu
     if not all_kept:

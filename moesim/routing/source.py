@@ -15,7 +15,7 @@ from moesim.config.feasibility import limit_units
 from moesim.config.gates import GATES
 from moesim.config.scenario import Scenario
 from moesim.placement.layout import LayerPlacement, scenario_placement
-from moesim.routing.batch import BatchCounts, count_batch
+from moesim.routing.batch import BatchCounts, count_batch, expert_loads
 from moesim.routing.synthetic_layers import draw_of, layer_draws, synthetic_batches
 
 
@@ -148,7 +148,7 @@ class TraceSource(RoutingSource):
             else:
                 return scenario_placement(s, self.file_loads[layer % len(self.file_loads)],
                                           gpus_per_domain=self.gpus_per_domain)
-            loads_e = np.bincount(ids_tk[ids_tk >= 0], minlength=s.model.routed_experts)
+            loads_e = expert_loads(ids_tk, s.model.routed_experts)
         return scenario_placement(s, loads_e, gpus_per_domain=self.gpus_per_domain)
 
     def key_counts(self, key: int) -> list[list[BatchCounts]]:

@@ -18,7 +18,7 @@ import numpy as np
 from moesim.config.feasibility import limit_units
 from moesim.config.scenario import Scenario
 from moesim.placement.layout import LayerPlacement, scenario_placement
-from moesim.routing.batch import RoutedBatch
+from moesim.routing.batch import RoutedBatch, expert_loads
 from moesim.routing.dropping import Capacity, capacity_of, routed_batch
 from moesim.routing.synthetic import expert_popularity, sample_topk
 
@@ -80,7 +80,7 @@ def synthetic_batches(
         if scenario.placement.rebalanced:  # an earlier window of this draw
             earlier = sample_topk(popularity_e, n_tokens=n_tokens, top_k=m.top_k, rng=rng,
                                   unit_size=unit_size, max_units=max_units)
-            loads_e = np.bincount(earlier.ravel(), minlength=m.routed_experts)
+            loads_e = expert_loads(earlier, m.routed_experts)
         placement = scenario_placement(scenario, loads_e, gpus_per_domain=gpus_per_domain)
         for mb in range(p.micro_batches):
             yield draw, mb, draw_batch(popularity_e, n_tokens=n_tokens,

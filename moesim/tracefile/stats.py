@@ -37,6 +37,7 @@ import numpy as np
 import pandas as pd
 
 from moesim.errors import InputError
+from moesim.routing.batch import expert_loads
 from moesim.tracefile.format import RoutingTrace
 
 
@@ -310,8 +311,7 @@ FEW_STEPS = 100
 def trace_warnings(trace: RoutingTrace) -> list[str]:
     """Why a trace may not stand for a trained model's routing (empty when none)."""
     ids_ltk = trace.expert_ids.astype(np.int64)
-    cv = float(np.mean([_cv(np.bincount(ids[ids >= 0], minlength=trace.num_experts))[0]
-                        for ids in ids_ltk]))
+    cv = float(np.mean([_cv(expert_loads(ids, trace.num_experts))[0] for ids in ids_ltk]))
     training = (trace.metadata.get("source") or {}).get("training") or {}
     steps = training.get("steps")
     out = []

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from moesim.errors import InputError
+from moesim.routing.batch import expert_loads
 from moesim.routing.synthetic import expert_popularity, sample_topk
 from moesim.tracefile.format import RoutingTrace
 
@@ -243,7 +244,7 @@ def _half_shares(trace: RoutingTrace) -> tuple[np.ndarray, np.ndarray]:
         share_le = np.zeros((trace.num_layers, n_experts))
         for layer in range(trace.num_layers):
             ids = trace.expert_ids[layer, mask_t]
-            count_e = np.bincount(ids[ids >= 0], minlength=n_experts).astype(np.float64)
+            count_e = expert_loads(ids, n_experts).astype(np.float64)
             share_le[layer] = count_e / max(count_e.sum(), 1.0)
         shares.append(share_le)
     return shares[0], shares[1]
