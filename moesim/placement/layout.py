@@ -14,7 +14,7 @@ from functools import cached_property
 
 import numpy as np
 
-from moesim.placement.eplb import from_phy2log, rebalance_layer
+from moesim.placement.eplb import Rebalanced, from_phy2log, rebalance_layer
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -41,16 +41,20 @@ class LayerPlacement:
         return bool(np.array_equal(self.phy2log_s, np.arange(self.slots)))
 
     @cached_property
-    def replicas_e(self) -> np.ndarray:
-        return from_phy2log(self.phy2log_s[None], experts=self.experts).replicas_le[0]
-
-    @cached_property
     def experts(self) -> int:
         return int(self.phy2log_s.max()) + 1
 
     @cached_property
+    def _maps(self) -> Rebalanced:
+        return from_phy2log(self.phy2log_s[None], experts=self.experts)
+
+    @property
+    def replicas_e(self) -> np.ndarray:
+        return self._maps.replicas_le[0]
+
+    @property
     def _log2phy_ex(self) -> np.ndarray:
-        return from_phy2log(self.phy2log_s[None], experts=self.experts).log2phy_lex[0]
+        return self._maps.log2phy_lex[0]
 
     @cached_property
     def _by_rank_re(self) -> np.ndarray:
