@@ -43,15 +43,17 @@ def route_scores(scenario: Scenario, scores_te: np.ndarray, *, gpus_per_domain: 
 
 def route_logical(scenario: Scenario, trace, layer: int, tokens: np.ndarray,
                   gpus_per_domain: int, bias_e: np.ndarray | None = None,
-                  ) -> tuple[np.ndarray, np.ndarray]:
+                  scores_te: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Logical expert ids and gate weights ``[T, K]`` of trace ``tokens`` of ``layer``:
     the captured choices, or the stored scores re-routed (with ``bias_e``, else the
-    trace's own selection bias)."""
+    trace's own selection bias; ``scores_te``: those scores when already gathered)."""
     if scenario.routing.replay == "reroute":
         if bias_e is None and trace.bias is not None:
             bias_e = trace.bias[layer]
-        return route_scores(scenario, trace.scores[layer, tokens],
-                            gpus_per_domain=gpus_per_domain, bias_e=bias_e)
+        if scores_te is None:
+            scores_te = trace.scores[layer, tokens]
+        return route_scores(scenario, scores_te, gpus_per_domain=gpus_per_domain,
+                            bias_e=bias_e)
     return trace.expert_ids[layer, tokens].astype(np.int64), trace.weights[layer, tokens]
 
 
@@ -61,16 +63,18 @@ def route_tokens(scenario: Scenario, trace, layer: int, tokens: np.ndarray, *,
                  bias_e: np.ndarray | None = None) -> RoutedBatch:
     """Routed batch of trace ``tokens`` (indices, rank-major) of trace ``layer``, on the
     slots of ``placement`` (re-routing with selection bias ``bias_e`` when given)."""
+    scores_te = None  # gathered once: for re-routing and for the affinity kept
+    if trace.scores is not None:
+        scores_te = trace.scores[layer, tokens].astype(np.float32)
     ids_tk, weights_tk = route_logical(scenario, trace, layer, tokens, gpus_per_domain,
-                                       bias_e=bias_e)
+                                       bias_e=bias_e, scores_te=scores_te)
     batch = routed_batch(ids_tk, weights_tk, tokens_per_rank=tokens_per_rank,
                          experts=scenario.model.routed_experts, placement=placement,
                          capacity=capacity_of(scenario), seq_id_t=trace.seq_id[tokens],
                          seed=seed, affinity_tk=weights_tk)
-    if trace.scores is None:
+    if scores_te is None:
         return batch
-    return dataclasses.replace(batch, score_mass=score_mass(
-        trace.scores[layer, tokens].astype(np.float32), ids_tk))
+    return dataclasses.replace(batch, score_mass=score_mass(scores_te, ids_tk))
 
 
 def score_mass(scores_te: np.ndarray, ids_tk: np.ndarray) -> tuple[float, float]:
