@@ -26,8 +26,7 @@ from moesim.routing.batch import expert_loads
 from moesim.routing.dropping import capacity_of, routed_batch
 from moesim.routing.replay import route_scores
 from moesim.routing.source import DrawnSource, RoutingSource, TraceSource, count
-from moesim.routing.synthetic import expert_popularity
-from moesim.routing.synthetic_layers import layer_draws
+from moesim.routing.synthetic_layers import draw_popularity, layer_draws
 
 SAMPLE_TOKENS = 16384  # per step and key: about 500 picks per expert of a 256 x top-8 gate
 CHECKPOINTS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
@@ -84,15 +83,11 @@ class _Scores:
     def __init__(self, scenario: Scenario, trace, rng: np.random.Generator, *,
                  gpus_per_domain: int) -> None:
         self.scenario, self.trace, self.rng = scenario, trace, rng
-        m, r = scenario.model, scenario.routing
         if trace is None:
             self.n_keys = layer_draws(scenario)
-            tokens = scenario.parallel.ep * (scenario.parallel.tokens_per_gpu
-                                             // scenario.parallel.micro_batches)
-            self.offsets = [calibrated_offsets(scenario, expert_popularity(
-                m.routed_experts, assignment=r.assignment, zipf_exponent=r.zipf_exponent,
-                rng=rng, power_law_alpha=r.power_law_alpha, tokens=tokens, top_k=m.top_k),
-                gpus_per_domain=gpus_per_domain, rng=rng) for _ in range(self.n_keys)]
+            self.offsets = [calibrated_offsets(scenario, draw_popularity(scenario, rng),
+                                               gpus_per_domain=gpus_per_domain, rng=rng)
+                            for _ in range(self.n_keys)]
         else:
             self.n_keys = scenario.model.moe_layers
 

@@ -30,6 +30,16 @@ def layer_draws(scenario: Scenario) -> int:
     return moe_layers if wanted is None else min(wanted, moe_layers)
 
 
+def draw_popularity(scenario: Scenario, rng: np.random.Generator) -> np.ndarray:
+    """[E] expert popularity of one layer draw (a power law's is sampled for one
+    micro-batch of the EP group)."""
+    m, p, r = scenario.model, scenario.parallel, scenario.routing
+    return expert_popularity(
+        m.routed_experts, assignment=r.assignment, zipf_exponent=r.zipf_exponent, rng=rng,
+        power_law_alpha=r.power_law_alpha, tokens=p.ep * (p.tokens_per_gpu // p.micro_batches),
+        top_k=m.top_k)
+
+
 def draw_of(layer_index: int, group: int, n_draws: int) -> int:
     """Draw used by MoE layer ``layer_index`` (0 = first MoE layer) in EP group ``group``."""
     return (layer_index + group) % n_draws
@@ -73,9 +83,7 @@ def synthetic_batches(
         max_units = r.max_devices
     capacity = capacity_of(scenario)
     for draw in range(layer_draws(scenario)):
-        popularity_e = expert_popularity(
-            m.routed_experts, assignment=r.assignment, zipf_exponent=r.zipf_exponent, rng=rng,
-            power_law_alpha=r.power_law_alpha, tokens=n_tokens, top_k=m.top_k)
+        popularity_e = draw_popularity(scenario, rng)
         loads_e = None
         if scenario.placement.rebalanced:  # an earlier window of this draw
             earlier = sample_topk(popularity_e, n_tokens=n_tokens, top_k=m.top_k, rng=rng,
