@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean
+.PHONY: demo test bench lint clean gallery
 
 # The venv is refreshed whenever the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -23,6 +23,16 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_sweep.py
+
+# The report gallery in reports/examples/, made by the documented commands.
+gallery: $(STAMP)
+	rm -rf reports/examples
+	$(VENV)/bin/moesim simulate --set model.num_layers=8 --set parallel.tokens_per_gpu=1024 \
+		--out reports/examples/simulate --report --trace-gpus 4 \
+		--what-if routing.max_devices=8 --what-if parallel.dispatch_kernel=nccl-alltoall
+	$(VENV)/bin/moesim sweep examples/sweeps/quick.yaml --out reports/examples/sweep-quick --report
+	$(VENV)/bin/moesim plan examples/plans/quick.yaml --out reports/examples/plan-quick --report
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -35,7 +35,7 @@ def calibrate(
     from moesim.cli.output import write_text
     from moesim.config.loading import hardware_preset
     from moesim.fidelity.calibrate import calibrate as fit
-    from moesim.fidelity.calibrate import format_fit, hardware_yaml
+    from moesim.fidelity.calibrate import hardware_yaml
     from moesim.fidelity.regress import recorded_files
     from moesim.fidelity.runs import gpu_runs_dir
 
@@ -44,3 +44,23 @@ def calibrate(
     typer.echo(format_fit(report))
     write_text(out, hardware_yaml(hw))
     typer.echo(f"wrote {out}")
+
+
+def format_fit(report) -> str:
+    """A :class:`~moesim.fidelity.calibrate.FitReport`: the parameters before and after,
+    each run's error before and after, the MAPE per file and overall."""
+    from moesim.fidelity.calibrate import PARAMS
+    from moesim.reports.terminal import render_table
+
+    params = [(p, f"{report.before[p]:.6g}", f"{report.after[p]:.6g}") for p in PARAMS]
+    lines = [render_table(("parameter", "before", "after"), params, width=None), ""]
+    runs = [(r.run, f"{r.measured:.4g}", f"{r.before / r.measured - 1:+.1%}",
+             f"{r.after / r.measured - 1:+.1%}") for r in report.rows]
+    lines.append(render_table(("run", "measured (TFLOPS)", "error before", "error after"),
+                              runs, width=None))
+    lines.append("")
+    for f, (b, a) in report.mape_by_file().items():
+        lines.append(f"MAPE {Path(f).name}: {b:.1%} -> {a:.1%}")
+    lines.append(f"MAPE {report.mape_before:.1%} -> {report.mape_after:.1%} over "
+                 f"{len(report.rows)} GEMM run(s); {report.skipped} non-GEMM run(s) skipped")
+    return "\n".join(lines)

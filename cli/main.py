@@ -16,9 +16,12 @@ from moesim.cli.calibrate import calibrate
 from moesim.cli.capture import capture
 from moesim.cli.perfdb import perfdb_app
 from moesim.cli.placement import placement
+from moesim.cli.plan import plan
 from moesim.cli.record import record
 from moesim.cli.regress import regress
+from moesim.cli.report import report
 from moesim.cli.simulate import simulate
+from moesim.cli.sweep import sweep
 from moesim.cli.topo import topo_app
 from moesim.cli.trace import trace_app
 
@@ -57,6 +60,9 @@ app.command()(regress)
 app.command()(calibrate)
 app.command()(record)
 app.command()(placement)
+app.command()(sweep)
+app.command()(plan)
+app.command()(report)
 
 
 def main() -> None:

@@ -40,3 +40,20 @@ def write_parquet(path: Path, frame) -> None:
 def write_figure(path: Path, figure) -> None:
     write_atomic(path, lambda tmp: figure.savefig(tmp, format=path.suffix.lstrip(".") or "png",
                                                   dpi=110, bbox_inches="tight"))
+
+
+def check_out_dir(out: Path) -> None:
+    """Make ``out`` a folder results can go to, or say plainly why it cannot be."""
+    from moesim.errors import InputError
+
+    if str(out).strip() == "":
+        raise InputError("an empty path", field="--out", allowed="a folder path")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file, not a folder", field="--out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise InputError(f"cannot create folder {out} ({err.strerror or err})",
+                         field="--out") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise InputError(f"folder {out} is not writable", field="--out")

@@ -149,15 +149,16 @@ def fit(
 
     from moesim.fidelity.perfdb.fit import fit_system, fitted_document
     from moesim.fidelity.perfdb.predict import base_model
+    from moesim.reports.terminal import render_table
 
     _check_out(out, suffix=".yaml")
     df, provenance = _representative(table, [system])
     model, results = fit_system(df, base_model(system), max_rows=max_rows)
     doc = fitted_document(model, results, provenance=provenance)
     typer.echo(f"{system}: fitted on {sum(r.rows for r in results)} rows")
-    typer.echo(f"  {'stage':<10} {'rows':>6} {'MAPE before':>12} {'after':>7}")
-    for r in results:
-        typer.echo(f"  {r.stage:<10} {r.rows:>6} {r.mape_before:>12.1%} {r.mape_after:>7.1%}")
+    typer.echo(render_table(("stage", "rows", "MAPE before", "after"), [
+        (r.stage, f"{r.rows:,}", f"{r.mape_before:.1%}", f"{r.mape_after:.1%}")
+        for r in results], indent=2))
     _write_bytes(out, yaml.safe_dump(doc, sort_keys=False).encode())
     typer.echo(f"wrote {out}")
 
@@ -183,8 +184,9 @@ def subset(
     """
     import json
 
+    from moesim.cli.regress import format_table
     from moesim.fidelity.perfdb.predict import base_model, predict
-    from moesim.fidelity.perfdb.regress import format_table_report, regress_table
+    from moesim.fidelity.perfdb.regress import regress_table
     from moesim.fidelity.perfdb.subset import stratified, with_tolerances
     from moesim.fidelity.perfdb.table import table_to_parquet_bytes
 
@@ -199,6 +201,6 @@ def subset(
         "tolerance": "per (system, op): measured max |error| with the shipped specs, "
                      "rounded up to 5%"}}
     data = table_to_parquet_bytes(picked, provenance)
-    typer.echo(format_table_report(regress_table(picked, file=str(out))))
+    typer.echo(format_table(regress_table(picked, file=str(out))))
     typer.echo(json.dumps({"rows": len(picked), "bytes": len(data)}))
     _write_bytes(out, data)

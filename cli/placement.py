@@ -116,10 +116,14 @@ def placement(
         return
     typer.echo(f"{loads}: {loads_le.shape[0]} layers x {experts} experts on {gpus} GPUs "
                f"({nodes} nodes), {slots} slots, {mode}")
-    typer.echo("layer  GPU max/mean contiguous -> placed  replicated experts (replicas)")
+    from moesim.reports.terminal import render_table
+
+    rows = []
     for layer, value in enumerate(after):
         was = f"{before[layer]:.3f}" if before else "-"
         extra = [f"{e}({n})" for e, n in enumerate(placed.replicas_le[layer]) if n > 1]
-        typer.echo(f"{layer:>5}  {was:>22} -> {value:.3f}  {' '.join(extra) or '-'}")
+        rows.append((str(layer), was, f"{value:.3f}", " ".join(extra) or "-"))
+    typer.echo(render_table(("layer", "GPU max/mean\ncontiguous", "GPU max/mean\nplaced",
+                             "replicated experts (replicas)"), rows, justify="rrrl"))
     if out is not None:
         typer.echo(f"wrote {out}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Annotated
 
@@ -16,6 +17,36 @@ SetOption = Annotated[
     typer.Option("--set", "-s", metavar="FIELD=VALUE",
                  help="Override a scenario field, e.g. parallel.ep=64 (repeatable)."),
 ]
+
+
+# A comma that starts the next FIELD= of a what-if (not one inside a YAML value).
+_NEXT_FIELD = re.compile(r"\s*[A-Za-z_][\w.-]*\s*=")
+
+
+def split_what_if(text: str) -> list[str]:
+    """The ``FIELD=VALUE`` overrides of one ``--what-if``: split on the commas outside
+    brackets, braces and quotes that start a new ``FIELD=``, so a YAML value may hold
+    commas (``parallel.x=[1,2]``, ``routing={a: 1, b: 2}``)."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, char in enumerate(text):
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "'\"":
+            quote = char
+        elif char in "[{(":
+            depth += 1
+        elif char in "]})":
+            depth = max(depth - 1, 0)
+        elif char == "," and depth == 0 and _NEXT_FIELD.match(text, i + 1):
+            parts.append(text[start:i].strip())
+            start = i + 1
+    parts.append(text[start:].strip())
+    for part in parts:
+        if "=" not in part:
+            raise InputError(f"{text!r}: {part!r} is not FIELD=VALUE", field="--what-if",
+                             allowed="FIELD=VALUE[,FIELD=VALUE...], e.g. "
+                                     "routing.max_devices=8,parallel.ep=32")
+    return parts
 
 
 @guarded
@@ -32,9 +63,9 @@ def simulate(
         "--report", help="Also write report.md / report.html with figures (needs --out).")]
     = False,
     what_if: Annotated[list[str], typer.Option(
-        "--what-if", metavar="FIELD=VALUE",
-        help="Also run a variant with this override and compare it in the report "
-             "(repeatable; needs --report).")] = None,
+        "--what-if", metavar="FIELD=VALUE[,...]",
+        help="Also run a variant with these overrides (comma-separated) and compare it "
+             "with the baseline (repeatable: one variant each; needs --report).")] = None,
     trace_gpus: Annotated[int, typer.Option(
         min=0, help="GPUs in the Chrome trace (0 = all).")] = 16,
 ) -> None:
@@ -49,6 +80,8 @@ def simulate(
       moesim simulate examples/v2-device-limited.yaml --out runs/v2 --report
 
       moesim simulate --out runs/m8 --report --what-if routing.max_devices=8
+
+      moesim simulate --out runs/w --report --what-if routing.max_devices=8,parallel.micro_batches=1
     """
     from moesim import load_scenario
     from moesim.config.loading import DEFAULT_SCENARIO, attribute
@@ -63,8 +96,9 @@ def simulate(
                          field="--what-if")
     base = load_scenario(scenario, overrides=overrides)
     # Load every variant before running anything: a bad one must not cost a long run.
-    variant_scenarios = [(text, load_scenario(scenario, overrides=[*overrides, text]))
-                         for text in variants_wanted]
+    variant_fields = [split_what_if(text) for text in variants_wanted]
+    variant_scenarios = [(fields, load_scenario(scenario, overrides=[*overrides, *fields]))
+                         for fields in variant_fields]
 
     def simulated(sc, extra=()):
         """A run whose mistakes (e.g. a trace that cannot drive it) name the scenario's
@@ -77,10 +111,15 @@ def simulate(
             raise attribute(err, source, [*overrides, *extra]) from None
 
     result = simulated(base)
-    variants = [(text, simulated(sc, [text])) for text, sc in variant_scenarios]
-    for res in (result, *(r for _, r in variants)):
+    runs = [(fields, simulated(sc, fields)) for fields, sc in variant_scenarios]
+    # A variant's label: its overrides, ", " between them (one per line in the terminal).
+    variants = [(", ".join(fields), res) for fields, res in runs]
+    said = set()  # a variant that shares the baseline's warning need not repeat it
+    for label, res in (("", result), *((f" (what if {name})", r) for name, r in variants)):
         for warning in res.warnings:
-            typer.echo(f"moesim: warning: {warning}", err=True)
+            if warning not in said:
+                said.add(warning)
+                typer.echo(f"moesim: warning{label}: {warning}", err=True)
 
     if as_json:
         typer.echo(json.dumps(result.summary, indent=1))
@@ -88,11 +127,11 @@ def simulate(
         from moesim.reports.text import format_summary
 
         typer.echo(format_summary(result.summary, base.topology))
-        for text, res in variants:
-            s, b = res.summary, result.summary
-            typer.echo(f"  what if {text}: step {s['step_time_s']:.4g} s "
-                       f"({s['step_time_s'] / b['step_time_s'] - 1:+.1%}), "
-                       f"RDMA {s['rdma_bytes'] / max(b['rdma_bytes'], 1) - 1:+.1%}")
+        if variants:
+            from moesim.reports.text import format_what_if
+
+            typer.echo(format_what_if(result.summary, [
+                ("\n".join(fields), res.summary) for fields, res in runs]))
     if out is not None:
         _write_outputs(out, result, variants, report=report, trace_gpus=trace_gpus)
         if not as_json:
@@ -102,7 +141,7 @@ def simulate(
 def _write_outputs(out: Path, result, variants, *, report: bool, trace_gpus: int) -> None:
     import yaml
 
-    from moesim.cli.output import write_figure, write_json, write_parquet, write_text
+    from moesim.cli.output import write_json, write_parquet, write_text
     from moesim.output.timeline import chrome_trace
 
     write_json(out / "summary.json", result.summary)
@@ -114,12 +153,10 @@ def _write_outputs(out: Path, result, variants, *, report: bool, trace_gpus: int
         write_parquet(out / "balance.parquet", result.balance)
     write_json(out / "timeline.json",
                chrome_trace(result.spans, max_gpus=trace_gpus or None))
+    write_json(out / "warnings.json", list(result.warnings))
     if report:
-        from moesim.reports.document import to_html, to_markdown
+        from moesim.cli.report import write_report
         from moesim.reports.simulation_report import build_report
 
         blocks, figures = build_report(result, variants)
-        for name, figure in figures.items():
-            write_figure(out / "figures" / name, figure)
-        write_text(out / "report.md", to_markdown(blocks))
-        write_text(out / "report.html", to_html(blocks, title=result.scenario.name))
+        write_report(out, blocks, figures, title=result.scenario.name)

@@ -52,32 +52,40 @@ def topo_show(
 @topo_app.command("list")
 def topo_list() -> None:
     """List the topology presets."""
+    from moesim.reports.terminal import render_table
     from moesim.topologies import load_topology, preset_names
 
+    rows = []
     for name in preset_names():
         t = load_topology(name)
-        typer.echo(f"{name:<20} {t.gpu:<9} up to {t.max_gpus} GPUs  {t.description}")
+        rows.append((name, t.gpu, f"{t.max_gpus:,}", t.description))
+    typer.echo(render_table(("preset", "GPU", "max GPUs", "description"), rows))
 
 
 def _format_topology(s: dict) -> str:
-    lines = [
+    from moesim.reports.terminal import render_table
+
+    facts = [("per-GPU NVLink", f"{s['nvlink_nominal_GBps']:.0f} GB/s nominal, "
+                                f"{s['nvlink_achievable_GBps']:.0f} GB/s achievable "
+                                "(per direction)")]
+    if s.get("nic_nominal_GBps"):
+        facts.append(("per-GPU NIC", f"{s['nic_nominal_GBps']:.0f} GB/s nominal, "
+                                     f"{s['nic_achievable_GBps']:.0f} GB/s achievable "
+                                     "(per direction)"))
+    if s.get("n_leaves"):
+        facts.append(("switches", f"{s['n_leaves']} leaves, {s['n_spines']} spines, "
+                                  f"{s['rails']} rails, oversubscription "
+                                  f"{s['oversubscription']}"))
+    facts.append(("bisection", f"{s['bisection_GBps']:,.0f} GB/s (per direction)"))
+    if s.get("source"):
+        facts.append(("source", s["source"]))
+    links = [(link["kind"], f"{link['count']:,}", f"{link['bandwidth_GBps']:.1f}",
+              f"{link['efficiency']:.2f}", f"{link['latency_us']:.2f}") for link in s["links"]]
+    return "\n".join([
         f"{s['name']}: {s['n_gpus']} x {s['gpu']} GPUs in {s['n_domains']} NVLink domain(s) "
         f"of {s['gpus_per_domain']}, fabric {s['fabric_kind']}",
-        f"  per-GPU NVLink  {s['nvlink_nominal_GBps']:.0f} GB/s nominal, "
-        f"{s['nvlink_achievable_GBps']:.0f} GB/s achievable (per direction)",
-    ]
-    if s.get("nic_nominal_GBps"):
-        lines.append(f"  per-GPU NIC     {s['nic_nominal_GBps']:.0f} GB/s nominal, "
-                     f"{s['nic_achievable_GBps']:.0f} GB/s achievable (per direction)")
-    if s.get("n_leaves"):
-        lines.append(f"  switches        {s['n_leaves']} leaves, {s['n_spines']} spines, "
-                     f"{s['rails']} rails, oversubscription {s['oversubscription']}")
-    lines.append(f"  bisection       {s['bisection_GBps']:,.0f} GB/s (per direction)")
-    lines.append("  link classes:")
-    for link in s["links"]:
-        lines.append(f"    {link['kind']:<7} {link['count']:>6} directed links  "
-                     f"{link['bandwidth_GBps']:>7.1f} GB/s x {link['efficiency']:.2f}  "
-                     f"latency {link['latency_us']:.2f} us")
-    if s.get("source"):
-        lines.append(f"  source: {s['source']}")
-    return "\n".join(lines)
+        render_table(None, facts, indent=2, justify="ll"),
+        "  link classes:",
+        render_table(("kind", "directed links", "GB/s", "efficiency", "latency (us)"), links,
+                     indent=4),
+    ])

@@ -16,21 +16,37 @@ from moesim.config.scenario import Scenario
 from moesim.cost.modes import step_costs
 from moesim.cost.moe_layer import LayerCosts, moe_layer_costs
 from moesim.cost.step import StepCosts
+from moesim.engine import recurrence, simpy_engine
 from moesim.engine.program import COMM, Op, build_program
-from moesim.engine.simpy_engine import Timeline, run_program
+from moesim.engine.simpy_engine import Timeline
 from moesim.network.models import NETWORK_MODELS
 from moesim.output.result import SimResult
+
+ENGINES = {"simpy": simpy_engine.run_program, "fast": recurrence.run_program}
+
+
+def compute_slowdown(scenario: Scenario) -> float:
+    """How much slower compute runs for the SMs it leaves to communication: with
+    overlapped micro-batches a communication kernel runs beside compute all step long;
+    one micro-batch mostly alternates the two."""
+    p, hw = scenario.parallel, scenario.hardware
+    return hw.sms / (hw.sms - p.comm_sms) if p.micro_batches > 1 else 1.0
+
+
+def fixed_seconds(scenario: Scenario, step: StepCosts) -> dict:
+    """Per (phase, backward): the seconds of the routing-independent ops on the compute
+    stream (a float or [gpus])."""
+    slowdown = compute_slowdown(scenario)
+    return {key: compute_s * slowdown + comm_s
+            for key, (compute_s, comm_s) in step.fixed().items()}
 
 
 def _durations(scenario: Scenario, ops: list[Op], costs: list[LayerCosts], keys_l: list[int],
                step: StepCosts) -> np.ndarray:
     """[ops, gpus] durations of every op on every GPU."""
-    m, p, hw = scenario.model, scenario.parallel, scenario.hardware
-    # With overlapped micro-batches a communication kernel runs beside compute all step
-    # long, so its SMs are lost to compute; one micro-batch mostly alternates the two.
-    slowdown = hw.sms / (hw.sms - p.comm_sms) if p.micro_batches > 1 else 1.0
-    fixed = {key: compute_s * slowdown + comm_s
-             for key, (compute_s, comm_s) in step.fixed().items()}
+    m, p = scenario.model, scenario.parallel
+    slowdown = compute_slowdown(scenario)
+    fixed = fixed_seconds(scenario, step)
     duration = np.zeros((len(ops), p.total_gpus))
     for op in ops:
         if (op.phase, op.backward) in fixed:
@@ -70,7 +86,8 @@ def _run(scenario: Scenario, topology, source, step: StepCosts, network) -> _Ste
         train=step.train,
     )
     duration_og = _durations(scenario, ops, costs, keys_l, step)
-    timeline = run_program(ops, duration_og, ep=scenario.parallel.ep)
+    engine = ENGINES[scenario.engine]
+    timeline = engine(ops, duration_og, ep=scenario.parallel.ep)
     return _Step(ops=ops, timeline=timeline, costs=costs, keys_l=keys_l)
 
 
@@ -103,6 +120,7 @@ def simulate(scenario: Scenario, trace=None) -> SimResult:
     after ``routing.balance_steps`` steps of bias updates, and ``SimResult.balance``
     holds the series of every step.
     """
+    from moesim.memory import explain, memory_per_gpu, summary_keys
     from moesim.output.summary import summarize
     from moesim.output.tables import experts_table, links_table, spans_table
     from moesim.routing.source import SyntheticSource, TraceSource
@@ -113,6 +131,7 @@ def simulate(scenario: Scenario, trace=None) -> SimResult:
     p = scenario.parallel
     topology = load_topology(scenario.topology, gpus=p.total_gpus)
     check_feasible(scenario, topology)
+    memory = memory_per_gpu(scenario)
     rng = np.random.default_rng(scenario.seed)
     step = step_costs(scenario, topology)
     network = NETWORK_MODELS[scenario.network]
@@ -152,9 +171,10 @@ def simulate(scenario: Scenario, trace=None) -> SimResult:
     elif trace is not None:
         routing.update(seed_balance(trace, scenario, topology.gpus_per_domain))
     summary = summarize(scenario, topology, ops, timeline, costs, keys_l, links, step=step,
-                        routing=routing)
+                        routing=routing, memory=summary_keys(memory))
     if not links.empty:
         links["utilization"] = links["busy_s"] / summary["step_time_s"]
     return SimResult(scenario=scenario, summary=summary, spans=spans, links=links,
                      experts=experts, balance=series,
-                     warnings=(*(trace_warnings(trace) if trace else ()), *source.warnings))
+                     warnings=(*(trace_warnings(trace) if trace else ()), *source.warnings,
+                               *(() if memory.fits else (explain(memory),))))

@@ -1,9 +1,17 @@
-"""A tiny document model rendered to Markdown and to standalone HTML."""
+"""A tiny document model rendered to Markdown and to one self-contained HTML file.
+
+The HTML comes from the Jinja2 template ``templates/report.html.j2`` (autoescaped) with
+every figure embedded as a data URI, so the file can be mailed or archived alone; the
+Markdown links the figures' PNG files beside it.
+"""
 
 from __future__ import annotations
 
-import html
+import base64
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
 
 
 @dataclass(frozen=True)
@@ -30,6 +38,8 @@ class Figure:
 
 
 Block = Heading | Paragraph | Table | Figure
+# A cell that reads as a number, maybe with a unit or a spread: right-aligned in HTML.
+_NUMBER = re.compile(r"^[-+]?[\d.,]+(e[-+]?\d+)?%?( ?(± ?[\d.,]+|[A-Za-z/%$-]+( ?[A-Za-z/]+)?))?$")
 
 
 def to_markdown(blocks: list[Block]) -> str:
@@ -49,25 +59,43 @@ def to_markdown(blocks: list[Block]) -> str:
     return "\n".join(out)
 
 
-def to_html(blocks: list[Block], *, title: str) -> str:
-    e = html.escape
-    body: list[str] = []
+@cache
+def _template():
+    import jinja2
+
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("moesim.reports", "templates"),
+        autoescape=True, undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.tests["numeric"] = lambda cell: bool(_NUMBER.match(str(cell)))
+    return env.get_template("report.html.j2")
+
+
+def to_html(blocks: list[Block], *, title: str, images: Mapping[str, bytes]) -> str:
+    """One standalone HTML page; ``images`` maps each figure's ``path`` to its PNG bytes,
+    which are embedded (a figure without bytes is an error, not a broken link)."""
+    items = []
     for block in blocks:
         if isinstance(block, Heading):
-            body.append(f"<h{block.level}>{e(block.text)}</h{block.level}>")
+            items.append({"kind": "heading", "text": block.text, "level": block.level})
         elif isinstance(block, Paragraph):
-            body.append(f"<p>{e(block.text)}</p>")
+            items.append({"kind": "paragraph", "text": block.text})
         elif isinstance(block, Table):
-            head = "".join(f"<th>{e(h)}</th>" for h in block.header)
-            rows = "".join(
-                "<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in block.rows
-            )
-            body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
+            items.append({"kind": "table", "header": block.header, "rows": block.rows})
         else:
-            body.append(f'<figure><img src="{e(block.path)}" alt="{e(block.caption)}">'
-                        f"<figcaption>{e(block.caption)}</figcaption></figure>")
-    style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;line-height:1.4}"
-             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.2em .6em;"
-             "text-align:right}th{background:#f3f3f3}img{max-width:100%}")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{e(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+            data = base64.b64encode(images[block.path]).decode("ascii")
+            items.append({"kind": "figure", "src": f"data:image/png;base64,{data}",
+                          "caption": block.caption})
+    return _template().render(title=title, blocks=items)
+
+
+def figure_png(figure) -> bytes:
+    """A matplotlib figure as PNG bytes (closed afterwards: reports draw many)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight",
+                   metadata={"Software": None})  # no version stamp: reruns are identical
+    plt.close(figure)
+    return buffer.getvalue()

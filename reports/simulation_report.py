@@ -4,19 +4,7 @@ from __future__ import annotations
 
 from moesim.reports import figures
 from moesim.reports.document import Block, Figure, Heading, Paragraph, Table
-from moesim.reports.text import breakdown_rows, headline, nbytes, seconds
-
-_COMPARE = [
-    ("step time", "step_time_s", seconds),
-    ("tokens/s", "tokens_per_s", lambda v: f"{v:,.0f}"),
-    ("MFU", "mfu", lambda v: f"{v:.1%}"),
-    ("dispatch", "dispatch_time_s", seconds),
-    ("combine", "combine_time_s", seconds),
-    ("exposed comm", "comm_exposed_time_s", seconds),
-    ("RDMA bytes", "rdma_bytes", nbytes),
-    ("dropped", "dropped_token_fraction", lambda v: f"{v:.2%}"),
-    ("NVLink bytes", "nvlink_bytes", nbytes),
-]
+from moesim.reports.text import breakdown_rows, headline, what_if_rows
 
 
 def _batch(sc) -> str:
@@ -29,16 +17,63 @@ def _batch(sc) -> str:
             f"{sv.isl}, osl {sv.osl}, {sv.kv_dtype} KV cache; expert TP {p.moe_tp})")
 
 
-def _limits(sc) -> str:
-    """The routing limits of the scenario in words."""
+def _popularity(r) -> str:
+    """The synthetic expert popularity in words."""
+    if r.assignment == "zipf":
+        return f"Zipf expert popularity (exponent {r.zipf_exponent:g})"
+    if r.assignment == "power-law":
+        return f"power-law expert popularity (exponent {r.power_law_alpha:g})"
+    return "uniform expert popularity"
+
+
+def _device_limit(r) -> str:
+    return (f"at most {r.max_devices} {r.limit_scope}s per token"
+            if r.max_devices is not None else "no device limit")
+
+
+def _routing(sc, s: dict) -> str:
+    """Where the routing comes from and what limits it, in words (never "None")."""
     r = sc.routing
-    words = [f"at most {r.max_devices} {r.limit_scope}s per token" if r.max_devices
-             else "no device limit"]
-    if sc.trace is None:
-        words.append(f"{r.assignment} expert popularity")
-    words.append(f"capacity factor {r.capacity_factor} ({r.drop_policy} drops first)"
-                 if r.capacity_factor else "no capacity limit")
+    if s["routing_source"] == "synthetic":
+        words = [f"synthetic routing with {_popularity(r)}", _device_limit(r)]
+    else:
+        trace = s.get("routing_trace") or sc.trace or "in memory"
+        # The balance policy always re-routes a trace's stored scores.
+        if s["routing_source"].endswith("(captured)") and r.balance == "none":
+            words = [f"routing replayed from trace {trace} (replay captured: the captured "
+                     "expert choices as they are, not re-routed)"]
+            if r.max_devices is not None:
+                words.append(f"checked to reach at most {r.max_devices} {r.limit_scope}s "
+                             "per token")
+        else:
+            words = [f"routing from trace {trace} (replay reroute: its stored scores routed "
+                     f"again by gate {s['routing_gate']})", _device_limit(r)]
+    if r.balance == "aux-free-bias":
+        words.append(f"balance policy aux-free-bias ({r.balance_steps} steps of bias "
+                     f"updates at speed {r.bias_update_speed:g})")
+    if sc.placement.policy != "contiguous":
+        words.append(f"placement {sc.placement.policy} with "
+                     f"{sc.placement.redundant_experts} redundant experts")
+    if r.capacity_factor is not None:
+        scope = "per expert" if r.capacity_scope == "expert" else "per GPU"
+        words.append(f"capacity factor {r.capacity_factor:g} {scope} ({r.drop_policy} "
+                     "drops first)")
+    else:
+        words.append("no capacity limit")
     return ", ".join(words)
+
+
+def _network(sc) -> str:
+    """The network model of the scenario in words."""
+    if sc.network == "flow":
+        return ("flow-level network (max-min fair sharing of every directed link, re-solved "
+                "as flows finish)")
+    return "analytical network (latency plus the busiest link)"
+
+
+def _caption(text: str, figure: str) -> str:
+    """A figure's caption: what it shows, then how to read it."""
+    return f"{text}. {figures.READING[figure]}"
 
 
 def build_report(result, variants: list[tuple[str, object]] = ()) -> tuple[list[Block], dict]:
@@ -55,34 +90,41 @@ def build_report(result, variants: list[tuple[str, object]] = ()) -> tuple[list[
             f"{sc.model.routed_experts} routed + {sc.model.shared_experts} shared experts, "
             f"top-{sc.model.top_k}); GPU {sc.hardware.name}; "
             f"{_batch(sc)} in {sc.parallel.micro_batches} "
-            f"micro-batch(es); {_limits(sc)}."
+            f"micro-batch(es); {_routing(sc, s)}; {_network(sc)}."
         ),
         *(Paragraph(f"Warning: {w}") for w in result.warnings),
         Heading("Step breakdown"),
         Table(("quantity", "value"), tuple(breakdown_rows(s))),
-        Figure("figures/step_breakdown.png", "Where the mean GPU's step goes"),
+        Figure("figures/step_breakdown.png",
+               _caption("Where the mean GPU's step goes", "step_breakdown")),
     ]
     if variants:
-        names = ["baseline"] + [label for label, _ in variants]
-        results = [result] + [r for _, r in variants]
-        rows = tuple(
-            (label, *(fmt(r.summary[key]) for r in results)) for label, key, fmt in _COMPARE
-        )
-        blocks += [Heading("What if"), Table(("quantity", *names), rows)]
+        header, rows = what_if_rows(s, [(label, r.summary) for label, r in variants])
+        blocks += [Heading("What if"),
+                   Paragraph("Each variant changes the fields named in its column and "
+                             "nothing else; changes are relative to the baseline."),
+                   Table(header, tuple(rows))]
     figs = {}
     if result.balance is not None:
         blocks += [Heading("Balance policy"),
                    Paragraph(f"routing.balance aux-free-bias: {sc.routing.balance_steps} "
                              f"steps of bias updates at speed {sc.routing.bias_update_speed}; "
                              "the step above is the last one (balance.parquet: every step)."),
-                   Figure("figures/balance.png", "Load balance and step time, step by step")]
+                   Figure("figures/balance.png",
+                          _caption("Load balance and step time, step by step",
+                                   "balance_series"))]
         figs["balance.png"] = figures.balance_series(result.balance)
     blocks += [
         Heading("Imbalance and links"),
-        Figure("figures/gpu_load.png", "Expert work per GPU under the placement"),
-        Figure("figures/expert_time.png", "Forward expert GEMM time per GPU and MoE layer"),
-        Figure("figures/expert_load.png", "Assignments per expert relative to the layer mean"),
-        Figure("figures/link_utilization.png", "Busy share of each directed link"),
+        Figure("figures/gpu_load.png",
+               _caption("Expert work per GPU under the placement", "gpu_load")),
+        Figure("figures/expert_time.png",
+               _caption("Forward expert GEMM time per GPU and MoE layer",
+                        "expert_time_heatmap")),
+        Figure("figures/expert_load.png",
+               _caption("Assignments per expert relative to the layer mean", "expert_load")),
+        Figure("figures/link_utilization.png",
+               _caption("Busy share of each directed link", "link_utilization")),
         Heading("Files"),
         Paragraph("summary.json (all summary keys), scenario.yaml (the resolved scenario), "
                   "spans.parquet, links.parquet, experts.parquet (tables), timeline.json "
@@ -93,8 +135,7 @@ def build_report(result, variants: list[tuple[str, object]] = ()) -> tuple[list[
             "every GPU (for prefill: whole prompts, the time to first token; for decode: one "
             "new token per request over its KV cache, the time per output token), attention "
             "data-parallel (tensor-parallel in groups of attention_tp when serving), routed "
-            "experts expert-parallel; analytical "
-            "network (latency plus the busiest link); roofline compute with the efficiencies "
+            f"experts expert-parallel; {_network(sc)}; roofline compute with the efficiencies "
             "of the hardware preset. Not modelled yet: pipeline parallelism, data-parallel "
             "gradient reduction, optimizer step, recomputation, multi-token prediction."
         ),

@@ -70,7 +70,14 @@ def breakdown_rows(s: dict) -> list[tuple[str, str]]:
         ("busiest link class", s["bottleneck_link"]),
         ("GPU load max/mean", f"{s['max_over_mean_gpu_load']:.3f}"),
         ("dropped assignments", f"{s['tokens_dropped']:,} ({s['dropped_token_fraction']:.2%})"),
+        ("memory per GPU", memory_words(s)),
     ]
+
+
+def memory_words(s: dict) -> str:
+    """The estimated memory per GPU against the GPU's capacity (docs/memory.md)."""
+    used = f"{s['memory_gib_per_gpu']:.1f} GiB of {s['memory_capacity_gib']:g}"
+    return f"{used} (fits)" if s["fits_in_memory"] else f"{used}: does NOT fit"
 
 
 def headline(s: dict, topology: str) -> str:
@@ -80,11 +87,68 @@ def headline(s: dict, topology: str) -> str:
 
 
 def format_summary(s: dict, topology: str) -> str:
-    rows = breakdown_rows(s)
-    width = max(len(label) for label, _ in rows)
-    lines = [headline(s, topology)]
-    lines += [f"  {label:<{width}}  {value}" for label, value in rows]
+    from moesim.reports.terminal import render_table
+
+    lines = [headline(s, topology), render_table(None, breakdown_rows(s), indent=2,
+                                                 justify="ll")]
     passes = "forward+backward" if s["mode"] == "train" else "the forward pass"
     lines.append("  (times are per GPU and per step, summed over layers, micro-batches and "
                  f"{passes}; see docs/metrics.md)")
     return "\n".join(lines)
+
+
+def _change(s: dict, b: dict, value) -> str:
+    """``value(s)`` relative to ``value(b)``; "-" for the baseline itself."""
+    if s is b or not value(b):
+        return "-"
+    return f"{value(s) / value(b) - 1:+.1%}"
+
+
+def tokens_per_gpu(s: dict) -> float:
+    """Tokens per second per GPU (``tokens_per_s`` over ``gpus``; see docs/metrics.md)."""
+    return s["tokens_per_s"] / s["gpus"]
+
+
+# The quantities a what-if compares: (label, cell of one run given the baseline).
+WHAT_IF = [
+    ("step time", lambda s, b: seconds(s["step_time_s"])),
+    ("step time vs baseline", lambda s, b: _change(s, b, lambda x: x["step_time_s"])),
+    ("tokens/s per GPU", lambda s, b: f"{tokens_per_gpu(s):,.0f}"),
+    ("tokens/s per GPU vs baseline", lambda s, b: _change(s, b, tokens_per_gpu)),
+    ("drop rate", lambda s, b: f"{s['dropped_token_fraction']:.2%}"),
+    ("tokens/s", lambda s, b: f"{s['tokens_per_s']:,.0f}"),
+    ("MFU", lambda s, b: f"{s['mfu']:.1%}"),
+    ("dispatch", lambda s, b: seconds(s["dispatch_time_s"])),
+    ("combine", lambda s, b: seconds(s["combine_time_s"])),
+    ("exposed comm", lambda s, b: seconds(s["comm_exposed_time_s"])),
+    ("RDMA bytes", lambda s, b: nbytes(s["rdma_bytes"])),
+    ("RDMA bytes vs baseline", lambda s, b: _change(s, b, lambda x: x["rdma_bytes"])),
+    ("NVLink bytes", lambda s, b: nbytes(s["nvlink_bytes"])),
+]
+# What the terminal shows of them, one line per run: (quantity, column header).
+WHAT_IF_TERMINAL = (("step time", "step\ntime"), ("step time vs baseline", "step vs\nbaseline"),
+                    ("tokens/s per GPU", "tokens/s\nper GPU"),
+                    ("tokens/s per GPU vs baseline", "vs\nbaseline"),
+                    ("drop rate", "drop\nrate"), ("RDMA bytes vs baseline", "RDMA vs\nbaseline"))
+
+
+def what_if_rows(base: dict, variants: list[tuple[str, dict]]) -> tuple[tuple[str, ...],
+                                                                        list[tuple[str, ...]]]:
+    """(header, rows) comparing the baseline summary with each variant's: one row per
+    quantity of ``WHAT_IF``, one column per run (the report's orientation)."""
+    runs = [("baseline", base), *variants]
+    header = ("quantity", *(label for label, _ in runs))
+    rows = [(label, *(cell(s, base) for _, s in runs)) for label, cell in WHAT_IF]
+    return header, rows
+
+
+def format_what_if(base: dict, variants: list[tuple[str, dict]]) -> str:
+    """The terminal's what-if table: one row per run (a label may hold line breaks), the
+    quantities of ``WHAT_IF_TERMINAL`` as columns."""
+    from moesim.reports.terminal import render_table
+
+    cells = dict(WHAT_IF)
+    runs = [("baseline", base), *variants]
+    rows = [(label, *(cells[q](s, base) for q, _ in WHAT_IF_TERMINAL)) for label, s in runs]
+    return render_table(("what if", *(head for _, head in WHAT_IF_TERMINAL)), rows, indent=2,
+                        justify="l" + "r" * len(WHAT_IF_TERMINAL))

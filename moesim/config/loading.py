@@ -30,6 +30,7 @@ from moesim.config.placement import PlacementConfig
 from moesim.config.routing import RoutingPolicy
 from moesim.config.scenario import SCHEMA, Scenario
 from moesim.config.serving import ServingConfig
+from moesim.config.training import TrainingConfig
 from moesim.errors import InputError
 from moesim.inputs import load_yaml, read_yaml
 from moesim.validation import field_names, input_error
@@ -43,6 +44,7 @@ _SECTION_TYPES: dict[str, type] = {
     "routing": RoutingPolicy,
     "placement": PlacementConfig,
     "serving": ServingConfig,
+    "training": TrainingConfig,
 }
 
 
@@ -111,6 +113,11 @@ def _section_fields(section: str) -> list[str]:
 
 def _scenario_fields() -> list[str]:
     return field_names(Scenario)
+
+
+def check_field(dotted: str) -> None:
+    """Raise the InputError an override of ``dotted`` would raise if it names no field."""
+    _apply_override({}, [part.strip() for part in dotted.split(".")], None)
 
 
 def _apply_override(data: dict, path: list[str], value: Any) -> None:

@@ -14,6 +14,7 @@ from moesim.config.parallel import ParallelConfig
 from moesim.config.placement import PlacementConfig
 from moesim.config.routing import RoutingPolicy
 from moesim.config.serving import ServingConfig
+from moesim.config.training import TrainingConfig
 from moesim.validation import STRICT
 
 SCHEMA = "moesim.scenario/1"
@@ -33,7 +34,14 @@ class Scenario:
     ``moesim.trace/1``) to replay instead of synthetic routing. ``network`` picks the
     network model: ``analytical`` (latency plus the busiest link) or ``flow`` (max-min
     fair sharing among all concurrent flows). ``placement`` puts the experts (and
-    redundant replicas) on the GPUs of every EP group.
+    redundant replicas) on the GPUs of every EP group. ``training`` holds the choices
+    of a training step that set its memory (gradient and optimizer-state types, the
+    distributed optimizer; docs/memory.md): used by ``mode: train``, ignored by the
+    other modes. A later issue adds the pipeline and schedule fields to this section.
+    ``engine`` computes the step's timeline: ``simpy``, the discrete-event engine (one
+    process per GPU stream), or ``fast``, the same schedule evaluated op by op for all
+    GPUs at once with numpy (:mod:`moesim.engine.recurrence`; identical timelines,
+    tested; sweeps and plans use it by default).
     """
 
     name: str = "scenario"
@@ -47,7 +55,9 @@ class Scenario:
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     trace: str | None = None
     network: Literal["analytical", "flow"] = "analytical"
+    engine: Literal["simpy", "fast"] = "simpy"
     serving: ServingConfig | None = None
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
 
     def to_dict(self) -> dict:
         """Plain nested dict (YAML/JSON ready) that loads back to an equal scenario."""

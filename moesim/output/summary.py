@@ -3,7 +3,7 @@
 
 # No `from __future__ import annotations`: TypedDict reads NotRequired from live annotations.
 from collections import Counter
-from typing import get_type_hints
+from typing import get_origin, get_type_hints
 
 import numpy as np
 import pandas as pd
@@ -82,18 +82,24 @@ class Summary(TypedDict):
     expert_balance: NotRequired[float]  # a replayed trace with scores
     device_balance: NotRequired[float]
     comm_balance: NotRequired[float]
+    memory_gib_per_gpu: float  # moesim.memory: one GPU's estimated memory
+    memory_breakdown_gib: dict[str, float]
+    memory_capacity_gib: float
+    fits_in_memory: bool
 
 
 def check_summary(summary: dict) -> Summary:
     """``summary`` unchanged, after asserting it has exactly the declared keys and types
-    (an int is a float too; a bool is neither)."""
+    (an int is a float too; a bool is only a bool; ``dict[str, float]`` is a dict)."""
     types = get_type_hints(Summary)
     assert summary.keys() <= types.keys(), f"undeclared keys {summary.keys() - types.keys()}"
     missing = Summary.__required_keys__ - summary.keys()
     assert not missing, f"missing summary keys {missing}"
     for key, value in summary.items():
-        allowed = (int, float) if types[key] is float else types[key]
-        assert isinstance(value, allowed) and not isinstance(value, bool), (key, value)
+        declared = get_origin(types[key]) or types[key]
+        allowed = (int, float) if declared is float else declared
+        ok = isinstance(value, allowed) and (declared is bool) == isinstance(value, bool)
+        assert ok, (key, value)
     return summary  # type: ignore[return-value]
 
 
@@ -172,9 +178,10 @@ def _affinity(costs, keys_l) -> dict:
 
 
 def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys_l,
-              links: pd.DataFrame, *, step: StepCosts, routing: dict) -> Summary:
+              links: pd.DataFrame, *, step: StepCosts, routing: dict, memory: dict) -> Summary:
     """The summary; ``step`` is the mode's costs (its tokens, FLOPs and own keys),
-    ``routing`` the routing keys (``routing_source`` and its detail)."""
+    ``routing`` the routing keys (``routing_source`` and its detail), ``memory`` the
+    memory keys (``moesim.memory.summary_keys``)."""
     m, p, hw = scenario.model, scenario.parallel, scenario.hardware
     step_s = float(timeline.end_og.max())
 
@@ -243,4 +250,5 @@ def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys
         "tokens_computed": computed,
         "tokens_dropped": dropped,
         **routing,
+        **memory,
     })

@@ -33,12 +33,23 @@ def readme_examples() -> list[str]:
 
 
 def docstring_examples() -> list[str]:
-    from moesim.cli import calibrate, capture, placement, regress, simulate, topo, trace
+    from moesim.cli import (
+        calibrate,
+        capture,
+        placement,
+        plan,
+        regress,
+        report,
+        simulate,
+        sweep,
+        topo,
+        trace,
+    )
 
     found = []
     for command in (simulate.simulate, topo.topo_show, capture.capture, trace.stats,
                     trace.import_, trace.synth, regress.regress, calibrate.calibrate,
-                    placement.placement):
+                    placement.placement, sweep.sweep, plan.plan, report.report):
         doc = command.__doc__ or ""
         found += re.findall(r"^\s+moesim (.+)$", doc.split("Examples:")[-1], flags=re.M)
     return found
@@ -70,6 +81,15 @@ def _megatron_trace(root: Path) -> None:
         (root / f"router_trace_rank{rank}.jsonl").write_text("\n".join(lines) + "\n")
 
 
+@pytest.fixture(autouse=True)
+def close_figures():
+    """`simulate --report` leaves its matplotlib figures open in this process; close them
+    after each test so that many reports do not pile up."""
+    yield
+    if "matplotlib.pyplot" in sys.modules:
+        sys.modules["matplotlib.pyplot"].close("all")
+
+
 @pytest.fixture
 def in_sandbox(tmp_path, monkeypatch):
     """Run from an empty folder that sees the repository's example scenarios and sample
@@ -77,6 +97,8 @@ def in_sandbox(tmp_path, monkeypatch):
     (tmp_path / "examples").symlink_to(REPO / "examples")
     (tmp_path / "traces").mkdir()
     (tmp_path / "traces" / "samples").symlink_to(REPO / "traces" / "samples")
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "examples").symlink_to(REPO / "reports" / "examples")
     (tmp_path / "moesim" / "fidelity").mkdir(parents=True)
     (tmp_path / "moesim" / "fidelity" / "gpu_runs").symlink_to(REPO / "moesim/fidelity/gpu_runs")
     _megatron_trace(tmp_path / "runs" / "megatron-trace")
@@ -212,10 +234,11 @@ def test_version():
 
 
 def test_help_does_not_load_heavy_modules():
-    """`moesim --help` stays fast: no torch, matplotlib, pandas or simpy at import."""
+    """`moesim --help` stays fast: no torch, matplotlib, pandas, simpy or rich at
+    import."""
     code = ("import sys; import moesim.cli.main; "
-            "print(sorted(m for m in ('torch', 'matplotlib', 'pandas', 'simpy', 'networkx') "
-            "if m in sys.modules))")
+            "print(sorted(m for m in ('torch', 'matplotlib', 'pandas', 'simpy', 'networkx', "
+            "'rich') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout
     assert out.strip() == "[]"
@@ -264,3 +287,93 @@ def test_capture_on_cuda_without_a_gpu_exits_2(tmp_path):
                                  "--out", str(tmp_path / "t.npz")])
     assert result.exit_code == 2 and "CUDA" in result.stderr
     assert not (tmp_path / "t.npz").exists()
+
+
+@pytest.mark.parametrize(("text", "fields"), [
+    ("routing.max_devices=8", ["routing.max_devices=8"]),
+    ("routing.max_devices=8,parallel.dispatch_kernel=nccl-alltoall",
+     ["routing.max_devices=8", "parallel.dispatch_kernel=nccl-alltoall"]),
+    ("a.b=[1,2], c=3", ["a.b=[1,2]", "c=3"]),
+    ("a={x: 1, y: 2},b=null", ["a={x: 1, y: 2}", "b=null"]),
+    ("name='x,y=z',b=1", ["name='x,y=z'", "b=1"]),
+    ("a=1,2", ["a=1,2"]),  # a comma not followed by FIELD= stays in the value
+])
+def test_a_what_if_splits_on_the_commas_that_start_a_field(text, fields):
+    from moesim.cli.simulate import split_what_if
+
+    assert split_what_if(text) == fields
+
+
+def test_a_what_if_without_field_equals_value_exits_2(tmp_path, small_overrides):
+    args = ["simulate", "--out", str(tmp_path / "never"), "--report",
+            "--what-if", "routing.max_devices"]
+    result = runner.invoke(app, args + [a for o in small_overrides for a in ("--set", o)])
+    assert result.exit_code == 2
+    assert "--what-if" in result.stderr and "FIELD=VALUE" in result.stderr
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_what_if_sets_several_fields_and_compares_per_gpu_throughput(tmp_path,
+                                                                     small_overrides):
+    sets = [a for o in small_overrides for a in ("--set", o)]
+    out = tmp_path / "run"
+    result = invoke(["simulate", *sets, "--out", str(out), "--report",
+                     "--what-if", "routing.max_devices=2,parallel.micro_batches=1",
+                     "--what-if", "parallel.dispatch_kernel=nccl-alltoall"])
+    assert result.exit_code == 0, result.output
+    both = moesim.simulate(moesim.load_scenario(overrides=[
+        *small_overrides, "routing.max_devices=2", "parallel.micro_batches=1"])).summary
+    base = json.loads((out / "summary.json").read_text())
+    per_gpu = [s["tokens_per_s"] / s["gpus"] for s in (base, both)]
+    # Terminal: one row per run, the variant's fields one per line.
+    lines = result.output.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.split()[:1] == ["what"])
+    rows = lines[head + 2:head + 6]
+    assert rows[0].split()[0] == "baseline" and rows[0].split()[-1] == "-"
+    assert rows[1].split()[0] == "routing.max_devices=2"
+    assert rows[2].strip() == "parallel.micro_batches=1"
+    assert f"{per_gpu[1]:,.0f}" in rows[1].split()
+    assert f"{per_gpu[1] / per_gpu[0] - 1:+.1%}" in rows[1].split()
+    assert f"{both['dropped_token_fraction']:.2%}" in rows[1].split()
+    assert rows[3].split()[0] == "parallel.dispatch_kernel=nccl-alltoall"
+    # Report: one column per run, the per-GPU throughput and its change among the rows.
+    report = (out / "report.md").read_text()
+    assert ("| quantity | baseline | routing.max_devices=2, parallel.micro_batches=1 | "
+            "parallel.dispatch_kernel=nccl-alltoall |") in report
+    assert f"| tokens/s per GPU | {per_gpu[0]:,.0f} | {per_gpu[1]:,.0f} |" in report
+    assert f"| tokens/s per GPU vs baseline | - | {per_gpu[1] / per_gpu[0] - 1:+.1%} |" in report
+    assert "| drop rate |" in report
+
+
+def test_topo_list_aligns_its_columns():
+    result = invoke(["topo", "list"])
+    assert result.exit_code == 0
+    assert result.output == invoke(["topo", "list"]).output  # byte-identical reruns
+    lines = result.output.splitlines()
+    head = lines[0]
+    assert head.split()[:2] == ["preset", "GPU"] and set(lines[1]) == {"-"}
+    gpu, end, text = head.index("GPU"), head.index("GPUs") + 4, head.index("description")
+    presets = [line for line in lines[2:] if line[:1] != " "]
+    assert len(presets) >= 9
+    for line in presets:
+        name, rest = line[:gpu].strip(), line[gpu:]
+        assert name and rest[:1] != " " and line[gpu - 1] == " ", line
+        assert line[end - 1].isdigit() and line[end] == " ", line  # max GPUs right-aligned
+        assert line[text - 1] == " " and line[text] != " ", line
+    for line in lines[2:]:  # wrapped descriptions continue in their column
+        assert len(line) <= 100
+        if line[:1] == " ":
+            assert line[:text].strip() == "" and line[text] != " ", line
+
+
+def test_terminal_output_is_plain_and_deterministic(small_overrides):
+    sets = [a for o in small_overrides for a in ("--set", o)]
+    first = invoke(["simulate", *sets])
+    assert first.exit_code == 0
+    assert first.output == invoke(["simulate", *sets]).output
+    assert "\x1b[" not in first.output
+    lines = first.output.splitlines()
+    starts = {len(line) - len(line[2:].split("  ", 1)[1].lstrip())
+              for line in lines[1:] if line.startswith("  ") and not line.startswith("  (")
+              and "  " in line[2:]}
+    assert len(starts) == 1, "the breakdown's values start in one column"

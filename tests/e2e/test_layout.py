@@ -29,15 +29,20 @@ ALLOWED = {
     "comm": {"config", "routing", "errors"},
     "network": {"comm", "config", "routing", "errors"},
     "cost": {"network", "comm", "config", "routing", "errors"},
+    "memory": {"config", "cost", "comm", "errors"},
     "output": {"cost", "engine", "comm", "config", "errors"},
     "tracefile": {"routing", "config", "errors", "traces"},
-    "simulation": {"config", "placement", "routing", "comm", "network", "cost", "engine",
-                   "output", "tracefile", "topologies", "errors"},
+    "simulation": {"config", "placement", "routing", "comm", "network", "cost", "memory",
+                   "engine", "output", "tracefile", "topologies", "errors"},
     "traces": {"moesim", "config", "errors", "tracefile", "validation"},
+    # Sweeps and plans sit on top of the simulation: they only compose runs of it.
+    "sweep": {"config", "errors", "inputs", "validation", "memory", "simulation"},
+    "planning": {"sweep", "config", "cost", "engine", "errors", "inputs", "validation",
+                 "memory", "simulation", "topologies"},
     "reports": set(),
 }
 CORE = {"errors", "inputs", "validation", "engine", "config", "placement", "routing", "comm",
-        "network", "cost",
+        "network", "cost", "memory",
         "output", "tracefile", "simulation", "topologies"}
 
 

@@ -1,0 +1,112 @@
+"""`moesim report`: one self-contained HTML file (and Markdown) for a simulate, sweep or
+plan output folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from moesim.cli.common import guarded
+from moesim.errors import InputError
+
+
+def write_report(out: Path, blocks, figures: dict, *, title: str) -> None:
+    """``report.html`` (figures embedded), ``report.md`` and its ``figures/*.png``."""
+    from moesim.cli.output import write_atomic, write_text
+    from moesim.reports.document import figure_png, to_html, to_markdown
+
+    images = {}
+    for name, figure in figures.items():
+        data = figure_png(figure)
+        images[f"figures/{name}"] = data
+        write_atomic(out / "figures" / name, lambda tmp, data=data: tmp.write_bytes(data))
+    write_text(out / "report.md", to_markdown(blocks))
+    write_text(out / "report.html", to_html(blocks, title=title, images=images))
+
+
+def _simulation(folder: Path):
+    """The SimResult a `moesim simulate --out` folder holds."""
+    import json
+
+    import pandas as pd
+
+    from moesim.config.loading import scenario_from_dict
+    from moesim.inputs import read_text, read_yaml
+    from moesim.output.result import SimResult
+
+    scenario = scenario_from_dict(read_yaml(folder / "scenario.yaml"),
+                                  source=str(folder / "scenario.yaml"))
+    summary = json.loads(read_text(folder / "summary.json"))
+    warnings_file = folder / "warnings.json"
+    warnings = tuple(json.loads(read_text(warnings_file))) if warnings_file.exists() else ()
+    balance = folder / "balance.parquet"
+    return SimResult(scenario=scenario, summary=summary,
+                     spans=pd.read_parquet(folder / "spans.parquet"),
+                     links=pd.read_parquet(folder / "links.parquet"),
+                     experts=pd.read_parquet(folder / "experts.parquet"),
+                     balance=pd.read_parquet(balance) if balance.exists() else None,
+                     warnings=warnings)
+
+
+def build(folder: Path):
+    """(blocks, figures, title) of whatever ``folder`` holds."""
+    import json
+
+    import pandas as pd
+    import yaml
+
+    from moesim.inputs import read_text
+
+    if (folder / "plan.json").exists():
+        from moesim.reports.plan_report import build_plan_report
+
+        document = json.loads(read_text(folder / "plan.json"))
+        blocks, figures = build_plan_report(document, pd.read_parquet(folder / "plan.parquet"))
+        return blocks, figures, "moesim plan"
+    if (folder / "results.parquet").exists():
+        from moesim.reports.sweep_report import build_sweep_report
+
+        spec = yaml.safe_load(read_text(folder / "sweep.yaml"))
+        blocks, figures = build_sweep_report(pd.read_parquet(folder / "results.parquet"), spec)
+        return blocks, figures, "moesim sweep"
+    if (folder / "summary.json").exists():
+        from moesim.reports.simulation_report import build_report
+
+        result = _simulation(folder)
+        blocks, figures = build_report(result)
+        return blocks, figures, result.scenario.name
+    raise InputError("holds no moesim results", source=str(folder),
+                     allowed="a folder written by `moesim simulate --out`, `moesim sweep "
+                             "--out` or `moesim plan --out`")
+
+
+@guarded
+def report(
+    folder: Annotated[Path, typer.Argument(
+        metavar="RESULT_DIR", help="A folder written by simulate, sweep or plan --out.")],
+    out: Annotated[Path | None, typer.Option(
+        help="Write the report here (default: into RESULT_DIR).")] = None,
+) -> None:
+    """Write report.html (self-contained) and report.md for a result, sweep or plan folder.
+
+    Examples:
+
+      moesim report reports/examples/sweep-quick --out runs/sweep-report
+    """
+    if not folder.is_dir():
+        raise InputError("no such folder", source=str(folder),
+                         allowed="a folder written by simulate, sweep or plan --out")
+    report_folder(folder, out)
+
+
+def report_folder(folder: Path, out: Path | None = None) -> None:
+    """Build the report of ``folder`` and write it into ``out`` (default: ``folder``)."""
+    from moesim.cli.output import check_out_dir
+
+    blocks, figures, title = build(folder)
+    target = out or folder
+    check_out_dir(target)
+    write_report(target, blocks, figures, title=title)
+    typer.echo(f"wrote {target}/report.html, report.md")

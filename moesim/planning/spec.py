@@ -1,0 +1,128 @@
+"""A plan file: a base scenario, the space to search, a target, constraints and a cost.
+
+Schema ``moesim.plan/1``::
+
+    base: scenario.yaml            # or a mapping; omitted: the embedded default
+    set: [parallel.gpus=256]       # overrides applied to the base first
+    search:                        # scenario field -> values to try (a grid)
+      parallel.ep: [8, 16, 32, 64, 128, 256]
+      routing.max_devices: [1, 2, 4, 8]
+    zip: []                        # search fields that vary together
+    seeds: 2                       # runs per simulated point: mean and spread
+    engine: fast                   # as in a sweep file
+    target:                        # what the setup must reach (all optional)
+      tokens_per_s: 1.0e6          # at least
+      tokens_per_s_per_gpu: 3000   # at least
+      step_time_s: 2.0             # at most; likewise ttft_s and tpot_s when serving
+    constraints:
+      memory: true                 # drop setups that do not fit in GPU memory
+      max_gpus: 512
+      max_nodes: 64
+      topologies: [h800-cluster]   # allowed topologies (default: any)
+    cost:
+      metric: gpu_hours            # gpus | gpu_hours | dollars
+      token_budget: 1.0e12         # tokens to process (gpu_hours, dollars)
+      price_per_gpu_hour: 2.0      # dollars
+    top: 5                         # runners-up to list
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+from moesim.errors import InputError
+from moesim.sweep.spec import MAX_SEEDS, check_axes
+from moesim.validation import STRICT, field_names, input_error
+
+SCHEMA = "moesim.plan/1"
+AT_LEAST = ("tokens_per_s", "tokens_per_s_per_gpu")
+AT_MOST = ("step_time_s", "ttft_s", "tpot_s")
+
+
+@dataclass(frozen=True, kw_only=True, config=STRICT)
+class Target:
+    """Bounds the winner must meet: throughputs at least, times at most."""
+
+    tokens_per_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    tokens_per_s_per_gpu: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    step_time_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    ttft_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    tpot_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+    def given(self) -> dict[str, float]:
+        return {k: v for k, v in vars(self).items() if v is not None}
+
+
+@dataclass(frozen=True, kw_only=True, config=STRICT)
+class Constraints:
+    memory: bool = True
+    max_gpus: int | None = Field(default=None, gt=0)
+    max_nodes: int | None = Field(default=None, gt=0)
+    topologies: list[str] | None = Field(default=None, min_length=1)
+
+
+@dataclass(frozen=True, kw_only=True, config=STRICT)
+class Cost:
+    metric: Literal["gpus", "gpu_hours", "dollars"] = "gpus"
+    token_budget: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    price_per_gpu_hour: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+
+    @property
+    def unit(self) -> str:
+        return {"gpus": "GPUs", "gpu_hours": "GPU-hours", "dollars": "$"}[self.metric]
+
+    def of(self, gpus: int, tokens_per_s: float) -> float:
+        """The cost of a setup of ``gpus`` GPUs that processes ``tokens_per_s``."""
+        if self.metric == "gpus":
+            return float(gpus)
+        hours = gpus * self.token_budget / tokens_per_s / 3600
+        return hours if self.metric == "gpu_hours" else hours * self.price_per_gpu_hour
+
+
+@dataclass(frozen=True, kw_only=True, config=STRICT)
+class PlanFile:
+    base: str | dict | None = None
+    set: list[str] = Field(default_factory=list)
+    search: dict[str, list[Any]] = Field(min_length=1)
+    zip: list[list[str]] = Field(default_factory=list)
+    seeds: int = Field(default=1, ge=1, le=MAX_SEEDS)
+    keep_active_params: bool = False
+    engine: Literal["simpy", "fast"] = "fast"
+    target: Target = Field(default_factory=Target)
+    constraints: Constraints = Field(default_factory=Constraints)
+    cost: Cost = Field(default_factory=Cost)
+    top: int = Field(default=5, ge=1, le=1000)
+
+
+def parse_plan(data: Any, *, source: str) -> PlanFile:
+    """Validate a plan mapping as read from YAML."""
+    if not isinstance(data, Mapping):
+        raise InputError(f"a plan file is a mapping, got {type(data).__name__}",
+                         source=source, allowed="base, set, search, target, constraints, cost")
+    data = dict(data)
+    schema = data.pop("schema", SCHEMA)
+    if schema != SCHEMA:
+        raise InputError(f"unknown schema {schema!r}", field="schema", allowed=SCHEMA,
+                         source=source)
+    unknown = sorted(set(data) - set(field_names(PlanFile)))
+    if unknown:  # before pydantic, which would first miss a field the typo meant
+        raise InputError("unknown field", field=str(unknown[0]), source=source,
+                         allowed=", ".join(field_names(PlanFile)))
+    try:
+        plan = TypeAdapter(PlanFile).validate_python(data)
+    except ValidationError as err:
+        raise input_error(err, schema=PlanFile, source=source) from None
+    check_axes(plan.search, plan.zip, source=source, what="search")
+    cost = plan.cost
+    if cost.metric != "gpus" and cost.token_budget is None:
+        raise InputError(f"cost.metric {cost.metric} needs the tokens to process",
+                         field="cost.token_budget", source=source,
+                         allowed="a number of tokens, e.g. 1.0e12")
+    if cost.metric == "dollars" and cost.price_per_gpu_hour is None:
+        raise InputError("cost.metric dollars needs a price", field="cost.price_per_gpu_hour",
+                         source=source, allowed="dollars per GPU-hour, e.g. 2.0")
+    return plan
