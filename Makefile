@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench lint clean gallery
+.PHONY: demo test bench lint clean gallery fuzz
 
 # The venv is refreshed whenever the project's dependencies change.
 $(STAMP): pyproject.toml
@@ -24,6 +24,10 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_engine.py
 	$(PY) bench/bench_sweep.py
+
+# The hostile-input properties with 2,000 cases each (CI runs 40 each).
+fuzz: $(STAMP)
+	MOESIM_FUZZ_EXAMPLES=2000 $(PY) -m pytest -q -p no:cacheprovider tests/e2e/test_hostile_inputs.py
 
 # The report gallery in reports/examples/, made by the documented commands.
 gallery: $(STAMP)

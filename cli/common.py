@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 from moesim.errors import InputError
 
@@ -28,8 +31,40 @@ def guarded(command):
     return wrapper
 
 
+def out_folder(text: str) -> Path:
+    """The ``--out`` folder: an empty text is a mistake, not the current folder."""
+    if not text.strip():
+        raise typer.BadParameter("an empty path (give a folder, e.g. runs/x)")
+    return Path(text)
+
+
 def write_trace(path: Path, trace) -> None:
     from moesim.cli.output import write_atomic
 
     data = trace.to_bytes()
     write_atomic(path, lambda tmp: tmp.write_bytes(data))
+
+
+class OneLineErrors(TyperGroup):
+    """The `moesim` command group: a usage mistake (an unknown option, a missing argument,
+    a value of the wrong type) reads like every other mistake, one line and exit code 2,
+    instead of click's usage box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False,
+                                **extra)
+        except TyperException as err:  # typer's usage errors (its own copy of click's)
+            if not hasattr(err, "format_message"):
+                raise
+            where = f"{err.ctx.command_path}: " if getattr(err, "ctx", None) else ""
+            message = " ".join(err.format_message().split())
+            typer.echo(f"moesim: error: {where}{message}", err=True)
+            sys.exit(err.exit_code)
+        except typer.Abort:
+            typer.echo("moesim: error: aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)

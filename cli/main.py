@@ -14,6 +14,7 @@ import typer
 
 from moesim.cli.calibrate import calibrate
 from moesim.cli.capture import capture
+from moesim.cli.common import OneLineErrors
 from moesim.cli.perfdb import perfdb_app
 from moesim.cli.placement import placement
 from moesim.cli.plan import plan
@@ -26,6 +27,7 @@ from moesim.cli.topo import topo_app
 from moesim.cli.trace import trace_app
 
 app = typer.Typer(
+    cls=OneLineErrors,
     name="moesim",
     help="Simulate Mixture-of-Experts training and inference steps on GPU clusters.",
     no_args_is_help=True,

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from moesim.cli.common import guarded
+from moesim.cli.common import guarded, out_folder
 from moesim.cli.sweep import ReportOption, SchedulerOption, WorkersOption
 
 
@@ -77,7 +77,9 @@ def plan(
     plan_file: Annotated[Path, typer.Argument(
         metavar="PLAN.yaml", help="Plan file: base, search space, target, constraints, cost.")],
     out: Annotated[Path, typer.Option(
-        help="Write plan.json, plan.parquet (every point) and plan.yaml here.")],
+        parser=out_folder,
+        help="Write plan.json, plan.parquet (every point), figures/frontier.png and "
+             "plan.yaml here.")],
     scheduler: SchedulerOption = None,
     workers: WorkersOption = None,
     report: ReportOption = False,
@@ -121,11 +123,19 @@ def plan(
         typer.echo("", err=True)
     document = plan_document(result, seconds=seconds, source=source)
     table = pd.DataFrame([candidate_record(spec, c) for c in result.candidates])
+    from moesim.cli.output import staged_folder, write_atomic
     from moesim.sweep.run import results_frame
 
-    write_text(out / "plan.yaml", text)
-    write_parquet(out / "plan.parquet", results_frame(table.to_dict(orient="records")))
-    write_json(out / "plan.json", document)
+    with staged_folder(out) as stage:
+        write_text(stage / "plan.yaml", text)
+        write_parquet(stage / "plan.parquet", results_frame(table.to_dict(orient="records")))
+        if result.simulated:
+            from moesim.reports.document import figure_png
+            from moesim.reports.plan_report import frontier_figure
+
+            png = figure_png(frontier_figure(document, table))
+            write_atomic(stage / "figures" / "frontier.png", lambda tmp: tmp.write_bytes(png))
+        write_json(stage / "plan.json", document)
     _print(result, document)
     typer.echo(f"{document['points_simulated']} of {document['points_total']} setups "
                f"simulated in {seconds:.1f} s; wrote {out}/plan.json, plan.parquet")

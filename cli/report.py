@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from moesim.cli.common import guarded
+from moesim.cli.common import guarded, out_folder
 from moesim.errors import InputError
 
 
@@ -69,7 +69,10 @@ def build(folder: Path):
         from moesim.reports.sweep_report import build_sweep_report
 
         spec = yaml.safe_load(read_text(folder / "sweep.yaml"))
-        blocks, figures = build_sweep_report(pd.read_parquet(folder / "results.parquet"), spec)
+        progress = folder / "progress.json"
+        progress = json.loads(read_text(progress)) if progress.exists() else None
+        blocks, figures = build_sweep_report(pd.read_parquet(folder / "results.parquet"), spec,
+                                             progress=progress)
         return blocks, figures, "moesim sweep"
     if (folder / "summary.json").exists():
         from moesim.reports.simulation_report import build_report
@@ -87,6 +90,7 @@ def report(
     folder: Annotated[Path, typer.Argument(
         metavar="RESULT_DIR", help="A folder written by simulate, sweep or plan --out.")],
     out: Annotated[Path | None, typer.Option(
+        parser=out_folder,
         help="Write the report here (default: into RESULT_DIR).")] = None,
 ) -> None:
     """Write report.html (self-contained) and report.md for a result, sweep or plan folder.
@@ -103,10 +107,10 @@ def report(
 
 def report_folder(folder: Path, out: Path | None = None) -> None:
     """Build the report of ``folder`` and write it into ``out`` (default: ``folder``)."""
-    from moesim.cli.output import check_out_dir
+    from moesim.cli.output import staged_folder
 
     blocks, figures, title = build(folder)
     target = out or folder
-    check_out_dir(target)
-    write_report(target, blocks, figures, title=title)
+    with staged_folder(target) as stage:
+        write_report(stage, blocks, figures, title=title)
     typer.echo(f"wrote {target}/report.html, report.md")

@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from moesim.cli.common import guarded
+from moesim.cli.common import guarded, out_folder
 from moesim.errors import InputError
 
 SetOption = Annotated[
@@ -57,6 +57,7 @@ def simulate(
     set_: SetOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
     out: Annotated[Path | None, typer.Option(
+        parser=out_folder,
         help="Write summary, resolved scenario, tables (Parquet) and a Chrome trace here.")]
     = None,
     report: Annotated[bool, typer.Option(
@@ -94,6 +95,10 @@ def simulate(
     if variants_wanted and not report:
         raise InputError("--what-if results appear in the report; add --report --out DIR",
                          field="--what-if")
+    if out is not None:
+        from moesim.cli.output import check_out_target
+
+        check_out_target(out)
     base = load_scenario(scenario, overrides=overrides)
     # Load every variant before running anything: a bad one must not cost a long run.
     variant_fields = [split_what_if(text) for text in variants_wanted]
@@ -133,7 +138,10 @@ def simulate(
             typer.echo(format_what_if(result.summary, [
                 ("\n".join(fields), res.summary) for fields, res in runs]))
     if out is not None:
-        _write_outputs(out, result, variants, report=report, trace_gpus=trace_gpus)
+        from moesim.cli.output import staged_folder
+
+        with staged_folder(out) as stage:
+            _write_outputs(stage, result, variants, report=report, trace_gpus=trace_gpus)
         if not as_json:
             typer.echo(f"wrote {out}/")
 

@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from moesim.cli.common import guarded
+from moesim.cli.common import guarded, out_folder
 from moesim.errors import InputError
 
 SchedulerOption = Annotated[str | None, typer.Option(
@@ -62,8 +62,15 @@ def run_points(points, *, out: Path, stored: list[dict], pool, label: str,
         TimeRemainingColumn,
     )
 
-    from moesim.cli.output import write_parquet
+    from moesim.cli.output import write_json, write_parquet
     from moesim.sweep.run import results_frame, simulate_point
+
+    def store(rows: list[dict]) -> None:
+        """The rows so far, then how many of the sweep's points they are."""
+        write_parquet(results_path(out), results_frame(rows))
+        write_json(out / "progress.json", {"points_total": len(points),
+                                           "points_stored": len(rows),
+                                           "complete": len(rows) == len(points)})
 
     have = {row["scenario_hash"] for row in stored}
     todo = [p for p in points if p.key not in have]
@@ -92,7 +99,8 @@ def run_points(points, *, out: Path, stored: list[dict], pool, label: str,
 def sweep(
     spec_file: Annotated[Path, typer.Argument(
         metavar="SWEEP.yaml", help="Sweep file: base scenario, axes, zip, seeds.")],
-    out: Annotated[Path, typer.Option(help="Write results.parquet and sweep.yaml here.")],
+    out: Annotated[Path, typer.Option(
+        parser=out_folder,help="Write results.parquet and sweep.yaml here.")],
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue a sweep in --out: points already stored are not run "
                          "again (failed ones neither).")] = False,

@@ -13,19 +13,65 @@ import types
 import typing
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass as pydantic_dataclass
 
 from moesim.errors import InputError
 
-STRICT = ConfigDict(extra="forbid", validate_default=True)
+STRICT = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 """Config of every schema: unknown keys are errors, defaults are checked too. Dataclasses
 take it as ``config=STRICT`` (and ``frozen=True, kw_only=True`` on the decorator)."""
+
+
+def _bool_for_number(hint: Any, value: Any) -> bool:
+    """YAML's ``true``/``false`` where a number belongs: a mistake, not 1 or 0 (which
+    pydantic would take)."""
+    if not isinstance(value, bool):
+        return False
+    args = set(typing.get_args(hint)) or {hint}
+    return bool not in args and bool(args & {int, float})
+
+
+def _numbers_only(fields: dict, value: Any, info: ValidationInfo) -> Any:
+    if info.field_name in fields and _bool_for_number(fields[info.field_name].annotation,
+                                                      value):
+        raise ValueError("expected a number, not true/false")
+    return value
+
+
+@pydantic_dataclass(frozen=True, kw_only=True, config=STRICT)
+class Checked:
+    """Base of the schemas that are pydantic dataclasses (scenario sections, sweep and
+    plan files): numbers stay numbers."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _numbers_only(cls, value: Any, info: ValidationInfo) -> Any:
+        return _numbers_only(cls.__pydantic_fields__, value, info)
 
 
 class StrictModel(BaseModel):
     """Base of the schemas that are pydantic models (files with aliases or tagged unions)."""
 
     model_config = ConfigDict(**STRICT, frozen=True)
+
+    # A model-level check: pydantic allows no field validator on a union's tag field.
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_only(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, info in cls.model_fields.items():
+                key = info.alias or name
+                if key in data and _bool_for_number(info.annotation, data[key]):
+                    raise ValueError(f"{key}: expected a number, not true/false")
+        return data
 
 
 def field_names(model: type) -> list[str]:
@@ -64,7 +110,8 @@ def input_error(err: ValidationError, *, schema: type, source: str | None = None
         problem = "must not be empty"
         allowed = "at least one entry"
     else:
-        problem = f"{first['msg'].lower()} (got {_shown(first.get('input'))})"
+        message = first["msg"].removeprefix("Value error, ")
+        problem = f"{message[:1].lower()}{message[1:]} (got {_shown(first.get('input'))})"
         bounds, declared = _bounds(schema, loc, ctx), _type_of(schema, loc)
         if any(key in ctx for key, _ in _BOUNDS):  # a number out of its bounds
             allowed = bounds

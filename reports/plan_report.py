@@ -19,6 +19,21 @@ def _row(r: dict, unit: str) -> tuple[str, ...]:
             f"{r.get('memory_gib_per_gpu') or 0:.1f} GiB")
 
 
+def frontier_figure(document: dict, points: pd.DataFrame):
+    """The frontier figure of a plan (``None`` when nothing was simulated)."""
+    simulated = points[points["status"].isin(["simulated", "misses target"])]
+    if simulated.empty:
+        return None
+    axes = document["frontier_axes"]
+    unit = document["cost_unit"]
+    front = pd.DataFrame(document["frontier"])
+    winner = pd.Series(document["winner"]) if document["winner"] else None
+    return planning_figures.frontier(
+        simulated, front, winner, x=axes["x_key"], y=axes["y_key"],
+        x_label=axes["x"] + (f" ({unit})" if axes["x_key"] == "cost" else ""),
+        y_label=axes["y"], target=document["target"].get(axes["y_key"]))
+
+
 def build_plan_report(document: dict, points: pd.DataFrame) -> tuple[list[Block], dict]:
     """Blocks and figures of a plan from ``plan.json`` and ``plan.parquet``."""
     unit = document["cost_unit"]
@@ -49,16 +64,10 @@ def build_plan_report(document: dict, points: pd.DataFrame) -> tuple[list[Block]
                          "the target even at its step-time lower bound; bound: can neither "
                          "win nor join the frontier; simulated / misses target: run.")]
     figs = {}
-    simulated = points[points["status"].isin(["simulated", "misses target"])]
     axes = document["frontier_axes"]
-    if not simulated.empty:
-        front = pd.DataFrame(document["frontier"])
-        winner = pd.Series(document["winner"]) if document["winner"] else None
-        y_target = document["target"].get(axes["y_key"])
-        figs["frontier.png"] = planning_figures.frontier(
-            simulated, front, winner, x=axes["x_key"], y=axes["y_key"],
-            x_label=axes["x"] + (f" ({unit})" if axes["x_key"] == "cost" else ""),
-            y_label=axes["y"], target=y_target)
+    figure = frontier_figure(document, points)
+    if figure is not None:
+        figs["frontier.png"] = figure
         blocks += [Heading("Pareto frontier"),
                    Figure("figures/frontier.png",
                           f"{axes['y']} against {axes['x']}: setups on the blue line are "

@@ -18,15 +18,21 @@ def setup_label(row: pd.Series, axes: list[str]) -> str:
     return ", ".join(f"{a}={_value(row[a])}" for a in axes)
 
 
-def build_sweep_report(results: pd.DataFrame, spec: dict) -> tuple[list[Block], dict]:
+def build_sweep_report(results: pd.DataFrame, spec: dict, *,
+                       progress: dict | None = None) -> tuple[list[Block], dict]:
     """Blocks and figures ``{file name: matplotlib Figure}`` of a sweep's results table
-    (``results.parquet``) and its spec (``sweep.yaml`` as a mapping)."""
+    (``results.parquet``), its spec (``sweep.yaml`` as a mapping) and its
+    ``progress.json`` (an unfinished sweep says so)."""
     axes = list(spec["axes"])
     ok = results[results["error"].isna()]
     failed = results[results["error"].notna()]
     seeds = int(spec.get("seeds", 1))
     blocks: list[Block] = [
         Heading("moesim sweep report", 1),
+        *([Paragraph(f"Incomplete: {progress['points_stored']} of "
+                     f"{progress['points_total']} points are stored; `moesim sweep ... "
+                     "--resume` runs the rest.")]
+          if progress is not None and not progress["complete"] else []),
         Paragraph(f"{len(results)} points over {', '.join(axes)} ({seeds} seed(s) each: "
                   f"values are means, ± the standard deviation over seeds); "
                   f"{len(ok)} with results, {len(failed)} without (listed at the end)."),

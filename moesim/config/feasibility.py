@@ -117,6 +117,37 @@ def check_serving_layout(scenario: Scenario) -> None:
             field="parallel.micro_batches", allowed=f"divisors of {sv.batch}")
 
 
+# What one simulation may hold on the 24 GiB machines moesim is sized for (README: Limits):
+# ~22 bytes per routed assignment while a layer is drawn (measured: 0.75 GB peak for
+# 33.5 M assignments, DeepSeek-V3 on 2048 GPUs), ~100 bytes per op and GPU of the
+# timeline and its tables.
+MAX_ASSIGNMENTS = 2**28
+MAX_OP_ROWS = 2**26
+
+
+def check_size(scenario: Scenario) -> None:
+    """Refuse steps too large to simulate in memory, before anything is allocated."""
+    m, p, sv = scenario.model, scenario.parallel, scenario.serving
+    if sv is None:
+        tokens, field = p.tokens_per_gpu or 0, "parallel.tokens_per_gpu"
+    else:
+        per_request = sv.isl if scenario.mode == "prefill" else 1
+        tokens, field = -(-sv.batch * per_request // p.attention_tp), "serving.batch"
+    assignments = p.total_gpus * tokens * m.top_k
+    if assignments > MAX_ASSIGNMENTS:
+        raise InputError(
+            f"{p.total_gpus} GPUs x {tokens:,} tokens x top-{m.top_k} = {assignments:,} "
+            "token-expert assignments per layer, more than one simulation holds",
+            field=field, allowed=f"at most {MAX_ASSIGNMENTS:,} assignments per layer")
+    rows = p.total_gpus * m.num_layers * p.micro_batches * 16
+    if rows > MAX_OP_ROWS:
+        raise InputError(
+            f"{m.num_layers} layers x {p.micro_batches} micro-batches on {p.total_gpus} "
+            f"GPUs make about {rows:,} op timings, more than one simulation holds",
+            field="model.num_layers",
+            allowed=f"layers x micro-batches x GPUs x 16 at most {MAX_OP_ROWS:,}")
+
+
 def check_feasible(scenario: Scenario, topology=None) -> None:
     """Raise InputError when the scenario is impossible; return None otherwise.
 
@@ -126,6 +157,7 @@ def check_feasible(scenario: Scenario, topology=None) -> None:
 
     check_model(scenario)
     check_mode(scenario)
+    check_size(scenario)
     m, p, r = scenario.model, scenario.parallel, scenario.routing
     E = m.routed_experts
     check_placement(scenario)

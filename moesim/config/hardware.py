@@ -8,13 +8,13 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from moesim.config.kernels import DISPATCH_KERNELS
-from moesim.validation import STRICT
+from moesim.validation import STRICT, Checked
 
 Fraction = Field(gt=0.0, le=1.0)
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)
-class HardwareSpec:
+class HardwareSpec(Checked):
     """Peak rates of one GPU and the fractions of them that real kernels reach.
 
     Peaks are dense (no sparsity) tensor-core rates. The efficiencies turn the
@@ -24,18 +24,18 @@ class HardwareSpec:
 
     name: str
     source: str = ""
-    bf16_tflops: float = Field(gt=0)
-    fp8_tflops: float = Field(gt=0)
-    hbm_GBps: float = Field(gt=0)
-    hbm_GB: float = Field(gt=0)
-    sms: int = Field(gt=0)
+    bf16_tflops: float = Field(ge=1e-3, le=1e5)  # bounds: README, Limits
+    fp8_tflops: float = Field(ge=1e-3, le=1e5)
+    hbm_GBps: float = Field(ge=1e-3, le=1e5)
+    hbm_GB: float = Field(ge=1e-3, le=1e5)
+    sms: int = Field(gt=0, le=10_000)
     gemm_efficiency: float = Fraction
     attention_efficiency: float = Fraction
     memory_efficiency: float = Fraction
     # Efficiency curves (moesim.cost.compute): 0 keeps the efficiency constant.
     gemm_m_half: float = Field(default=0.0, ge=0)  # rows per group at half gemm_efficiency
     memory_bytes_half: float = Field(default=0.0, ge=0)  # bytes at half memory_efficiency
-    grouped_gemm_align: int = Field(default=128, gt=0)
+    grouped_gemm_align: int = Field(default=128, gt=0, le=65_536)
     comm_overhead_us: float = Field(default=10.0, ge=0)
     # Fitted by `moesim perfdb fit` (defaults keep the plain roofline):
     fp8_gemm_efficiency: float | None = Field(default=None, gt=0.0, le=1.0)  # None: as BF16

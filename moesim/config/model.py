@@ -7,13 +7,16 @@ from typing import Literal
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
-from moesim.validation import STRICT
+from moesim.validation import STRICT, Checked
 
 Positive = Field(gt=0)
+# Upper bounds keep every size a 24 GiB machine can simulate (README: Limits); the largest
+# published MoE models sit far inside them.
+MAX_EXPERTS = 16_384  # expert ids are int16 throughout routing
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)
-class ModelShape:
+class ModelShape(Checked):
     """Sizes of a DeepSeekMoE-style model (names follow the Hugging Face configs).
 
     Layers ``[0, first_dense_layers)`` use a dense FFN of ``dense_intermediate_size``;
@@ -24,26 +27,26 @@ class ModelShape:
 
     name: str
     source: str = ""
-    hidden_size: int = Positive
-    num_layers: int = Positive
-    first_dense_layers: int = Field(default=0, ge=0)
-    dense_intermediate_size: int = Field(default=0, ge=0)
-    moe_intermediate_size: int = Positive
-    routed_experts: int = Positive
-    shared_experts: int = Field(default=0, ge=0)
-    top_k: int = Positive
-    expert_groups: int | None = Field(default=None, gt=0)
-    topk_groups: int | None = Field(default=None, gt=0)
-    vocab_size: int = Positive
+    hidden_size: int = Field(gt=0, le=65_536)
+    num_layers: int = Field(gt=0, le=1024)
+    first_dense_layers: int = Field(default=0, ge=0, le=1024)
+    dense_intermediate_size: int = Field(default=0, ge=0, le=1_048_576)
+    moe_intermediate_size: int = Field(gt=0, le=1_048_576)
+    routed_experts: int = Field(gt=0, le=MAX_EXPERTS)
+    shared_experts: int = Field(default=0, ge=0, le=256)
+    top_k: int = Field(gt=0, le=1024)
+    expert_groups: int | None = Field(default=None, gt=0, le=MAX_EXPERTS)
+    topk_groups: int | None = Field(default=None, gt=0, le=MAX_EXPERTS)
+    vocab_size: int = Field(gt=0, le=16_777_216)
     attention: Literal["mha", "gqa", "mla"] = "mha"
-    num_heads: int = Positive
-    num_kv_heads: int | None = Field(default=None, gt=0)
-    head_dim: int | None = Field(default=None, gt=0)
-    q_lora_rank: int | None = Field(default=None, gt=0)
-    kv_lora_rank: int | None = Field(default=None, gt=0)
-    qk_nope_head_dim: int | None = Field(default=None, gt=0)
-    qk_rope_head_dim: int | None = Field(default=None, gt=0)
-    v_head_dim: int | None = Field(default=None, gt=0)
+    num_heads: int = Field(gt=0, le=4096)
+    num_kv_heads: int | None = Field(default=None, gt=0, le=4096)
+    head_dim: int | None = Field(default=None, gt=0, le=65_536)
+    q_lora_rank: int | None = Field(default=None, gt=0, le=65_536)
+    kv_lora_rank: int | None = Field(default=None, gt=0, le=65_536)
+    qk_nope_head_dim: int | None = Field(default=None, gt=0, le=65_536)
+    qk_rope_head_dim: int | None = Field(default=None, gt=0, le=65_536)
+    v_head_dim: int | None = Field(default=None, gt=0, le=65_536)
     gemm_dtype: Literal["bf16", "fp8"] = "bf16"
 
     @property

@@ -8,13 +8,14 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from moesim.config.kernels import KERNEL_NAMES
-from moesim.validation import STRICT
+from moesim.validation import STRICT, Checked
 
 KernelName = Literal[KERNEL_NAMES]
+MAX_GPUS = 65_536  # beyond every topology preset; README: Limits
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)
-class ParallelConfig:
+class ParallelConfig(Checked):
     """Expert parallelism and the per-GPU batch of one step.
 
     ``ep`` GPUs (``D``) form one expert-parallel group holding all routed experts;
@@ -41,17 +42,17 @@ class ParallelConfig:
       of one expert are ``ep`` apart.
     """
 
-    ep: int = Field(gt=0)
-    gpus: int | None = Field(default=None, gt=0)
-    tokens_per_gpu: int | None = Field(default=None, gt=0)
-    seq_len: int = Field(default=4096, gt=0)
-    micro_batches: int = Field(default=1, gt=0)
-    comm_sms: int = Field(default=20, ge=0)
+    ep: int = Field(gt=0, le=MAX_GPUS)
+    gpus: int | None = Field(default=None, gt=0, le=MAX_GPUS)
+    tokens_per_gpu: int | None = Field(default=None, gt=0, le=1_048_576)
+    seq_len: int = Field(default=4096, gt=0, le=16_777_216)
+    micro_batches: int = Field(default=1, gt=0, le=64)
+    comm_sms: int = Field(default=20, ge=0, le=10_000)
     dispatch_kernel: KernelName = "deepep-normal"
     dispatch_dtype: Literal["bf16", "fp8"] = "bf16"
     combine_dtype: Literal["bf16"] = "bf16"
-    attention_tp: int = Field(default=1, gt=0)
-    moe_tp: int = Field(default=1, gt=0)
+    attention_tp: int = Field(default=1, gt=0, le=MAX_GPUS)
+    moe_tp: int = Field(default=1, gt=0, le=MAX_GPUS)
 
     @property
     def total_gpus(self) -> int:

@@ -7,13 +7,13 @@ from typing import Literal
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
-from moesim.validation import STRICT
+from moesim.validation import STRICT, Checked
 
 PlacementPolicy = Literal["contiguous", "eplb-hierarchical", "eplb-global"]
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)
-class PlacementConfig:
+class PlacementConfig(Checked):
     """Where the routed experts live in each EP group (docs/routing.md section 6).
 
     ``contiguous``: expert ``e`` on GPU ``e // (E / ep)``, no replicas (``ep`` divides
@@ -37,7 +37,7 @@ class PlacementConfig:
     """
 
     policy: PlacementPolicy = "contiguous"
-    redundant_experts: int = Field(default=0, ge=0)
+    redundant_experts: int = Field(default=0, ge=0, le=16_384)
     loads: str = Field(default="window", min_length=1)
     replica_split: Literal["source-rank", "even"] = "source-rank"
 

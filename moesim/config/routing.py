@@ -8,13 +8,13 @@ from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from moesim.config.gates import SCENARIO_GATES
-from moesim.validation import STRICT
+from moesim.validation import STRICT, Checked
 
 GateKind = Literal[SCENARIO_GATES]
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)
-class RoutingPolicy:
+class RoutingPolicy(Checked):
     """Gate kind, device limit, capacity and the synthetic assignment model.
 
     ``gate`` names the model's score function (DeepSeek V1 softmax top-k, V2
@@ -55,17 +55,17 @@ class RoutingPolicy:
     """
 
     gate: GateKind = "softmax-topk"
-    max_devices: int | None = Field(default=None, gt=0)
+    max_devices: int | None = Field(default=None, gt=0, le=65_536)
     limit_scope: Literal["node", "device"] = "node"
-    capacity_factor: float | None = Field(default=None, gt=0)
+    capacity_factor: float | None = Field(default=None, gt=0, le=10_000)
     drop_policy: Literal["probs", "position"] = "probs"
     capacity_scope: Literal["device", "expert"] = "device"
     assignment: Literal["uniform", "zipf", "power-law"] = "uniform"
-    zipf_exponent: float = Field(default=1.0, ge=0)
-    power_law_alpha: float = Field(default=1.2, gt=0)
-    layer_samples: int | None = Field(default=4, gt=0)
+    zipf_exponent: float = Field(default=1.0, ge=0, le=100)
+    power_law_alpha: float = Field(default=1.2, gt=0, le=100)
+    layer_samples: int | None = Field(default=4, gt=0, le=1024)
     never_drop_fraction: float = Field(default=0.0, ge=0.0, le=1.0)
     replay: Literal["captured", "reroute"] = "captured"
     balance: Literal["none", "aux-free-bias"] = "none"
-    bias_update_speed: float = Field(default=0.001, ge=0)
+    bias_update_speed: float = Field(default=0.001, ge=0, le=1)
     balance_steps: int = Field(default=10, ge=0, le=10_000)

@@ -15,14 +15,14 @@ from moesim.config.placement import PlacementConfig
 from moesim.config.routing import RoutingPolicy
 from moesim.config.serving import ServingConfig
 from moesim.config.training import TrainingConfig
-from moesim.validation import STRICT
+from moesim.validation import STRICT, Checked
 
 SCHEMA = "moesim.scenario/1"
 SERVING_MODES = ("prefill", "decode")  # the modes that take a `serving` section
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)
-class Scenario:
+class Scenario(Checked):
     """A model on a cluster with a parallel layout and a routing policy.
 
     ``mode: train`` simulates forward and backward of one step; ``inference`` the

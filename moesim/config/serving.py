@@ -7,11 +7,11 @@ from typing import Literal
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
-from moesim.validation import STRICT
+from moesim.validation import STRICT, Checked
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)
-class ServingConfig:
+class ServingConfig(Checked):
     """The workload of a serving step, as serving benchmarks describe it.
 
     Required by ``mode: prefill`` and ``mode: decode`` and refused by the other modes.
@@ -30,9 +30,9 @@ class ServingConfig:
     engines' FP8 KV cache option), which sets the bytes a decode step reads.
     """
 
-    batch: int = Field(gt=0)  # requests per attention-DP rank
-    isl: int = Field(gt=0)  # input sequence length (prompt tokens per request)
-    osl: int = Field(gt=0)  # output sequence length (tokens generated per request)
+    batch: int = Field(gt=0, le=1_048_576)  # requests per attention-DP rank
+    isl: int = Field(gt=0, le=16_777_216)  # input sequence length (prompt tokens per request)
+    osl: int = Field(gt=0, le=16_777_216)  # output sequence length (tokens generated per request)
     kv_dtype: Literal["bf16", "fp8"] = "bf16"
 
     @property

@@ -6,11 +6,11 @@ from typing import Literal
 
 from pydantic.dataclasses import dataclass
 
-from moesim.validation import STRICT
+from moesim.validation import STRICT, Checked
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)
-class TrainingConfig:
+class TrainingConfig(Checked):
     """The training-state choices that set a GPU's memory (docs/memory.md).
 
     Used by ``mode: train`` (the other modes ignore it). Every GPU keeps a BF16 working

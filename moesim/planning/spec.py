@@ -36,7 +36,7 @@ from pydantic.dataclasses import dataclass
 
 from moesim.errors import InputError
 from moesim.sweep.spec import MAX_SEEDS, check_axes
-from moesim.validation import STRICT, field_names, input_error
+from moesim.validation import STRICT, Checked, field_names, input_error
 
 SCHEMA = "moesim.plan/1"
 AT_LEAST = ("tokens_per_s", "tokens_per_s_per_gpu")
@@ -44,7 +44,7 @@ AT_MOST = ("step_time_s", "ttft_s", "tpot_s")
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)
-class Target:
+class Target(Checked):
     """Bounds the winner must meet: throughputs at least, times at most."""
 
     tokens_per_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
@@ -58,7 +58,7 @@ class Target:
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)
-class Constraints:
+class Constraints(Checked):
     memory: bool = True
     max_gpus: int | None = Field(default=None, gt=0)
     max_nodes: int | None = Field(default=None, gt=0)
@@ -66,7 +66,7 @@ class Constraints:
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)
-class Cost:
+class Cost(Checked):
     metric: Literal["gpus", "gpu_hours", "dollars"] = "gpus"
     token_budget: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     price_per_gpu_hour: float | None = Field(default=None, gt=0, allow_inf_nan=False)
@@ -84,7 +84,7 @@ class Cost:
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)
-class PlanFile:
+class PlanFile(Checked):
     base: str | dict | None = None
     set: list[str] = Field(default_factory=list)
     search: dict[str, list[Any]] = Field(min_length=1)

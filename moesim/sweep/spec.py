@@ -32,7 +32,7 @@ from pydantic import Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as schema_dataclass
 
 from moesim.errors import InputError
-from moesim.validation import STRICT, field_names, input_error
+from moesim.validation import STRICT, Checked, field_names, input_error
 
 SCHEMA = "moesim.sweep/1"
 MAX_POINTS = 100_000  # a grid beyond this is almost always a typo (README: Limits)
@@ -40,7 +40,7 @@ MAX_SEEDS = 100
 
 
 @schema_dataclass(frozen=True, kw_only=True, config=STRICT)
-class SweepFile:
+class SweepFile(Checked):
     """The fields of a sweep file (module doc)."""
 
     base: str | dict | None = None

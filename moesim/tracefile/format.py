@@ -48,10 +48,11 @@ class RoutingTrace:
     def __post_init__(self) -> None:
         meta = dict(self.metadata)
         meta.setdefault("schema", SCHEMA)
-        meta.setdefault("top_k", int(self.expert_ids.shape[-1]) if self.expert_ids.ndim else 0)
-        if self.scores is not None:
+        if self.expert_ids.ndim == 3:  # any other shape is refused by validate()
+            meta.setdefault("top_k", int(self.expert_ids.shape[-1]))
+            meta.setdefault("layer_indices", list(range(self.expert_ids.shape[0])))
+        if self.scores is not None and self.scores.ndim:
             meta.setdefault("num_experts", int(self.scores.shape[-1]))
-        meta.setdefault("layer_indices", list(range(self.expert_ids.shape[0])))
         object.__setattr__(self, "metadata", meta)
         validate(self)
 
@@ -136,6 +137,10 @@ class RoutingTrace:
         return cls.from_bytes(data, source=str(path))
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _fail(problem: str, field: str, allowed: str | None = None):
     raise InputError(problem, field=field, allowed=allowed)
 
@@ -175,23 +180,40 @@ def validate(trace: RoutingTrace) -> None:
     if not np.issubdtype(ids.dtype, np.integer):
         _fail(f"expected integers, got {ids.dtype}", "expert_ids")
     n_layers, n_tokens, top_k = ids.shape
+    for size, what in ((n_layers, "layers"), (n_tokens, "tokens"), (top_k, "experts per "
+                                                                         "token (K)")):
+        if size == 0:
+            _fail(f"no {what}: expert_ids has shape {ids.shape}", "expert_ids",
+                  "at least one layer, one token and one expert per token")
     n_experts = meta["num_experts"]
-    if not isinstance(n_experts, int) or n_experts < 1 or n_experts >= 2**15:
+    if not _is_int(n_experts) or n_experts < 1 or n_experts >= 2**15:
         _fail(f"bad expert count {n_experts!r}", "metadata.num_experts", "1..32767")
-    if meta["top_k"] != top_k:
-        _fail(f"says top_k {meta['top_k']} but expert_ids has K = {top_k}", "metadata.top_k")
-    if not isinstance(meta["layer_indices"], list):
-        _fail(f"expected a list, got {meta['layer_indices']!r}", "metadata.layer_indices",
-              "a list of the MoE layers' indices")
-    if len(meta["layer_indices"]) != n_layers:
-        _fail(f"{len(meta['layer_indices'])} layer indices for {n_layers} layers",
-              "metadata.layer_indices")
-    if ids.size and (ids.min() < -1 or ids.max() >= n_experts):
+    if not _is_int(meta["top_k"]) or meta["top_k"] != top_k:
+        _fail(f"says top_k {meta['top_k']!r} but expert_ids has K = {top_k}",
+              "metadata.top_k")
+    layers = meta["layer_indices"]
+    if not isinstance(layers, list) or not all(_is_int(i) and i >= 0 for i in layers):
+        _fail(f"expected a list of layer numbers, got {layers!r}"[:120],
+              "metadata.layer_indices", "a list of the MoE layers' indices (integers >= 0)")
+    if len(layers) != n_layers or len(set(layers)) != n_layers:
+        _fail(f"{len(layers)} layer indices ({len(set(layers))} distinct) for {n_layers} "
+              "layers", "metadata.layer_indices", f"{n_layers} distinct layer numbers")
+    if ids.min() < -1 or ids.max() >= n_experts:
         _fail(f"expert ids range {ids.min()}..{ids.max()}", "expert_ids",
               f"-1 (dropped) or 0..{n_experts - 1}")
+    ordered = np.sort(ids, axis=-1)
+    if ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any():
+        _fail("a token chooses the same expert twice", "expert_ids",
+              "K distinct experts per token (or -1 for dropped slots)")
+    if not (ids >= 0).any(axis=(1, 2)).all():
+        empty = int(np.flatnonzero(~(ids >= 0).any(axis=(1, 2)))[0])
+        _fail(f"layer {empty} has every slot dropped", "expert_ids",
+              "at least one routed assignment per layer")
     if trace.weights.shape != ids.shape:
         _fail(f"shape {trace.weights.shape} differs from expert_ids {ids.shape}", "weights")
     _check_finite("weights", trace.weights)
+    if (trace.weights < 0).any():
+        _fail("negative gate weights", "weights", ">= 0")
     normalized = {"expert_ids": ids.astype(np.int16, copy=False),
                   "weights": _narrow("weights", trace.weights, np.float32)}
     if trace.scores is not None:

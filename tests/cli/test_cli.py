@@ -377,3 +377,18 @@ def test_terminal_output_is_plain_and_deterministic(small_overrides):
               for line in lines[1:] if line.startswith("  ") and not line.startswith("  (")
               and "  " in line[2:]}
     assert len(starts) == 1, "the breakdown's values start in one column"
+
+
+@pytest.mark.parametrize(("args", "needle"), [
+    (["simulate", "--bogus"], "No such option: --bogus"),
+    (["simulate", "--trace-gpus", "abc"], "--trace-gpus"),
+    (["nothing"], "No such command 'nothing'"),
+    (["sweep"], "Missing argument"),
+    (["topo", "show"], "Missing argument"),
+])
+def test_usage_mistakes_are_one_line_and_exit_2(args, needle):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moesim: error: moesim"), result.output
+    assert needle in lines[0]

@@ -64,7 +64,7 @@ def test_an_unknown_key_reads_alike_in_every_file(tmp_path):
 def test_a_value_out_of_bounds_reads_alike_in_every_file(tmp_path):
     cases = [
         (moesim.load_scenario, scenario_file(tmp_path, lambda d: d["parallel"].update(
-            comm_sms=-1)), "parallel.comm_sms", ">= 0"),
+            comm_sms=-1)), "parallel.comm_sms", ">= 0 and <= 10000"),
         (load_topology, topology_file(tmp_path, lambda d: d["links"]["nvlink"].update(
             efficiency=1.5)), "links.nvlink.efficiency", "> 0 and <= 1"),
         (load_runs, runs_file(tmp_path, lambda d: d["runs"][0].update(tolerance=0)),

@@ -117,12 +117,15 @@ def test_optional_arrays_stay_absent(tmp_path):
 
 
 @settings(max_examples=25, deadline=None)
-@given(n_layers=st.integers(1, 3), n_tokens=st.integers(0, 5), top_k=st.integers(1, 4),
+@given(n_layers=st.integers(1, 3), n_tokens=st.integers(1, 5), top_k=st.integers(1, 4),
        extra=st.integers(0, 4), seed=st.integers(0, 2**16))
 def test_any_valid_trace_round_trips(n_layers, n_tokens, top_k, extra, seed):
     rng = np.random.default_rng(seed)
     n_experts = top_k + extra
-    ids = rng.integers(-1, n_experts, size=(n_layers, n_tokens, top_k))
+    # K distinct experts per token, some slots dropped (-1), never a whole layer.
+    ids = rng.permuted(np.broadcast_to(np.arange(n_experts), (n_layers, n_tokens, n_experts)),
+                       axis=-1)[..., :top_k].copy()
+    ids[(rng.random(ids.shape) < 0.3) & (np.arange(n_tokens) > 0)[None, :, None]] = -1
     trace = RoutingTrace(
         expert_ids=ids, weights=rng.random((n_layers, n_tokens, top_k)),
         seq_id=np.zeros(n_tokens, dtype=np.int32), pos=np.arange(n_tokens),

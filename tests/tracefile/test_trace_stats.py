@@ -199,7 +199,9 @@ def test_vectorised_stats_match_a_per_token_loop(data):
     m = data.draw(st.none() | st.integers(1, ep))
     rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
     ids_tk = np.stack([rng.permutation(num_experts)[:top_k] for _ in range(n_tokens)])
-    ids_tk[rng.random(ids_tk.shape) < 0.2] = -1
+    dropped = rng.random(ids_tk.shape) < 0.2
+    dropped[0, 0] = False  # a layer with every slot dropped is not a trace
+    ids_tk[dropped] = -1
     scores_te = rng.dirichlet(np.ones(num_experts), size=n_tokens).astype(np.float16)
     trace = make_trace(ids_tk[None], num_experts=num_experts, scores_lte=scores_te[None])
     stats = trace_stats(trace, ep=ep, gpus_per_node=gpus_per_node, max_devices=m)

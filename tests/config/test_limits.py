@@ -1,0 +1,62 @@
+"""What a scenario may ask for: finite numbers, numbers that are numbers, sizes one
+simulation can hold (README: Limits). Each refusal is one InputError naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from moesim.config.feasibility import MAX_ASSIGNMENTS, MAX_OP_ROWS
+from moesim.config.loading import load_scenario
+from moesim.errors import InputError
+
+SMALL = ["model.num_layers=4", "parallel.tokens_per_gpu=64"]
+
+
+def refusal(*overrides: str) -> InputError:
+    with pytest.raises(InputError) as err:
+        load_scenario(None, overrides=[*SMALL, *overrides])
+    return err.value
+
+
+@pytest.mark.parametrize("text", [
+    "routing.capacity_factor=.inf", "hardware.bf16_tflops=.inf", "routing.zipf_exponent=.nan",
+    "hardware.hbm_GB=-.inf",
+])
+def test_infinite_and_nan_numbers_are_refused(text):
+    err = refusal(text)
+    assert err.field == text.split("=")[0] and "finite" in err.problem
+
+
+@pytest.mark.parametrize("text", ["seed=true", "parallel.ep=true", "routing.capacity_factor=false",
+                                  "hardware.sms=true"])
+def test_true_or_false_is_not_a_number(text):
+    err = refusal(text)
+    assert err.field == text.split("=")[0] and "not true/false" in err.problem
+
+
+@pytest.mark.parametrize(("text", "field"), [
+    ("parallel.tokens_per_gpu=2147483648", "parallel.tokens_per_gpu"),
+    ("model.routed_experts=1099511627776", "model.routed_experts"),
+    ("model.num_layers=1000000000", "model.num_layers"),
+    ("parallel.gpus=1000000000000", "parallel.gpus"),
+    ("routing.capacity_factor=1.0e300", "routing.capacity_factor"),
+    ("routing.zipf_exponent=1000", "routing.zipf_exponent"),
+    ("hardware.bf16_tflops=1.0e-300", "hardware.bf16_tflops"),
+])
+def test_absurd_sizes_are_refused_before_anything_is_allocated(text, field):
+    assert refusal(text).field == field
+
+
+def test_a_step_too_large_for_one_simulation_names_its_size():
+    # Every field in range, the product not: 2048 GPUs x 1M tokens x top-8.
+    err = refusal("parallel.gpus=2048", "parallel.ep=256", "parallel.tokens_per_gpu=1048576")
+    assert err.field == "parallel.tokens_per_gpu"
+    assert f"{MAX_ASSIGNMENTS:,}" in err.allowed
+    err = refusal("parallel.gpus=2048", "parallel.ep=256", "model.num_layers=1024",
+                  "parallel.micro_batches=64")
+    assert err.field == "model.num_layers" and f"{MAX_OP_ROWS:,}" in err.allowed
+
+
+def test_the_largest_shipped_case_stays_inside_the_limits():
+    # DeepSeek-V3, 2048 GPUs, 4096 tokens per GPU: what `make bench` runs.
+    load_scenario(None, overrides=["parallel.gpus=2048", "parallel.ep=256"])

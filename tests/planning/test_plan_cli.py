@@ -1,0 +1,56 @@
+"""`moesim plan`: what it writes and prints, and one line for bad plan files."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from moesim.cli.main import app
+
+runner = CliRunner()
+
+
+def test_a_plan_writes_the_winner_frontier_counts_and_a_figure(tmp_path, repo):
+    out = tmp_path / "plan"
+    result = runner.invoke(app, ["plan", str(repo / "examples/plans/quick.yaml"), "--out",
+                                 str(out), "--workers", "1"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    document = json.loads((out / "plan.json").read_text())
+    assert document["points_total"] == 12
+    assert document["points_simulated"] == document["counts"]["simulated"] == 3
+    assert document["counts"]["unreachable"] == 4  # 8 and 16 GPUs cannot reach 3M tokens/s
+    winner = document["winner"]
+    assert winner["gpus"] == 32 and winner["tokens_per_s"] >= 3.0e6
+    assert winner["setup"] in result.output and "Pareto frontier" in result.output
+    assert any(r["setup"] == winner["setup"] for r in document["frontier"])
+    assert document["explanation"][0].startswith("Searched 12 setups: simulated 3")
+    table = pd.read_parquet(out / "plan.parquet")
+    assert len(table) == 12 and set(table["status"]) == {"invalid", "unreachable",
+                                                          "simulated"}
+    assert (out / "figures" / "frontier.png").stat().st_size > 10_000
+    again = runner.invoke(app, ["plan", str(repo / "examples/plans/quick.yaml"), "--out",
+                                str(out)])
+    assert again.exit_code == 2 and "already holds a plan" in again.output
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("search: {parallel.ep: [8]}\ncost: {metric: gpu_hours}\n", "cost.token_budget"),
+    ("search: {parallel.ep: [8]}\ncost: {metric: dollars, token_budget: 1.0e9}\n",
+     "cost.price_per_gpu_hour"),
+    ("search: {parallel.ep: [8]}\ntarget: {tokens_per_s: .inf}\n", "target.tokens_per_s"),
+    ("search: {parallel.ep: [8]}\ntarget: {tokens: 5}\n", "target.tokens"),
+    ("search: {routing.nope: [1]}\n", "search.routing.nope"),
+    ("serach: {parallel.ep: [8]}\n", "serach"),
+])
+def test_bad_plan_files_exit_2_with_one_line(tmp_path, text, needle):
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    result = runner.invoke(app, ["plan", str(path), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("moesim: error:"), result.output
+    assert needle in lines[0] and str(path) in lines[0]
+    assert not (tmp_path / "o" / "plan.json").exists()
