@@ -94,7 +94,7 @@ def plan(
     """
     import pandas as pd
 
-    from moesim.cli.output import check_out_dir, write_json, write_parquet, write_text
+    from moesim.cli.output import check_out_target, write_json, write_parquet, write_text
     from moesim.errors import InputError
     from moesim.inputs import load_yaml, read_text
     from moesim.planning.search import search
@@ -105,7 +105,7 @@ def plan(
     source = str(plan_file)
     text = read_text(plan_file, what="plan file")
     spec = parse_plan(load_yaml(text, source=source), source=source)
-    check_out_dir(out)
+    check_out_target(out)
     if (out / "plan.json").exists():
         raise InputError(f"{out} already holds a plan; choose another --out", field="--out")
     started = time.monotonic()

@@ -27,9 +27,10 @@ def results_path(out: Path) -> Path:
     return out / "results.parquet"
 
 
-def read_stored(out: Path, spec_text: str, *, resume: bool, marker: str) -> list[dict]:
+def read_stored(out: Path, spec_text: str, points, *, resume: bool,
+                marker: str) -> list[dict]:
     """The rows a previous run of the same sweep stored in ``out`` (with ``--resume``);
-    refuses to write over another run's results."""
+    refuses to write over another run's results, or to mix them with this one's."""
     import pandas as pd
 
     done = results_path(out)
@@ -43,15 +44,21 @@ def read_stored(out: Path, spec_text: str, *, resume: bool, marker: str) -> list
         raise InputError(f"{out} holds the results of a different {marker}; --resume "
                          "continues the same one", field="--resume")
     frame = pd.read_parquet(done)
+    stray = set(frame["scenario_hash"]) - {p.key for p in points}
+    if stray:
+        raise InputError(f"{len(stray)} of the {len(frame)} points stored in {out} are not "
+                         "points of this sweep any more (its base scenario or a file it "
+                         "names changed); --resume continues the same sweep",
+                         field="--resume", allowed="another --out for the changed sweep")
     return [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
             for row in frame.to_dict(orient="records")]
 
 
-def run_points(points, *, out: Path, stored: list[dict], pool, label: str,
+def run_points(points, *, out: Path, spec_text: str, stored: list[dict], pool, label: str,
                write_every_s: float = 1.0) -> list[dict]:
-    """Simulate the points not in ``stored``, writing ``out/results.parquet`` (all rows so
-    far) atomically after the first point, then at most every ``write_every_s``, and at
-    the end, also when interrupted."""
+    """Simulate the points not in ``stored``. ``out`` gets ``sweep.yaml`` (``spec_text``),
+    ``results.parquet`` (all rows so far) and ``progress.json`` with the first point,
+    then at most every ``write_every_s`` seconds, and at the end, also when interrupted."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
@@ -62,15 +69,20 @@ def run_points(points, *, out: Path, stored: list[dict], pool, label: str,
         TimeRemainingColumn,
     )
 
-    from moesim.cli.output import write_json, write_parquet
+    from moesim.cli.output import write_json, write_parquet, write_text
     from moesim.sweep.run import results_frame, simulate_point
 
+    written = len(stored)
+
     def store(rows: list[dict]) -> None:
-        """The rows so far, then how many of the sweep's points they are."""
+        """The sweep file, the rows so far, then how many of the points they are."""
+        nonlocal written
+        write_text(out / "sweep.yaml", spec_text)
         write_parquet(results_path(out), results_frame(rows))
         write_json(out / "progress.json", {"points_total": len(points),
                                            "points_stored": len(rows),
                                            "complete": len(rows) == len(points)})
+        written = len(rows)
 
     have = {row["scenario_hash"] for row in stored}
     todo = [p for p in points if p.key not in have]
@@ -87,11 +99,11 @@ def run_points(points, *, out: Path, stored: list[dict], pool, label: str,
                 rows.append(row)
                 bar.advance(task)
                 if time.monotonic() - last >= write_every_s:
-                    write_parquet(results_path(out), results_frame(rows))
-                    last = -math.inf
+                    store(rows)
+                    last = time.monotonic()
     finally:
-        if len(rows) > len(stored):
-            write_parquet(results_path(out), results_frame(rows))
+        if len(rows) != written or not rows:
+            store(rows)
     return rows
 
 
@@ -100,7 +112,7 @@ def sweep(
     spec_file: Annotated[Path, typer.Argument(
         metavar="SWEEP.yaml", help="Sweep file: base scenario, axes, zip, seeds.")],
     out: Annotated[Path, typer.Option(
-        parser=out_folder,help="Write results.parquet and sweep.yaml here.")],
+        parser=out_folder, help="Write results.parquet and sweep.yaml here.")],
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue a sweep in --out: points already stored are not run "
                          "again (failed ones neither).")] = False,
@@ -119,7 +131,7 @@ def sweep(
 
       moesim sweep examples/sweeps/quick.yaml --out runs/quick --workers 1
     """
-    from moesim.cli.output import check_out_dir, write_text
+    from moesim.cli.output import check_out_target
     from moesim.inputs import load_yaml, read_text
     from moesim.sweep.executors import executor
     from moesim.sweep.spec import expand, parse_sweep
@@ -127,20 +139,23 @@ def sweep(
     source = str(spec_file)
     text = read_text(spec_file, what="sweep file")
     spec = parse_sweep(load_yaml(text, source=source), source=source)
-    check_out_dir(out)
-    stored = read_stored(out, text, resume=resume, marker="sweep.yaml")
     points = expand(spec, source=source)
-    write_text(out / "sweep.yaml", text)
+    check_out_target(out)
+    stored = read_stored(out, text, points, resume=resume, marker="sweep.yaml")
     started = time.monotonic()
     with executor(scheduler=scheduler, workers=workers) as pool:
-        rows = run_points(points, out=out, stored=stored, pool=pool, label="sweep")
+        rows = run_points(points, out=out, spec_text=text, stored=stored, pool=pool,
+                          label="sweep")
     seconds = time.monotonic() - started
-    computed = len(rows) - len(stored)
-    failed = sum(1 for row in rows if row.get("error"))
-    rate = computed / seconds * 60 if seconds > 0 else 0.0
-    typer.echo(f"{len(points)} points: {computed} simulated, {len(stored)} already stored, "
-               f"{failed} without results (see the error column); {seconds:.1f} s "
-               f"({rate:.0f} points/min)")
+    new = rows[len(stored):]
+    invalid = sum(1 for p in points if p.scenario is None and p.key in
+                  {r["scenario_hash"] for r in new})
+    failed = sum(1 for row in new if row.get("error")) - invalid
+    simulated = len(new) - invalid
+    rate = simulated / seconds * 60 if seconds > 0 else 0.0
+    typer.echo(f"{len(points)} points: {simulated} simulated ({failed} failed), {invalid} "
+               f"not valid scenarios, {len(stored)} already stored (see the error column); "
+               f"{seconds:.1f} s ({rate:.0f} points/min)")
     typer.echo(f"wrote {results_path(out)}")
     if report:
         from moesim.cli.report import report_folder

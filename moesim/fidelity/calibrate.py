@@ -186,22 +186,6 @@ def calibrate(
     return fitted, report
 
 
-def format_fit(report: FitReport) -> str:
-    lines = [f"{'parameter':<20} {'before':>12} {'after':>12}"]
-    lines += [f"{p:<20} {report.before[p]:>12.6g} {report.after[p]:>12.6g}" for p in PARAMS]
-    lines.append("")
-    lines.append(f"{'run':<44} {'measured':>9} {'before':>9} {'after':>9}")
-    for r in report.rows:
-        lines.append(f"{r.run:<44} {r.measured:>9.4g} {r.before / r.measured - 1:>+9.1%} "
-                     f"{r.after / r.measured - 1:>+9.1%}")
-    lines.append("")
-    for f, (b, a) in report.mape_by_file().items():
-        lines.append(f"MAPE {Path(f).name}: {b:.1%} -> {a:.1%}")
-    lines.append(f"MAPE {report.mape_before:.1%} -> {report.mape_after:.1%} over "
-                 f"{len(report.rows)} GEMM run(s); {report.skipped} non-GEMM run(s) skipped")
-    return "\n".join(lines)
-
-
 def hardware_yaml(hw: HardwareSpec) -> str:
     """``hw`` as a hardware YAML file (a mapping of HardwareSpec fields)."""
     return yaml.safe_dump(dataclasses.asdict(hw), sort_keys=False, width=1000)

@@ -219,25 +219,3 @@ def regress_tables(
             table, _ = read_table(file)
             reports.append(regress_table(table, file=str(file)))
     return reports
-
-
-def format_report(report: RegressReport) -> str:
-    """A plain-text table, one row per (run, metric), then MAPE overall and per op."""
-    head = ("file", "run", "metric", "measured", "simulated", "error", "tol", "")
-    body = [(Path(r.file).name, r.run, r.metric, f"{r.measured:.4g}", f"{r.simulated:.4g}",
-             f"{r.rel_error:+.1%}", f"{r.tolerance:.0%}", "ok" if r.passed else "FAIL")
-            for r in report.rows]
-    widths = [max(len(str(line[i])) for line in [head, *body]) for i in range(len(head))]
-    right = {3, 4, 5, 6}
-
-    def fmt(line) -> str:
-        return "  ".join(str(c).rjust(w) if i in right else str(c).ljust(w)
-                         for i, (c, w) in enumerate(zip(line, widths, strict=True))).rstrip()
-
-    lines = [fmt(head), *(fmt(line) for line in body), ""]
-    lines.append(f"MAPE {report.mape:.1%} over {len(report.rows)} metric(s)")
-    lines += [f"  {op}: {value:.1%}" for op, value in report.mape_by_op.items()]
-    n_fail = len(report.failed)
-    lines.append("PASSED" if report.passed else f"FAILED: {n_fail} of {len(report.rows)} "
-                 "metric(s) out of tolerance")
-    return "\n".join(lines)

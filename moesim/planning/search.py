@@ -9,8 +9,11 @@ ones that cost a simulation:
 4. ``unreachable``: even its step-time lower bound (:mod:`moesim.planning.bounds`)
    misses the target;
 5. ``bound``: its lowest possible cost is above the best setup found so far, and its
-   best possible place on the frontier is dominated by a setup already simulated,
-   so it can neither win nor join the frontier.
+   best possible place on the frontier is dominated by a simulated setup that meets the
+   target, so it can neither win nor join the frontier.
+
+The frontier is that of the setups that fit and meet the target (rules 1-4 remove only
+setups that cannot be among them).
 
 What is left is simulated in batches, cheapest lower bound first, re-checking rule 5
 after every batch as the incumbent improves. The winner is then the brute-force
@@ -184,12 +187,14 @@ def search(plan: PlanFile, *, source: str, run_batch: RunBatch, batch_size: int 
     for c in candidates:
         _screen(plan, c)
     mode = next((c.point.scenario["mode"] for c in candidates if c.point.scenario), "train")
+    _check_target_modes(plan, {c.point.scenario["mode"] for c in candidates
+                               if c.point.scenario}, source=source)
     open_ = sorted((c for c in candidates if c.status == "pending"),
                    key=lambda c: (c.cost_lb, c.step_lb_s, c.point.index))
     while True:
-        done = [c for c in candidates if c.ok]
-        winners = sorted((c for c in done if _meets(plan, c)), key=lambda c: _rank_key(plan, c))
-        reached = [_coords(mode, plan, c, bound=False) for c in done]
+        winners = sorted((c for c in candidates if _meets(plan, c)),
+                         key=lambda c: _rank_key(plan, c))
+        reached = [_coords(mode, plan, c, bound=False) for c in winners]
         for c in open_:
             if winners and _prunable(plan, mode, c, winners[0], reached):
                 c.status = "bound"
@@ -208,6 +213,20 @@ def search(plan: PlanFile, *, source: str, run_batch: RunBatch, batch_size: int 
         if progress is not None:
             progress(sum(1 for c in candidates if c.row is not None), len(open_))
     return _result(plan, mode, candidates)
+
+
+MODE_TARGETS = {"ttft_s": ("prefill",), "tpot_s": ("decode",)}
+
+
+def _check_target_modes(plan: PlanFile, modes: set[str], *, source: str) -> None:
+    """A target no searched mode reports (TTFT of a training step, say) is a mistake."""
+    from moesim.errors import InputError
+
+    for key, wanted in MODE_TARGETS.items():
+        if key in plan.target.given() and modes and not modes & set(wanted):
+            raise InputError(f"no searched setup reports {key} (mode {', '.join(sorted(modes))})",
+                             field=f"target.{key}", source=source,
+                             allowed=f"plans of mode {' or '.join(wanted)}")
 
 
 def _prunable(plan: PlanFile, mode: str, c: Candidate, best: Candidate,
@@ -229,8 +248,10 @@ def _result(plan: PlanFile, mode: str, candidates: list[Candidate]) -> PlanResul
         c.status = "simulated" if not missed else "misses target"
         c.reason = "; ".join(missed)
     ranked = sorted((c for c in done if _meets(plan, c)), key=lambda c: _rank_key(plan, c))
-    coords = [_coords(mode, plan, c, bound=False) for c in done]
-    front = [done[i] for i in frontier.pareto(coords)]
+    # The frontier of the setups that fit and meet the target: rule 4 leaves out only
+    # setups that cannot meet it, so none of those is missing.
+    coords = [_coords(mode, plan, c, bound=False) for c in ranked]
+    front = [ranked[i] for i in frontier.pareto(coords)]
     winner = ranked[0] if ranked else None
     result = PlanResult(plan=plan, mode=mode, candidates=candidates, winner=winner,
                         runners_up=ranked[1:1 + plan.top], frontier=front)
@@ -260,6 +281,9 @@ def _explain(result: PlanResult) -> Iterator[str]:
                            key=lambda c: c.memory_gib)
             yield (f"No setup fits in GPU memory; the smallest needs {smallest.memory_gib:.1f}"
                    f" GiB per GPU ({describe(smallest.point.values)}).")
+        elif result.simulated == 0:
+            yield ("Nothing was left to simulate: every setup was pruned for the reasons "
+                   "counted above (plan.parquet gives each one's).")
         else:
             yield "No simulated setup meets the target."
         return

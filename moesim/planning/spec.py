@@ -28,15 +28,14 @@ Schema ``moesim.plan/1``::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import Field, TypeAdapter, ValidationError
+from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from moesim.errors import InputError
-from moesim.sweep.spec import MAX_SEEDS, check_axes
-from moesim.validation import STRICT, Checked, field_names, input_error
+from moesim.sweep.spec import MAX_SEEDS, check_axes, parse_file
+from moesim.validation import STRICT, Checked
 
 SCHEMA = "moesim.plan/1"
 AT_LEAST = ("tokens_per_s", "tokens_per_s_per_gpu")
@@ -100,23 +99,16 @@ class PlanFile(Checked):
 
 def parse_plan(data: Any, *, source: str) -> PlanFile:
     """Validate a plan mapping as read from YAML."""
-    if not isinstance(data, Mapping):
-        raise InputError(f"a plan file is a mapping, got {type(data).__name__}",
-                         source=source, allowed="base, set, search, target, constraints, cost")
-    data = dict(data)
-    schema = data.pop("schema", SCHEMA)
-    if schema != SCHEMA:
-        raise InputError(f"unknown schema {schema!r}", field="schema", allowed=SCHEMA,
-                         source=source)
-    unknown = sorted(set(data) - set(field_names(PlanFile)))
-    if unknown:  # before pydantic, which would first miss a field the typo meant
-        raise InputError("unknown field", field=str(unknown[0]), source=source,
-                         allowed=", ".join(field_names(PlanFile)))
-    try:
-        plan = TypeAdapter(PlanFile).validate_python(data)
-    except ValidationError as err:
-        raise input_error(err, schema=PlanFile, source=source) from None
+    plan = parse_file(data, PlanFile, schema=SCHEMA, source=source, what="plan")
     check_axes(plan.search, plan.zip, source=source, what="search")
+    for i, name in enumerate(plan.constraints.topologies or ()):
+        from pathlib import Path
+
+        from moesim.topologies import preset_names
+
+        if name not in preset_names() and not Path(name).is_file():
+            raise InputError(f"unknown topology {name!r}", field=f"constraints.topologies[{i}]",
+                             source=source, allowed=", ".join(preset_names()) + ", or a file")
     cost = plan.cost
     if cost.metric != "gpus" and cost.token_budget is None:
         raise InputError(f"cost.metric {cost.metric} needs the tokens to process",

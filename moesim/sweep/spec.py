@@ -77,24 +77,31 @@ def point_key(scenario: dict | None, values: Mapping[str, Any], seeds: int) -> s
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def parse_sweep(data: Any, *, source: str) -> SweepFile:
-    """Validate a sweep mapping as read from YAML."""
+def parse_file(data: Any, schema_type: type, *, schema: str, source: str, what: str):
+    """Validate a mapping read from a ``what`` file (a sweep or plan file) against
+    ``schema_type``; the ``schema`` key is optional and must match."""
+    fields = field_names(schema_type)
     if not isinstance(data, Mapping):
-        raise InputError(f"a sweep file is a mapping, got {type(data).__name__}",
-                         source=source, allowed="base, set, axes, zip, seeds")
+        raise InputError(f"a {what} file is a mapping, got {type(data).__name__}",
+                         source=source, allowed=", ".join(fields))
     data = dict(data)
-    schema = data.pop("schema", SCHEMA)
-    if schema != SCHEMA:
-        raise InputError(f"unknown schema {schema!r}", field="schema", allowed=SCHEMA,
+    given = data.pop("schema", schema)
+    if given != schema:
+        raise InputError(f"unknown schema {given!r}", field="schema", allowed=schema,
                          source=source)
-    unknown = sorted(set(data) - set(field_names(SweepFile)))
+    unknown = sorted(set(data) - set(fields))
     if unknown:  # before pydantic, which would first miss a field the typo meant
         raise InputError("unknown field", field=str(unknown[0]), source=source,
-                         allowed=", ".join(field_names(SweepFile)))
+                         allowed=", ".join(fields))
     try:
-        spec = TypeAdapter(SweepFile).validate_python(data)
+        return TypeAdapter(schema_type).validate_python(data)
     except ValidationError as err:
-        raise input_error(err, schema=SweepFile, source=source) from None
+        raise input_error(err, schema=schema_type, source=source) from None
+
+
+def parse_sweep(data: Any, *, source: str) -> SweepFile:
+    """Validate a sweep mapping as read from YAML."""
+    spec = parse_file(data, SweepFile, schema=SCHEMA, source=source, what="sweep")
     check_axes(spec.axes, spec.zip, source=source)
     return spec
 
@@ -226,15 +233,43 @@ def resolve_point(base: dict, overrides: Sequence[str], values: Mapping[str, Any
     return scenario
 
 
+def blame(err: InputError, spec: SweepFile, source: str) -> InputError:
+    """An error of a point's overrides, named as the sweep file writes them: the axis
+    (``axes.routing.capacity_factor``) or the entry of ``set`` (``set[0]``), in ``source``.
+    Errors of the base scenario keep its own file."""
+    if err.source != "--set":
+        return err
+    field = err.field or ""
+
+    def names(key: str) -> bool:
+        return bool(field) and (field == key or field.startswith(key + ".")
+                                or key.startswith(field + "."))
+
+    # Axis overrides are written by moesim, so a malformed override is one of `set`.
+    malformed = err.problem.startswith("override ")
+    for key in () if malformed else spec.axes:
+        if names(key):
+            return InputError(err.problem, field=f"axes.{field}", allowed=err.allowed,
+                              source=source)
+    for i, text in enumerate(spec.set):
+        if names(text.partition("=")[0].strip()):
+            return InputError(err.problem, field=f"set[{i}]: {field}", allowed=err.allowed,
+                              source=source)
+    return InputError(err.problem, field=field or None, allowed=err.allowed, source=source)
+
+
 def expand(spec: SweepFile, *, source: str) -> list[SweepPoint]:
     """The sweep's points. A point that is not a valid scenario (``M`` above what its
     ``D`` allows, say) keeps its error instead of a scenario: it becomes a row that says
     why, and the sweep goes on."""
-    base, base_source = base_scenario(spec.base, source=source)
-    # The base itself must load: a broken base is one error, not one per point.
     from moesim.config.loading import scenario_from_dict
 
-    scenario_from_dict(base, source=base_source, overrides=spec.overrides())
+    base, base_source = base_scenario(spec.base, source=source)
+    # The base itself must load: a broken base is one error, not one per point.
+    try:
+        scenario_from_dict(base, source=base_source, overrides=spec.overrides())
+    except InputError as err:
+        raise blame(err, spec, source) from None
     points = []
     for index, values in enumerate(grid(spec.axes, spec.zip)):
         try:
@@ -242,7 +277,7 @@ def expand(spec: SweepFile, *, source: str) -> list[SweepPoint]:
                                      keep_active_params=spec.keep_active_params).to_dict()
             error = None
         except InputError as err:
-            scenario, error = None, str(err)
+            scenario, error = None, str(blame(err, spec, source))
         points.append(SweepPoint(index=index, values=values, scenario=scenario,
                                  seeds=spec.seeds, error=error,
                                  key=point_key(scenario, values, spec.seeds)))

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import yaml
 
+from moesim.cli.regress import format_runs as format_report
 from moesim.config.loading import hardware_preset
 from moesim.errors import InputError
-from moesim.fidelity.regress import format_report, regress, simulate_run
+from moesim.fidelity.regress import regress, simulate_run
 from moesim.fidelity.runs import KNOWN_GAPS, gpu_runs_dir, load_runs
 from moesim.topologies import load_topology
 

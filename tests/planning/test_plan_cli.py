@@ -6,6 +6,7 @@ import json
 
 import pandas as pd
 import pytest
+import yaml
 from typer.testing import CliRunner
 
 from moesim.cli.main import app
@@ -44,6 +45,9 @@ def test_a_plan_writes_the_winner_frontier_counts_and_a_figure(tmp_path, repo):
     ("search: {parallel.ep: [8]}\ntarget: {tokens: 5}\n", "target.tokens"),
     ("search: {routing.nope: [1]}\n", "search.routing.nope"),
     ("serach: {parallel.ep: [8]}\n", "serach"),
+    ("search: {parallel.ep: [8]}\nconstraints: {topologies: [nosuch]}\n",
+     "constraints.topologies[0]"),
+    ("search: {parallel.ep: [64]}\ntarget: {ttft_s: 1.0}\n", "target.ttft_s"),
 ])
 def test_bad_plan_files_exit_2_with_one_line(tmp_path, text, needle):
     path = tmp_path / "plan.yaml"
@@ -54,3 +58,16 @@ def test_bad_plan_files_exit_2_with_one_line(tmp_path, text, needle):
     assert len(lines) == 1 and lines[0].startswith("moesim: error:"), result.output
     assert needle in lines[0] and str(path) in lines[0]
     assert not (tmp_path / "o" / "plan.json").exists()
+
+
+def test_the_frontier_holds_only_setups_that_meet_the_target(tmp_path, repo):
+    plan = yaml.safe_load((repo / "examples/plans/quick.yaml").read_text())
+    plan["target"] = {"tokens_per_s": 2.5e6}  # 16 GPUs: reachable by the bound, missed
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    out = tmp_path / "o"
+    assert runner.invoke(app, ["plan", str(path), "--out", str(out), "--workers", "1"],
+                         catch_exceptions=False).exit_code == 0
+    document = json.loads((out / "plan.json").read_text())
+    assert document["counts"].get("misses target", 0) > 0
+    assert all(r["tokens_per_s"] >= 2.5e6 for r in document["frontier"])

@@ -84,10 +84,11 @@ def test_a_killed_sweep_resumes_without_computing_a_point_twice(tmp_path):
     assert refused.exit_code == 2 and "--resume" in refused.output
     resumed = run([str(spec), "--out", str(cut), "--resume", "--workers", "1"])
     assert resumed.exit_code == 0, resumed.output
-    assert f"{8 - stored} simulated, {stored} already stored" in resumed.output
+    assert (f"{8 - stored} simulated (0 failed), 0 not valid scenarios, {stored} already "
+            "stored") in resumed.output
     pd.testing.assert_frame_equal(rows(cut), rows(whole))
     again = run([str(spec), "--out", str(cut), "--resume"])
-    assert "0 simulated, 8 already stored" in again.output
+    assert "0 simulated (0 failed), 0 not valid scenarios, 8 already stored" in again.output
 
 
 def test_a_failing_point_is_a_row_and_the_sweep_goes_on(tmp_path):
@@ -131,3 +132,53 @@ def test_an_unreachable_scheduler_is_one_line(tmp_path, monkeypatch):
     result = run([str(spec), "--out", str(tmp_path / "o"), "--scheduler",
                   "tcp://127.0.0.1:9"])
     assert result.exit_code == 2 and "--scheduler" in result.output
+
+
+def test_resume_refuses_a_sweep_whose_base_changed(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(BASE))
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump({"base": "base.yaml", "axes": {"parallel.ep": [8, 16]}}))
+    out = tmp_path / "o"
+    assert run([str(spec), "--out", str(out), "--workers", "1"]).exit_code == 0
+    before = rows(out)
+    base.write_text(yaml.safe_dump(BASE | {"parallel": {"ep": 16, "tokens_per_gpu": 256}}))
+    result = run([str(spec), "--out", str(out), "--resume"])
+    assert result.exit_code == 2 and "not points of this sweep" in result.output
+    pd.testing.assert_frame_equal(rows(out), before)
+
+
+def test_a_sweep_that_cannot_start_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr("moesim.sweep.executors.CONNECT_TIMEOUT", "1s")
+    spec = sweep_file(tmp_path, {"parallel.ep": [8]})
+    out = tmp_path / "deep" / "er" / "o"
+    assert run([str(spec), "--out", str(out), "--scheduler", "tcp://127.0.0.1:9"]).exit_code == 2
+    spec.write_text(yaml.safe_dump({"base": "missing.yaml", "axes": {"parallel.ep": [8]}}))
+    assert run([str(spec), "--out", str(out)]).exit_code == 2
+    assert not (tmp_path / "deep").exists()
+
+
+def test_mistakes_in_set_and_axes_name_the_sweep_file(tmp_path):
+    spec = tmp_path / "sweep.yaml"
+    spec.write_text(yaml.safe_dump({"base": BASE, "set": ["parallel.ep=abc"],
+                                    "axes": {"parallel.tokens_per_gpu": [64]}}))
+    result = run([str(spec), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 2
+    assert f"{spec}: set[0]: parallel.ep:" in result.output
+    spec.write_text(yaml.safe_dump({"base": BASE, "axes": {"routing.capacity_factor": [-1]}}))
+    assert run([str(spec), "--out", str(tmp_path / "o"), "--workers", "1"]).exit_code == 0
+    error = rows(tmp_path / "o").loc[0, "error"]
+    assert error.startswith(f"{spec}: axes.routing.capacity_factor:")
+
+
+def test_the_table_is_not_rewritten_after_every_point(tmp_path, monkeypatch):
+    import moesim.cli.output as output
+
+    writes = []
+    real = output.write_parquet
+    monkeypatch.setattr(output, "write_parquet",
+                        lambda path, frame: (writes.append(len(frame)), real(path, frame)))
+    spec = sweep_file(tmp_path, {"routing.capacity_factor": [None, 1.0, 1.5, 2.0, 3.0, 4.0]},
+                      seeds=1)
+    assert run([str(spec), "--out", str(tmp_path / "o"), "--workers", "1"]).exit_code == 0
+    assert writes[0] == 1 and writes[-1] == 6 and len(writes) < 6
