@@ -135,13 +135,31 @@ def check_selection(
         )
 
 
+def _sorted_topk(values_tn: torch.Tensor, k: int) -> torch.Tensor:
+    """:func:`ordered_topk` by a full stable sort of every row (the reference)."""
+    return torch.sort(values_tn, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
 def ordered_topk(values_tn: torch.Tensor, k: int) -> torch.Tensor:
     """Indices [T, k] of the k largest entries per row, by (value desc, index asc).
 
-    A stable descending sort keeps equal values in index order, which is the tie rule.
+    ``topk`` of ``k + 1`` finds the set wherever the k-th and the next value differ
+    (then every entry equal to a chosen one is chosen too); those k are put in order
+    by a small stable sort, index ascending first. The rows where the boundary ties, or
+    that hold NaN, take the full stable sort, whose order is the tie rule.
     """
-    order_tn = torch.sort(values_tn, dim=-1, descending=True, stable=True).indices
-    return order_tn[:, :k]
+    n = values_tn.shape[-1]
+    if k == 0 or k >= n or values_tn.shape[0] == 0:
+        return _sorted_topk(values_tn, k)
+    top_v, top_i = values_tn.topk(k + 1, dim=-1)
+    by_index = top_i[:, :k].sort(dim=-1).indices
+    chosen_i = top_i[:, :k].gather(1, by_index)
+    chosen_v = top_v[:, :k].gather(1, by_index)
+    ids_tk = chosen_i.gather(1, chosen_v.sort(dim=-1, descending=True, stable=True).indices)
+    unsure_t = (top_v[:, k - 1] == top_v[:, k]) | torch.isnan(top_v).any(dim=-1)
+    if unsure_t.any():
+        ids_tk[unsure_t] = _sorted_topk(values_tn[unsure_t], k)
+    return ids_tk
 
 
 def group_scores(select_te: torch.Tensor, *, group_size: int, group_rule: str) -> torch.Tensor:

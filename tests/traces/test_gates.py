@@ -687,3 +687,26 @@ def test_bias_moves_against_the_load():
     with pytest.raises(InputError) as err:
         update_bias(bias, ids([1, 1, 1, 1]), rate=-1.0)
     assert err.value.field == "bias_rate"
+
+
+# --- ordered_topk: topk with the tie rule of a full stable sort ----------------------
+
+
+@given(rows=st.integers(1, 30), width=st.integers(1, 40), data=st.data(),
+       kind=st.sampled_from(["continuous", "few values", "half precision", "nan and inf"]))
+@settings(max_examples=300, deadline=None)
+def test_ordered_topk_equals_the_full_stable_sort(rows, width, data, kind):
+    from moesim.traces.gates import _sorted_topk, ordered_topk
+
+    k = data.draw(st.integers(0, width))
+    generator = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31 - 1)))
+    values = torch.randn(rows, width, generator=generator)
+    if kind == "few values":
+        values = torch.randint(0, 3, (rows, width), generator=generator).float()
+    elif kind == "half precision":
+        values = values.half().float().round(decimals=1)
+    elif kind == "nan and inf":
+        mask = torch.rand(rows, width, generator=generator)
+        values[mask < 0.1] = float("nan")
+        values[(mask >= 0.1) & (mask < 0.2)] = float("-inf")
+    assert torch.equal(ordered_topk(values, k), _sorted_topk(values, k))
