@@ -23,6 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_engine.py
+	$(PY) bench/bench_speed.py
 	$(PY) bench/bench_sweep.py
 
 # The hostile-input properties with 2,000 cases each (CI runs 40 each).

@@ -36,9 +36,11 @@ def route_scores(scenario: Scenario, scores_te: np.ndarray, *, gpus_per_domain: 
     bias = None
     if r.gate == "group-limited-sigmoid" and bias_e is not None:
         bias = torch.from_numpy(np.asarray(bias_e, dtype=np.float32))
-    routing = route(torch.from_numpy(np.asarray(scores_te, dtype=np.float32)), kind=r.gate,
-                    top_k=m.top_k, group_size=group_size, max_groups=max_groups, bias_e=bias)
-    return routing.ids_tk.numpy(), routing.weights_tk.numpy()
+    with torch.inference_mode():  # no autograd bookkeeping: all tokens of a window at once
+        routing = route(torch.from_numpy(np.asarray(scores_te, dtype=np.float32)),
+                        kind=r.gate, top_k=m.top_k, group_size=group_size,
+                        max_groups=max_groups, bias_e=bias)
+        return routing.ids_tk.numpy(), routing.weights_tk.numpy()
 
 
 def route_logical(scenario: Scenario, trace, layer: int, tokens: np.ndarray,

@@ -245,7 +245,9 @@ def test_mutated_traces(tmp_path_factory, name, how, seed):
     path.write_bytes(buffer.getvalue())
     check(runner.invoke(app, ["trace", "stats", str(path), "--ep", "8"]))
     check(runner.invoke(app, ["simulate", str(REPO / "examples/dsmoe16b-trace.yaml"), "--set",
-                              f"trace={path}", "--set", "engine=fast", "--json"]))
+                              f"trace={path}", "--set", "engine=fast", "--set",
+                              "model.num_layers=4", "--set", "parallel.ep=8", "--set",
+                              "parallel.tokens_per_gpu=256", "--json"]))
 
 
 def test_the_fuzzer_reaches_every_kind_of_field():

@@ -1,0 +1,137 @@
+"""Benchmark: the speed rows of the project's speed issue, each against its numpy floor.
+
+Every case runs in its own process (its peak memory is its own) and prints wall time,
+peak resident memory and the ratio to the floor: one ``np.bincount`` over as many
+(token, expert) assignments as the case routes, the least any routing of them costs.
+A record of the run (date, commit, machine, every row) is written to
+``reports/bench/<date>-<commit>.json`` so that regressions show between commits.
+
+    make bench            # or: python bench/bench_speed.py [CASE ...]
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+V3 = ["parallel.ep=64"]  # the default scenario: DeepSeek-V3 training, 4096 tokens per GPU
+CASES = {
+    # name: (overrides, goal in seconds or None, what the issue measured)
+    "v3-256-4draws-simpy": ([*V3, "parallel.gpus=256", "engine=simpy"], None, "2.7 s"),
+    "v3-256-4draws-fast": ([*V3, "parallel.gpus=256", "engine=fast"], None, "-"),
+    "v3-256-58layers-fast": ([*V3, "parallel.gpus=256", "routing.layer_samples=null",
+                              "engine=fast"], 2.0, "14.5 s"),
+    "v3-2048-4draws-fast": (["parallel.ep=256", "parallel.gpus=2048", "engine=fast"], None,
+                            "13.5 s"),
+    "v3-2048-58layers-fast": (["parallel.ep=256", "parallel.gpus=2048",
+                               "routing.layer_samples=null", "engine=fast"], 20.0, "27 s"),
+    "v3-256-flow-fast": ([*V3, "parallel.gpus=256", "network=flow", "engine=fast"], 60.0,
+                         "over 60 s at 2048"),
+    "reroute-8of58-layers": (None, 30.0 * 8 / 58, "637 s for 58 layers"),
+}
+
+
+def floor_seconds(assignments: int) -> float:
+    """One bincount over ``assignments`` random expert ids: the numpy floor."""
+    import numpy as np
+
+    ids = np.random.default_rng(0).integers(0, 256, size=assignments, dtype=np.int16)
+    started = time.perf_counter()
+    np.bincount(ids, minlength=256)
+    return time.perf_counter() - started
+
+
+def reroute_scenario(tmp: Path):
+    """An 8-layer DeepSeek-V3-shaped trace with scores, 64 GPUs x 8192 tokens per layer,
+    and its re-routing scenario (the issue's case has 58 layers: 8 of them fit in memory
+    beside the rest of a run here, and the time per layer is what the goal divides)."""
+    import numpy as np
+
+    from moesim import load_scenario
+    from moesim.tracefile.format import RoutingTrace
+
+    layers, tokens, experts, k = 8, 64 * 8192, 256, 8
+    rng = np.random.default_rng(0)
+    scores = rng.random((layers, tokens, experts), dtype=np.float32).astype(np.float16)
+    ids = np.argsort(-scores, axis=-1)[..., :k].astype(np.int16)
+    trace = RoutingTrace(expert_ids=ids, weights=np.take_along_axis(scores, ids, -1),
+                         scores=scores, seq_id=np.arange(tokens, dtype=np.int32) // 4096,
+                         pos=np.arange(tokens, dtype=np.int32) % 4096,
+                         metadata={"num_experts": experts, "gate": {"kind": "sigmoid"},
+                                   "source": {"kind": "bench"}})
+    path = tmp / "reroute.npz"
+    path.write_bytes(trace.to_bytes())
+    return load_scenario(overrides=[*V3, "parallel.tokens_per_gpu=8192",
+                                    f"model.num_layers={3 + layers}", f"trace={path}",
+                                    "routing.replay=reroute", "engine=fast"])
+
+
+def run_case(name: str) -> dict:
+    import tempfile
+
+    from moesim import load_scenario, simulate
+
+    overrides, _, _ = CASES[name]
+    with tempfile.TemporaryDirectory() as tmp:
+        scenario = (reroute_scenario(Path(tmp)) if overrides is None
+                    else load_scenario(overrides=overrides))
+        started = time.perf_counter()
+        summary = simulate(scenario).summary
+        seconds = time.perf_counter() - started
+    # What the routing itself handles: every draw (or trace layer) routes one EP group's
+    # tokens; the other groups reuse the draws.
+    p = scenario.parallel
+    draws = summary.get("routing_draws", scenario.model.moe_layers)
+    assignments = draws * p.ep * p.tokens_per_gpu * scenario.model.top_k
+    return {"case": name, "seconds": seconds, "assignments": assignments,
+            "floor_s": floor_seconds(assignments),
+            "peak_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+            "step_time_s": summary["step_time_s"]}
+
+
+def machine() -> dict:
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
+                            capture_output=True, text=True).stdout.strip() or "unknown"
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": commit, "python": platform.python_version(),
+            "machine": platform.machine(), "cores": len(os.sched_getaffinity(0)),
+            "memory_GiB": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30}
+
+
+def main(argv: list[str]) -> None:
+    if argv[:1] == ["--case"]:
+        print(json.dumps(run_case(argv[1])))
+        return
+    names = argv or list(CASES)
+    info = machine()
+    print(f"{'case':<24} {'wall':>8} {'peak':>8} {'floor':>8} {'x floor':>9} {'goal':>8} "
+          f"{'issue measured':>18}")
+    rows = []
+    for name in names:
+        _, goal, before = CASES[name]
+        done = subprocess.run([sys.executable, __file__, "--case", name], capture_output=True,
+                              text=True, timeout=900)
+        if done.returncode:
+            print(f"{name:<24} failed: {done.stderr.strip().splitlines()[-1]}", flush=True)
+            continue
+        r = json.loads(done.stdout.strip().splitlines()[-1])
+        rows.append(r | {"goal_s": goal, "issue_measured": before})
+        met = "-" if goal is None else ("met" if r["seconds"] <= goal else f"{goal:.1f} s")
+        print(f"{name:<24} {r['seconds']:>7.2f}s {r['peak_GiB']:>6.2f}G {r['floor_s']:>7.3f}s "
+              f"{r['seconds'] / r['floor_s']:>8.0f}x {met:>8} {before:>18}", flush=True)
+    out = REPO / "reports" / "bench" / f"{info['date'][:10]}-{info['commit']}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({**info, "rows": rows}, indent=1) + "\n")
+    print(f"wrote {out.relative_to(REPO)}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
