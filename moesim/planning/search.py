@@ -29,7 +29,7 @@ from typing import Any
 
 from moesim.planning import frontier
 from moesim.planning.spec import AT_LEAST, AT_MOST, PlanFile
-from moesim.sweep.spec import SweepFile, SweepPoint, expand
+from moesim.sweep.spec import SweepPoint, expand
 
 RunBatch = Callable[[list[SweepPoint]], Iterable[tuple[SweepPoint, dict]]]
 TIME_KEYS = ("expert_compute_time_s", "attention_time_s", "dispatch_time_s",
@@ -80,19 +80,24 @@ class PlanResult:
         return out
 
 
-def _metric(plan: PlanFile, row: dict) -> dict[str, float]:
-    """The row's values of the target keys and its cost."""
-    out = {"tokens_per_s": row["tokens_per_s"], "tokens_per_s_per_gpu":
-           row["tokens_per_s_per_gpu"], "step_time_s": row["step_time_s"]}
-    for key in ("ttft_s", "tpot_s"):
-        if key in row and row[key] is not None and not _nan(row[key]):
-            out[key] = row[key]
-    out["cost"] = plan.cost.of(row["gpus"], row["tokens_per_s"])
+def target_values(mode: str, *, tokens_per_s: float, gpus: int,
+                  step_s: float) -> dict[str, float]:
+    """A step's values of the target keys; its time is the TTFT in prefill and the TPOT
+    in decode (as the summary reports them)."""
+    out = {"tokens_per_s": tokens_per_s, "tokens_per_s_per_gpu": tokens_per_s / gpus,
+           "step_time_s": step_s}
+    if mode == "prefill":
+        out["ttft_s"] = step_s
+    elif mode == "decode":
+        out["tpot_s"] = step_s
     return out
 
 
-def _nan(value: Any) -> bool:
-    return isinstance(value, float) and math.isnan(value)
+def _metric(plan: PlanFile, row: dict) -> dict[str, float]:
+    """A simulated row's values of the target keys, and its cost."""
+    return target_values(row["mode"], tokens_per_s=row["tokens_per_s"], gpus=row["gpus"],
+                         step_s=row["step_time_s"]) | {
+        "cost": plan.cost.of(row["gpus"], row["tokens_per_s"])}
 
 
 def misses(plan: PlanFile, values: dict[str, float]) -> list[str]:
@@ -144,13 +149,8 @@ def _screen(plan: PlanFile, candidate: Candidate) -> None:
     candidate.step_lb_s = bound.step_s
     candidate.tokens_per_s_ub = bound.tokens_per_s
     candidate.cost_lb = plan.cost.of(gpus, bound.tokens_per_s)
-    best = {"tokens_per_s": bound.tokens_per_s, "tokens_per_s_per_gpu":
-            bound.tokens_per_s / gpus, "step_time_s": bound.step_s}
-    if scenario.mode == "prefill":
-        best["ttft_s"] = bound.step_s
-    if scenario.mode == "decode":
-        best["tpot_s"] = bound.step_s
-    missed = misses(plan, best)
+    missed = misses(plan, target_values(scenario.mode, tokens_per_s=bound.tokens_per_s,
+                                        gpus=gpus, step_s=bound.step_s))
     if missed:
         candidate.status = "unreachable"
         candidate.reason = "even at its lower bound: " + "; ".join(missed)
@@ -180,15 +180,12 @@ def search(plan: PlanFile, *, source: str, run_batch: RunBatch, batch_size: int 
     """Run the branch and bound (module doc); ``run_batch`` simulates a list of points
     (:func:`moesim.sweep.run.simulate_point` on some executor) and ``progress`` hears
     (simulated so far, still open) after every batch."""
-    sweep = SweepFile(base=plan.base, set=plan.set, axes=plan.search, zip=plan.zip,
-                      seeds=plan.seeds, keep_active_params=plan.keep_active_params,
-                      engine=plan.engine)
-    candidates = [Candidate(point=p) for p in expand(sweep, source=source)]
+    candidates = [Candidate(point=p) for p in expand(plan, source=source)]
     for c in candidates:
         _screen(plan, c)
-    mode = next((c.point.scenario["mode"] for c in candidates if c.point.scenario), "train")
-    _check_target_modes(plan, {c.point.scenario["mode"] for c in candidates
-                               if c.point.scenario}, source=source)
+    modes = [c.point.scenario["mode"] for c in candidates if c.point.scenario]
+    _check_target_modes(plan, set(modes), source=source)
+    mode = modes[0] if modes else "train"
     open_ = sorted((c for c in candidates if c.status == "pending"),
                    key=lambda c: (c.cost_lb, c.step_lb_s, c.point.index))
     while True:

@@ -28,13 +28,13 @@ Schema ``moesim.plan/1``::
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
 from moesim.errors import InputError
-from moesim.sweep.spec import MAX_SEEDS, check_axes, parse_file
+from moesim.sweep.spec import Grid, parse_file
 from moesim.validation import STRICT, Checked
 
 SCHEMA = "moesim.plan/1"
@@ -83,14 +83,13 @@ class Cost(Checked):
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)
-class PlanFile(Checked):
-    base: str | dict | None = None
-    set: list[str] = Field(default_factory=list)
+class PlanFile(Grid):
+    """The fields of a plan file (module doc): a sweep file's, the axes named ``search``,
+    and what makes a setup the best."""
+
+    axes_key: ClassVar[str] = "search"
+
     search: dict[str, list[Any]] = Field(min_length=1)
-    zip: list[list[str]] = Field(default_factory=list)
-    seeds: int = Field(default=1, ge=1, le=MAX_SEEDS)
-    keep_active_params: bool = False
-    engine: Literal["simpy", "fast"] = "fast"
     target: Target = Field(default_factory=Target)
     constraints: Constraints = Field(default_factory=Constraints)
     cost: Cost = Field(default_factory=Cost)
@@ -100,7 +99,6 @@ class PlanFile(Checked):
 def parse_plan(data: Any, *, source: str) -> PlanFile:
     """Validate a plan mapping as read from YAML."""
     plan = parse_file(data, PlanFile, schema=SCHEMA, source=source, what="plan")
-    check_axes(plan.search, plan.zip, source=source, what="search")
     for i, name in enumerate(plan.constraints.topologies or ()):
         from pathlib import Path
 

@@ -26,7 +26,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, TypeAdapter, ValidationError
 from pydantic.dataclasses import dataclass as schema_dataclass
@@ -40,20 +40,33 @@ MAX_SEEDS = 100
 
 
 @schema_dataclass(frozen=True, kw_only=True, config=STRICT)
-class SweepFile(Checked):
-    """The fields of a sweep file (module doc)."""
+class Grid(Checked):
+    """What sweep and plan files share: the base, its overrides, and how every point runs.
+    A subclass holds the axes in its field ``axes_key``."""
+
+    axes_key: ClassVar[str] = "axes"
 
     base: str | dict | None = None
     set: list[str] = Field(default_factory=list)
-    axes: dict[str, list[Any]] = Field(min_length=1)
     zip: list[list[str]] = Field(default_factory=list)
     seeds: int = Field(default=1, ge=1, le=MAX_SEEDS)
     keep_active_params: bool = False
     engine: Literal["simpy", "fast"] = "fast"
 
+    @property
+    def grid_axes(self) -> dict[str, list[Any]]:
+        return getattr(self, self.axes_key)
+
     def overrides(self) -> list[str]:
         """What every point applies to the base before its axis values."""
         return [f"engine={self.engine}", *self.set]
+
+
+@schema_dataclass(frozen=True, kw_only=True, config=STRICT)
+class SweepFile(Grid):
+    """The fields of a sweep file (module doc)."""
+
+    axes: dict[str, list[Any]] = Field(min_length=1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,9 +90,9 @@ def point_key(scenario: dict | None, values: Mapping[str, Any], seeds: int) -> s
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def parse_file(data: Any, schema_type: type, *, schema: str, source: str, what: str):
+def parse_file(data: Any, schema_type: type[Grid], *, schema: str, source: str, what: str):
     """Validate a mapping read from a ``what`` file (a sweep or plan file) against
-    ``schema_type``; the ``schema`` key is optional and must match."""
+    ``schema_type`` and check its axes; the ``schema`` key is optional and must match."""
     fields = field_names(schema_type)
     if not isinstance(data, Mapping):
         raise InputError(f"a {what} file is a mapping, got {type(data).__name__}",
@@ -94,16 +107,16 @@ def parse_file(data: Any, schema_type: type, *, schema: str, source: str, what: 
         raise InputError("unknown field", field=str(unknown[0]), source=source,
                          allowed=", ".join(fields))
     try:
-        return TypeAdapter(schema_type).validate_python(data)
+        spec = TypeAdapter(schema_type).validate_python(data)
     except ValidationError as err:
         raise input_error(err, schema=schema_type, source=source) from None
+    check_axes(spec.grid_axes, spec.zip, source=source, what=spec.axes_key)
+    return spec
 
 
 def parse_sweep(data: Any, *, source: str) -> SweepFile:
     """Validate a sweep mapping as read from YAML."""
-    spec = parse_file(data, SweepFile, schema=SCHEMA, source=source, what="sweep")
-    check_axes(spec.axes, spec.zip, source=source)
-    return spec
+    return parse_file(data, SweepFile, schema=SCHEMA, source=source, what="sweep")
 
 
 def check_axes(axes: Mapping[str, Sequence], zipped: Sequence[Sequence[str]], *,
@@ -205,12 +218,12 @@ def base_scenario(spec_base: str | dict | None, *, source: str) -> tuple[dict, s
 
 
 def resolve_point(base: dict, overrides: Sequence[str], values: Mapping[str, Any], *,
-                  source: str, keep_active_params: bool = False):
+                  source: str, active_width: int | None = None):
     """The checked Scenario of one point: the base with ``overrides``, then the axis values.
 
-    With ``keep_active_params``, a point that changes ``model.top_k`` scales
-    ``model.moe_intermediate_size`` by ``K0 / K`` (DeepSeekMoE's fine-grained expert
-    segmentation: the same active expert parameters in more, narrower experts).
+    With ``active_width`` (the base's ``moe_intermediate_size x top_k``), a point's
+    experts get the width that keeps it: DeepSeekMoE's fine-grained expert segmentation,
+    the same active expert parameters in more, narrower experts.
     """
     import dataclasses
 
@@ -219,25 +232,23 @@ def resolve_point(base: dict, overrides: Sequence[str], values: Mapping[str, Any
 
     axis_overrides = [override(name, value) for name, value in values.items()]
     scenario = scenario_from_dict(base, source=source, overrides=[*overrides, *axis_overrides])
-    if keep_active_params and "model.top_k" in values:
-        reference = scenario_from_dict(base, source=source, overrides=overrides).model
-        width = reference.moe_intermediate_size * reference.top_k / scenario.model.top_k
-        if width != int(width) or width < 1:
-            raise InputError(
-                f"keep_active_params: moe_intermediate_size {reference.moe_intermediate_size}"
-                f" x {reference.top_k} / {scenario.model.top_k} is not a whole number",
-                field="axes.model.top_k", source=source)
-        model = dataclasses.replace(scenario.model, moe_intermediate_size=int(width))
+    if active_width is not None:
+        top_k = scenario.model.top_k
+        if active_width % top_k:
+            # No source: blame() names the axis in the sweep or plan file.
+            raise InputError(f"keep_active_params: {active_width} (the base's expert width x"
+                             f" top_k) is not a multiple of top_k {top_k}", field="model.top_k")
+        model = dataclasses.replace(scenario.model, moe_intermediate_size=active_width // top_k)
         scenario = dataclasses.replace(scenario, model=model)
     check_feasible(scenario)
     return scenario
 
 
-def blame(err: InputError, spec: SweepFile, source: str) -> InputError:
-    """An error of a point's overrides, named as the sweep file writes them: the axis
-    (``axes.routing.capacity_factor``) or the entry of ``set`` (``set[0]``), in ``source``.
-    Errors of the base scenario keep its own file."""
-    if err.source != "--set":
+def blame(err: InputError, spec: Grid, source: str) -> InputError:
+    """An error of a point's overrides, named as the sweep or plan file writes them: the
+    axis (``axes.routing.capacity_factor``; ``search.`` in a plan) or the entry of ``set``
+    (``set[0]``), in ``source``. Errors of the base scenario keep its own file."""
+    if err.source not in (None, "--set"):
         return err
     field = err.field or ""
 
@@ -247,10 +258,10 @@ def blame(err: InputError, spec: SweepFile, source: str) -> InputError:
 
     # Axis overrides are written by moesim, so a malformed override is one of `set`.
     malformed = err.problem.startswith("override ")
-    for key in () if malformed else spec.axes:
+    for key in () if malformed else spec.grid_axes:
         if names(key):
-            return InputError(err.problem, field=f"axes.{field}", allowed=err.allowed,
-                              source=source)
+            return InputError(err.problem, field=f"{spec.axes_key}.{field}",
+                              allowed=err.allowed, source=source)
     for i, text in enumerate(spec.set):
         if names(text.partition("=")[0].strip()):
             return InputError(err.problem, field=f"set[{i}]: {field}", allowed=err.allowed,
@@ -258,23 +269,26 @@ def blame(err: InputError, spec: SweepFile, source: str) -> InputError:
     return InputError(err.problem, field=field or None, allowed=err.allowed, source=source)
 
 
-def expand(spec: SweepFile, *, source: str) -> list[SweepPoint]:
-    """The sweep's points. A point that is not a valid scenario (``M`` above what its
-    ``D`` allows, say) keeps its error instead of a scenario: it becomes a row that says
-    why, and the sweep goes on."""
+def expand(spec: Grid, *, source: str) -> list[SweepPoint]:
+    """The points of a sweep or plan file. A point that is not a valid scenario (``M``
+    above what its ``D`` allows, say) keeps its error instead of a scenario: it becomes
+    a row that says why, and the sweep goes on."""
     from moesim.config.loading import scenario_from_dict
 
     base, base_source = base_scenario(spec.base, source=source)
     # The base itself must load: a broken base is one error, not one per point.
     try:
-        scenario_from_dict(base, source=base_source, overrides=spec.overrides())
+        reference = scenario_from_dict(base, source=base_source, overrides=spec.overrides())
     except InputError as err:
         raise blame(err, spec, source) from None
+    active_width = None
+    if spec.keep_active_params and "model.top_k" in spec.grid_axes:
+        active_width = reference.model.moe_intermediate_size * reference.model.top_k
     points = []
-    for index, values in enumerate(grid(spec.axes, spec.zip)):
+    for index, values in enumerate(grid(spec.grid_axes, spec.zip)):
         try:
             scenario = resolve_point(base, spec.overrides(), values, source=base_source,
-                                     keep_active_params=spec.keep_active_params).to_dict()
+                                     active_width=active_width).to_dict()
             error = None
         except InputError as err:
             scenario, error = None, str(blame(err, spec, source))
