@@ -39,10 +39,9 @@ def out_folder(text: str) -> Path:
 
 
 def write_trace(path: Path, trace) -> None:
-    from moesim.cli.output import write_atomic
+    from moesim.cli.output import write_bytes
 
-    data = trace.to_bytes()
-    write_atomic(path, lambda tmp: tmp.write_bytes(data))
+    write_bytes(path, trace.to_bytes())
 
 
 class OneLineErrors(TyperGroup):

@@ -39,9 +39,15 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
     try:
         write(Path(tmp))
         os.replace(tmp, path)
+    except OSError as err:  # a full disk, a file system that refuses the rename
+        raise InputError(f"cannot write ({err.strerror or err})", source=str(path)) from None
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    write_atomic(path, lambda tmp: tmp.write_bytes(data))
 
 
 @contextlib.contextmanager
@@ -92,9 +98,7 @@ def write_figure(path: Path, figure) -> None:
 
 def check_out_target(out: Path) -> None:
     """Say plainly, before any work, why results cannot go to folder ``out`` (creates
-    nothing)."""
-    if str(out).strip() == "":
-        raise InputError("an empty path", field="--out", allowed="a folder path")
+    nothing; an empty ``--out`` is refused by :func:`moesim.cli.common.out_folder`)."""
     for place in (out, *out.parents):
         if place.exists():
             if not place.is_dir():
@@ -102,15 +106,3 @@ def check_out_target(out: Path) -> None:
             if not os.access(place, os.W_OK | os.X_OK):
                 raise InputError(f"folder {place} is not writable", field="--out")
             return
-
-
-def check_out_dir(out: Path) -> None:
-    """Make ``out`` a folder results can go to, or say plainly why it cannot be."""
-    check_out_target(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"cannot create folder {out} ({err.strerror or err})",
-                         field="--out") from None
-    if not os.access(out, os.W_OK | os.X_OK):
-        raise InputError(f"folder {out} is not writable", field="--out")

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from moesim.cli.common import guarded
+from moesim.cli.output import write_bytes
 from moesim.errors import InputError
 
 perfdb_app = typer.Typer(
@@ -55,7 +56,7 @@ def import_(
     frame, provenance = import_perfdb(root, systems=system or None, ops=op or None,
                                       frameworks=framework or None)
     data = table_to_parquet_bytes(frame, provenance)
-    _write_bytes(out, data)
+    write_bytes(out, data)
     typer.echo(format_counts(frame))
     typer.echo(f"{len(frame):,} rows from {len(provenance['files'])} files of "
                f"{provenance['package']} {provenance['package_version']} "
@@ -88,16 +89,6 @@ def format_counts(frame) -> str:
     counts.index.name = "rows"
     counts.columns.name = None
     return counts.to_string()
-
-
-def _write_bytes(path: Path, data: bytes) -> None:
-    from moesim.cli.output import write_atomic
-
-    try:
-        write_atomic(path, lambda tmp: tmp.write_bytes(data))
-    except OSError as err:
-        raise InputError(f"cannot write ({err.strerror or err})", field="--out",
-                         source=str(path)) from None
 
 
 SYSTEM_HELP = "aiconfigurator system: h100_sxm, h200_sxm, b200_sxm or gb200."
@@ -159,7 +150,7 @@ def fit(
     typer.echo(render_table(("stage", "rows", "MAPE before", "after"), [
         (r.stage, f"{r.rows:,}", f"{r.mape_before:.1%}", f"{r.mape_after:.1%}")
         for r in results], indent=2))
-    _write_bytes(out, yaml.safe_dump(doc, sort_keys=False).encode())
+    write_bytes(out, yaml.safe_dump(doc, sort_keys=False).encode())
     typer.echo(f"wrote {out}")
 
 
@@ -203,4 +194,4 @@ def subset(
     data = table_to_parquet_bytes(picked, provenance)
     typer.echo(format_table(regress_table(picked, file=str(out))))
     typer.echo(json.dumps({"rows": len(picked), "bytes": len(data)}))
-    _write_bytes(out, data)
+    write_bytes(out, data)

@@ -123,7 +123,7 @@ def plan(
         typer.echo("", err=True)
     document = plan_document(result, seconds=seconds, source=source)
     table = pd.DataFrame([candidate_record(spec, c) for c in result.candidates])
-    from moesim.cli.output import staged_folder, write_atomic
+    from moesim.cli.output import staged_folder, write_bytes
     from moesim.sweep.run import results_frame
 
     with staged_folder(out) as stage:
@@ -133,8 +133,8 @@ def plan(
             from moesim.reports.document import figure_png
             from moesim.reports.plan_report import frontier_figure
 
-            png = figure_png(frontier_figure(document, table))
-            write_atomic(stage / "figures" / "frontier.png", lambda tmp: tmp.write_bytes(png))
+            write_bytes(stage / "figures" / "frontier.png",
+                        figure_png(frontier_figure(document, table)))
         write_json(stage / "plan.json", document)
     _print(result, document)
     typer.echo(f"{document['points_simulated']} of {document['points_total']} setups "

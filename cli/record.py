@@ -83,7 +83,7 @@ def record(
     doc = rec.recorded_document(rec.gemm_runs(timed, topology=topo), prov)
     text = rec.dump_document(doc, prov)
 
-    from moesim.cli.output import write_atomic
+    from moesim.cli.output import write_text
 
-    write_atomic(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_text(out, text)
     typer.echo(f"wrote {out}: {len(timed)} grouped-gemm runs on {prov.gpu} ({topo})")

@@ -14,14 +14,12 @@ from moesim.errors import InputError
 
 def write_report(out: Path, blocks, figures: dict, *, title: str) -> None:
     """``report.html`` (figures embedded), ``report.md`` and its ``figures/*.png``."""
-    from moesim.cli.output import write_atomic, write_text
+    from moesim.cli.output import write_bytes, write_text
     from moesim.reports.document import figure_png, to_html, to_markdown
 
-    images = {}
-    for name, figure in figures.items():
-        data = figure_png(figure)
-        images[f"figures/{name}"] = data
-        write_atomic(out / "figures" / name, lambda tmp, data=data: tmp.write_bytes(data))
+    images = {f"figures/{name}": figure_png(figure) for name, figure in figures.items()}
+    for path, data in images.items():
+        write_bytes(out / path, data)
     write_text(out / "report.md", to_markdown(blocks))
     write_text(out / "report.html", to_html(blocks, title=title, images=images))
 

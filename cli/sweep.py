@@ -33,6 +33,8 @@ def read_stored(out: Path, spec_text: str, points, *, resume: bool,
     refuses to write over another run's results, or to mix them with this one's."""
     import pandas as pd
 
+    from moesim.output.tables import plain_records
+
     done = results_path(out)
     if not done.exists():
         return []
@@ -50,8 +52,7 @@ def read_stored(out: Path, spec_text: str, points, *, resume: bool,
                          "points of this sweep any more (its base scenario or a file it "
                          "names changed); --resume continues the same sweep",
                          field="--resume", allowed="another --out for the changed sweep")
-    return [{k: (None if isinstance(v, float) and v != v else v) for k, v in row.items()}
-            for row in frame.to_dict(orient="records")]
+    return plain_records(frame)
 
 
 def run_points(points, *, out: Path, spec_text: str, stored: list[dict], pool, label: str,

@@ -122,7 +122,7 @@ def simulate(scenario: Scenario, trace=None) -> SimResult:
     """
     from moesim.memory import explain, memory_per_gpu, summary_keys
     from moesim.output.summary import summarize
-    from moesim.output.tables import experts_table, links_table, spans_table
+    from moesim.output.tables import experts_table, links_table, plain_records, spans_table
     from moesim.routing.source import SyntheticSource, TraceSource
     from moesim.topologies import load_topology
     from moesim.tracefile.format import RoutingTrace
@@ -165,9 +165,7 @@ def simulate(scenario: Scenario, trace=None) -> SimResult:
                    "routing_trace": scenario.trace or trace.metadata.get("source", {}).get(
                        "kind", "in memory")}
     if series is not None:
-        routing["balance_series"] = [
-            {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
-            for row in series.to_dict(orient="records")]
+        routing["balance_series"] = plain_records(series)
     elif trace is not None:
         routing.update(seed_balance(trace, scenario, topology.gpus_per_domain))
     summary = summarize(scenario, topology, ops, timeline, costs, keys_l, links, step=step,

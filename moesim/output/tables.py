@@ -11,6 +11,12 @@ from moesim.engine.program import Op
 from moesim.engine.simpy_engine import Timeline
 
 
+def plain_records(frame: pd.DataFrame) -> list[dict]:
+    """``frame``'s rows as plain dicts, a missing number (NaN) as ``None`` (JSON's null)."""
+    return [{k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+            for row in frame.to_dict(orient="records")]
+
+
 def spans_table(ops: list[Op], timeline: Timeline, *, ep: int) -> pd.DataFrame:
     n_ops, n_gpus = timeline.start_og.shape
     op_index = np.repeat(np.arange(n_ops), n_gpus)
