@@ -60,7 +60,8 @@ def step_bound(scenario: Scenario) -> StepBound:
     efficiency = max(hw.gemm_efficiency_for(m.gemm_dtype), hw.moe_gemm_efficiency or 0.0)
     forward_expert_s = (compute.swiglu_flops(hidden=m.hidden_size, rows=rows,
                                              intermediate=m.moe_intermediate_size)
-                        / (hw.peak_flops(m.gemm_dtype) * efficiency))
+                        / (hw.peak_flops(m.gemm_dtype) * efficiency)
+                        * compute_slowdown(scenario))
     ops = build_program(num_layers=m.num_layers, first_dense_layers=m.first_dense_layers,
                         micro_batches=p.micro_batches, train=step.train)
     total = 0.0
@@ -71,5 +72,5 @@ def step_bound(scenario: Scenario) -> StepBound:
             total += float(np.mean(fixed[op.phase, op.backward]))
         elif op.phase == "experts":
             scale = compute.BACKWARD_GEMM if op.backward else 1.0
-            total += forward_expert_s * scale * compute_slowdown(scenario)
+            total += forward_expert_s * scale
     return StepBound(step_s=total, tokens=step.step_tokens(), nodes=int(topology.n_domains))

@@ -143,6 +143,15 @@ mutations = st.tuples(st.integers(0, 10**6), st.sampled_from(["replace", "drop",
                                                                 "wrap"]), values)
 
 
+def write_mutated(folder: Path, name: str, data, steps) -> tuple[Path, object]:
+    """``data`` after every mutation of ``steps``, written as ``folder/name``."""
+    for step in steps:
+        data = mutate(data, *step)
+    path = folder / name
+    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    return path, data
+
+
 def tiny_scenario() -> dict:
     data = yaml.safe_load((REPO / "moesim/config/presets/default-scenario.yaml").read_text())
     data["model"] = {"preset": "deepseek-v3", "num_layers": 4}
@@ -155,12 +164,8 @@ def tiny_scenario() -> dict:
 @FUZZ
 @given(st.lists(mutations, min_size=1, max_size=3))
 def test_mutated_scenario_files(tmp_path_factory, steps):
-    data = tiny_scenario()
-    for step in steps:
-        data = mutate(data, *step)
-    folder = tmp_path_factory.mktemp("scenario")
-    path = folder / "scenario.yaml"
-    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    path, _ = write_mutated(tmp_path_factory.mktemp("scenario"), "scenario.yaml",
+                            tiny_scenario(), steps)
     check(runner.invoke(app, ["simulate", str(path), "--json"]))
 
 
@@ -168,10 +173,7 @@ def test_mutated_scenario_files(tmp_path_factory, steps):
 @given(st.lists(mutations, min_size=1, max_size=3))
 def test_mutated_topology_files(tmp_path_factory, steps):
     data = yaml.safe_load((REPO / "topologies/h800-node.yaml").read_text())
-    for step in steps:
-        data = mutate(data, *step)
-    path = tmp_path_factory.mktemp("topology") / "topo.yaml"
-    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    path, _ = write_mutated(tmp_path_factory.mktemp("topology"), "topo.yaml", data, steps)
     check(runner.invoke(app, ["topo", "show", str(path), "--gpus", "8"]))
 
 
@@ -179,10 +181,7 @@ def test_mutated_topology_files(tmp_path_factory, steps):
 @given(st.lists(mutations, min_size=1, max_size=3))
 def test_mutated_recorded_runs(tmp_path_factory, steps):
     data = yaml.safe_load((REPO / "moesim/fidelity/gpu_runs/deepep_intranode.yaml").read_text())
-    for step in steps:
-        data = mutate(data, *step)
-    path = tmp_path_factory.mktemp("runs") / "runs.yaml"
-    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    path, _ = write_mutated(tmp_path_factory.mktemp("runs"), "runs.yaml", data, steps)
     result = runner.invoke(app, ["regress", str(path)])
     if result.exit_code == 1:  # a well-formed run out of tolerance: a verdict, not an error
         assert "FAIL" in result.output or "fail" in result.output.lower(), result.output
@@ -194,12 +193,9 @@ def test_mutated_recorded_runs(tmp_path_factory, steps):
 @given(st.lists(mutations, min_size=1, max_size=3))
 def test_mutated_sweep_and_plan_files(tmp_path_factory, steps):
     folder = tmp_path_factory.mktemp("sweep")
-    data = {"base": tiny_scenario(), "axes": {"parallel.ep": [8], "routing.capacity_factor":
-                                              [None, 1.0]}, "seeds": 1}
-    for step in steps:
-        data = mutate(data, *step)
-    path = folder / "sweep.yaml"
-    path.write_text(yaml.safe_dump(data, allow_unicode=True))
+    sweep = {"base": tiny_scenario(), "axes": {"parallel.ep": [8], "routing.capacity_factor":
+                                               [None, 1.0]}, "seeds": 1}
+    path, data = write_mutated(folder, "sweep.yaml", sweep, steps)
     out = folder / "out"
     result = runner.invoke(app, ["sweep", str(path), "--out", str(out), "--workers", "1"])
     check(result)
