@@ -36,6 +36,13 @@ CASES = {
     "v3-256-flow-fast": ([*V3, "parallel.gpus=256", "network=flow", "engine=fast"], 60.0,
                          "over 60 s at 2048"),
     "reroute-8of58-layers": (None, 30.0 * 8 / 58, "637 s for 58 layers"),
+    # The whole training step (docs/training.md): DeepSeek-V3's published layout.
+    "v3-2048-whole-step-dualpipe": (["parallel.gpus=2048", "parallel.pp=16",
+                                     "parallel.tokens_per_gpu=null", "parallel.micro_batches=1",
+                                     "training.global_batch=15360", "training.micro_batch=1",
+                                     "training.seq_len=4096", "training.schedule=dualpipe",
+                                     "training.precision=fp8-block",
+                                     "training.recompute=selective", "engine=fast"], None, "-"),
 }
 
 
@@ -88,9 +95,13 @@ def run_case(name: str) -> dict:
         seconds = time.perf_counter() - started
     # What the routing itself handles: every draw (or trace layer) routes one EP group's
     # tokens; the other groups reuse the draws.
+    from moesim.config.training_layout import training_layout, whole_step
+
     p = scenario.parallel
     draws = summary.get("routing_draws", scenario.model.moe_layers)
-    assignments = draws * p.ep * p.tokens_per_gpu * scenario.model.top_k
+    tokens = (training_layout(scenario).tokens_per_microbatch if whole_step(scenario)
+              else p.tokens_per_gpu)  # the whole step routes one micro-batch
+    assignments = draws * p.ep * tokens * scenario.model.top_k
     return {"case": name, "seconds": seconds, "assignments": assignments,
             "floor_s": floor_seconds(assignments),
             "peak_GiB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,

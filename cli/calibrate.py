@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -19,6 +19,10 @@ def calibrate(
              "known_gaps.yaml included). Only their GEMM runs are used.")] = None,
     base: Annotated[str, typer.Option(
         help="Hardware preset whose other fields the fitted spec keeps.")] = "h800",
+    what: Annotated[Literal["gemm", "training"], typer.Option(
+        "--what", help="gemm: the GEMM efficiency curves from GEMM runs; training: "
+                       "backward_gemm_efficiency from the training-step runs on --base's GPU."
+    )] = "gemm",
 ) -> None:
     """Fit the compute model's efficiency curves to recorded GEMM runs.
 
@@ -31,6 +35,8 @@ def calibrate(
       moesim calibrate --out runs/h800-fitted.yaml
 
       moesim calibrate moesim/fidelity/gpu_runs/deepgemm_grouped_h800.yaml --out runs/grouped.yaml
+
+      moesim calibrate --what training --base h100 --out runs/h100-training.yaml
     """
     from moesim.cli.output import write_text
     from moesim.config.loading import hardware_preset
@@ -39,6 +45,16 @@ def calibrate(
     from moesim.fidelity.regress import recorded_files
     from moesim.fidelity.runs import gpu_runs_dir
 
+    if what == "training":
+        from moesim.fidelity.calibrate_training import calibrate_training
+
+        # Fitted on the shipped runs only: known gaps are what the fit should not chase.
+        files = recorded_files(runs or [gpu_runs_dir()])
+        hw, training = calibrate_training(files, base=hardware_preset(base))
+        typer.echo(format_training_fit(training))
+        write_text(out, hardware_yaml(hw))
+        typer.echo(f"wrote {out}")
+        return
     files = recorded_files(runs or [gpu_runs_dir()], include_known_gaps=True)
     hw, report = fit(files, base=hardware_preset(base))
     typer.echo(format_fit(report))
@@ -63,4 +79,20 @@ def format_fit(report) -> str:
         lines.append(f"MAPE {Path(f).name}: {b:.1%} -> {a:.1%}")
     lines.append(f"MAPE {report.mape_before:.1%} -> {report.mape_after:.1%} over "
                  f"{len(report.rows)} GEMM run(s); {report.skipped} non-GEMM run(s) skipped")
+    return "\n".join(lines)
+
+
+def format_training_fit(fit) -> str:
+    """A :class:`~moesim.fidelity.calibrate_training.TrainingFit`: the parameter before and
+    after, each run's tokens/s error before and after, the MAPE."""
+    from moesim.fidelity.calibrate_training import PARAM
+    from moesim.reports.terminal import render_table
+
+    lines = [f"{PARAM} of {fit.gpu}: {fit.before:.2f} -> {fit.after:.2f}", ""]
+    rows = [(r.run, f"{r.measured:,.0f}", f"{r.before / r.measured - 1:+.1%}",
+             f"{r.after / r.measured - 1:+.1%}") for r in fit.rows]
+    lines.append(render_table(("run", "measured tokens/s/GPU", "error before", "error after"),
+                              rows, width=None))
+    lines.append(f"MAPE {fit.mape_before:.1%} -> {fit.mape_after:.1%} over {len(fit.rows)} "
+                 "training step(s)")
     return "\n".join(lines)

@@ -118,20 +118,35 @@ def simulate(scenario: Scenario, trace=None) -> SimResult:
     Routing replays ``trace`` (a RoutingTrace), else the trace the scenario names,
     else synthetic draws. Under ``routing.balance: aux-free-bias`` the step is the one
     after ``routing.balance_steps`` steps of bias updates, and ``SimResult.balance``
-    holds the series of every step.
+    holds the series of every step. A training scenario with a pipeline or a global
+    batch simulates the whole step (:mod:`moesim.pipeline.whole_step`): one
+    micro-batch here, then its schedule, data parallelism and the optimizer.
     """
-    from moesim.memory import explain, memory_per_gpu, summary_keys
+    from moesim.config.training_layout import whole_step
+    from moesim.memory import memory_per_gpu
+    from moesim.topologies import load_topology
+
+    topology = load_topology(scenario.topology, gpus=scenario.parallel.total_gpus)
+    check_feasible(scenario, topology)
+    memory = memory_per_gpu(scenario)
+    if whole_step(scenario):
+        from moesim.pipeline.result import simulate_whole_step
+
+        return simulate_whole_step(scenario, trace, topology, memory, simulate_ep=_simulate)
+    return _simulate(scenario, trace, topology, memory)
+
+
+def _simulate(scenario: Scenario, trace, topology, memory) -> SimResult:
+    """:func:`simulate` of the op program on ``topology`` (checked), with ``memory`` the
+    scenario's estimate."""
+    from moesim.memory import explain, summary_keys
     from moesim.output.summary import summarize
     from moesim.output.tables import experts_table, links_table, plain_records, spans_table
     from moesim.routing.source import SyntheticSource, TraceSource
-    from moesim.topologies import load_topology
     from moesim.tracefile.format import RoutingTrace
     from moesim.tracefile.stats import seed_balance, trace_warnings
 
     p = scenario.parallel
-    topology = load_topology(scenario.topology, gpus=p.total_gpus)
-    check_feasible(scenario, topology)
-    memory = memory_per_gpu(scenario)
     rng = np.random.default_rng(scenario.seed)
     step = step_costs(scenario, topology)
     network = NETWORK_MODELS[scenario.network]

@@ -50,9 +50,30 @@ def routing_words(s: dict) -> str:
     return words
 
 
+def whole_step_rows(s: dict) -> list[tuple[str, str]]:
+    """The whole training step's pipeline, data-parallel and optimizer rows (none in the
+    EP form of a step; docs/training.md)."""
+    if "pipeline_time_s" not in s:
+        return []
+    return [
+        ("layout", f"PP{s['pp']}" + (f" x VP{s['vp']}" if s["vp"] > 1 else "")
+                   + f" {s['schedule']}, EP{s['ep']}, DP{s['dp']}; {s['micro_batches']} "
+                   f"micro-batches of {s['tokens_per_microbatch']:,} tokens per GPU; "
+                   f"{s['precision']}, recompute {s['recompute']}"),
+        ("pipeline", f"{seconds(s['pipeline_time_s'])} "
+                     f"({s['pipeline_bubble_fraction']:.1%} bubble)"),
+        ("DP gradients + params", f"{seconds(s['dp_grad_reduce_time_s'])} + "
+                                  f"{seconds(s['dp_param_gather_time_s'])} "
+                                  f"({seconds(s['dp_exposed_time_s'])} exposed)"),
+        ("optimizer step", seconds(s["optimizer_time_s"])),
+        ("kernels between GEMMs", seconds(s["elementwise_time_s"])),
+        ("recomputation", seconds(s["recompute_time_s"])),
+    ]
+
+
 def breakdown_rows(s: dict) -> list[tuple[str, str]]:
     """(label, value) rows shared by the terminal output and the report."""
-    return [("routing", routing_words(s))] + serving_rows(s) + [
+    return [("routing", routing_words(s))] + serving_rows(s) + whole_step_rows(s) + [
         ("step time", seconds(s["step_time_s"])),
         ("tokens/s", f"{s['tokens_per_s']:,.0f} ({s['tokens_per_s'] / s['gpus']:,.0f} per GPU)"),
         ("MFU", f"{s['mfu']:.1%} ({s['model_tflops_per_gpu']:.0f} model TFLOP/s per GPU)"),

@@ -23,6 +23,7 @@ and NVSwitch ports in use): the bus bandwidth is scaled by ``n / (n + nccl_gpus_
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Literal
 
 import numpy as np
@@ -44,6 +45,14 @@ def bus_bandwidth(topology, n: int) -> float:
     if n <= topology.gpus_per_domain or topology.nic_bw == 0:
         return topology.nvlink_bw
     return min(topology.nvlink_bw, topology.nic_bw)
+
+
+def spread_out(topology):
+    """The topology as :func:`collective_time` must see a group that spans NVLink domains
+    although it has no more GPUs than one domain (a strided group: MoE-TP, data
+    parallel): it decides by group size, which is right only for consecutive GPUs."""
+    return SimpleNamespace(gpus_per_domain=0, nvlink_bw=topology.nvlink_bw,
+                           nic_bw=topology.nic_bw)
 
 
 def collective_time(hw: HardwareSpec, topology, *, op: str, size, n):

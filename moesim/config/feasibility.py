@@ -11,6 +11,11 @@ def _divisors(n: int) -> str:
     return ", ".join(map(str, divs))
 
 
+def whole_batch(scenario: Scenario) -> bool:
+    """Whether ``training.global_batch`` sets the batch (it does in ``mode: train``)."""
+    return scenario.mode == "train" and scenario.training.global_batch is not None
+
+
 def check_model(scenario: Scenario) -> None:
     m = scenario.model
     if m.first_dense_layers >= m.num_layers:
@@ -28,6 +33,13 @@ def check_model(scenario: Scenario) -> None:
             "dense layers need a dense FFN width", field="model.dense_intermediate_size",
             allowed="a positive integer",
         )
+    if m.sliding_window_layers > m.num_layers:
+        raise InputError(
+            f"{m.sliding_window_layers} sliding-window layers exceed the {m.num_layers} layers",
+            field="model.sliding_window_layers", allowed=f"0..{m.num_layers}")
+    if m.sliding_window_layers and m.sliding_window is None:
+        raise InputError("sliding-window layers need a window", field="model.sliding_window",
+                         allowed="a positive number of tokens")
     needed = {
         "mla": ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"),
         "gqa": ("num_kv_heads", "head_dim"),
@@ -61,9 +73,18 @@ def check_mode(scenario: Scenario) -> None:
         raise InputError(
             f"mode {mode} takes no serving section (only prefill and decode do)",
             field="serving", allowed=f"null, or mode: {' | '.join(SERVING_MODES)}")
-    if p.tokens_per_gpu is None:
+    if mode == "train":
+        from moesim.config.training_layout import training_layout
+
+        training_layout(scenario)  # its sizes must fit together
+    elif p.tokens_per_gpu is None:
         raise InputError(f"missing required field (mode {mode})",
                          field="parallel.tokens_per_gpu", allowed="a positive integer")
+    if mode != "train":
+        for name in ("pp", "vp", "tp", "cp"):
+            if getattr(p, name) != 1:
+                raise InputError(f"parallel.{name} is a training layout field",
+                                 field=f"parallel.{name}", allowed="1, or mode: train")
     for name in ("attention_tp", "moe_tp"):
         if getattr(p, name) != 1:
             raise InputError(
@@ -128,21 +149,29 @@ MAX_OP_ROWS = 2**26
 def check_size(scenario: Scenario) -> None:
     """Refuse steps too large to simulate in memory, before anything is allocated."""
     m, p, sv = scenario.model, scenario.parallel, scenario.serving
-    if sv is None:
+    gpus, micro_batches = p.total_gpus, p.micro_batches
+    if whole_batch(scenario):
+        from moesim.config.training_layout import training_layout
+
+        layout = training_layout(scenario)
+        # The whole step simulates one micro-batch of one pipeline stage.
+        tokens, field = layout.tokens_per_microbatch, "training.micro_batch"
+        gpus, micro_batches = layout.stage_gpus, 1
+    elif sv is None:
         tokens, field = p.tokens_per_gpu or 0, "parallel.tokens_per_gpu"
     else:
         per_request = sv.isl if scenario.mode == "prefill" else 1
         tokens, field = -(-sv.batch * per_request // p.attention_tp), "serving.batch"
-    assignments = p.total_gpus * tokens * m.top_k
+    assignments = gpus * tokens * m.top_k
     if assignments > MAX_ASSIGNMENTS:
         raise InputError(
-            f"{p.total_gpus} GPUs x {tokens:,} tokens x top-{m.top_k} = {assignments:,} "
+            f"{gpus} GPUs x {tokens:,} tokens x top-{m.top_k} = {assignments:,} "
             "token-expert assignments per layer, more than one simulation holds",
             field=field, allowed=f"at most {MAX_ASSIGNMENTS:,} assignments per layer")
-    rows = p.total_gpus * m.num_layers * p.micro_batches * 16
+    rows = gpus * m.num_layers * micro_batches * 16
     if rows > MAX_OP_ROWS:
         raise InputError(
-            f"{m.num_layers} layers x {p.micro_batches} micro-batches on {p.total_gpus} "
+            f"{m.num_layers} layers x {micro_batches} micro-batches on {gpus} "
             f"GPUs make about {rows:,} op timings, more than one simulation holds",
             field="model.num_layers",
             allowed=f"layers x micro-batches x GPUs x 16 at most {MAX_OP_ROWS:,}")
@@ -168,7 +197,7 @@ def check_feasible(scenario: Scenario, topology=None) -> None:
         )
     if scenario.mode in SERVING_MODES:
         check_serving_layout(scenario)
-    elif p.tokens_per_gpu % p.micro_batches:
+    elif (not whole_batch(scenario)) and p.tokens_per_gpu % p.micro_batches:
         raise InputError(
             f"{p.tokens_per_gpu} tokens per GPU do not split into {p.micro_batches} "
             "equal micro-batches",

@@ -26,6 +26,8 @@ class HardwareSpec(Checked):
     source: str = ""
     bf16_tflops: float = Field(ge=1e-3, le=1e5)  # bounds: README, Limits
     fp8_tflops: float = Field(ge=1e-3, le=1e5)
+    # Dense NVFP4 tensor-core peak; None on GPUs without FP4 tensor cores (Hopper).
+    fp4_tflops: float | None = Field(default=None, ge=1e-3, le=1e5)
     hbm_GBps: float = Field(ge=1e-3, le=1e5)
     hbm_GB: float = Field(ge=1e-3, le=1e5)
     sms: int = Field(gt=0, le=10_000)
@@ -54,9 +56,19 @@ class HardwareSpec(Checked):
     deepep_overhead_us: float | None = Field(default=None, ge=0)  # DeepEP normal, per phase
     deepep_ll_overhead_us: float | None = Field(default=None, ge=0)  # DeepEP LL, per phase
     deepep_sms_full: float = Field(default=0.0, ge=0)  # SMs at which DeepEP reaches full link bw
+    # Fraction of the forward GEMM efficiency that backward (dgrad, wgrad) GEMMs reach;
+    # 1.0 times backward GEMMs as forward ones (fitted on training throughput later).
+    backward_gemm_efficiency: float = Field(default=1.0, gt=0.0, le=1.0)
 
-    def peak_flops(self, dtype: Literal["bf16", "fp8"]) -> float:
-        """Dense peak in FLOP/s for GEMMs in ``dtype``."""
+    def peak_flops(self, dtype: Literal["bf16", "fp8", "fp4"]) -> float:
+        """Dense peak in FLOP/s for GEMMs in ``dtype`` (``fp4``: NVFP4, where the GPU has
+        FP4 tensor cores; ValueError where it has none)."""
+        if dtype == "fp4":
+            if self.fp4_tflops is None:
+                raise ValueError(f"GPU {self.name!r} has no FP4 GEMM rate (hardware."
+                                 "fp4_tflops is unset): nvfp4 needs a GPU with FP4 tensor "
+                                 "cores (Blackwell)")
+            return self.fp4_tflops * 1e12
         return (self.fp8_tflops if dtype == "fp8" else self.bf16_tflops) * 1e12
 
     def comm_overhead_s(self, kernel: str) -> float:
@@ -70,9 +82,10 @@ class HardwareSpec(Checked):
         fitted = self.nccl_latency_us
         return (self.comm_overhead_us if fitted is None else fitted) * 1e-6
 
-    def gemm_efficiency_for(self, dtype: Literal["bf16", "fp8"]) -> float:
-        """Large-GEMM fraction of ``dtype``'s peak (FP8 kernels reach less of theirs)."""
-        if dtype == "fp8" and self.fp8_gemm_efficiency is not None:
+    def gemm_efficiency_for(self, dtype: Literal["bf16", "fp8", "fp4"]) -> float:
+        """Large-GEMM fraction of ``dtype``'s peak (FP8 kernels reach less of theirs; FP4
+        ones take the FP8 fit until FP4 kernels are fitted on their own)."""
+        if dtype in ("fp8", "fp4") and self.fp8_gemm_efficiency is not None:
             return self.fp8_gemm_efficiency
         return self.gemm_efficiency
 

@@ -47,7 +47,14 @@ class ModelShape(Checked):
     qk_nope_head_dim: int | None = Field(default=None, gt=0, le=65_536)
     qk_rope_head_dim: int | None = Field(default=None, gt=0, le=65_536)
     v_head_dim: int | None = Field(default=None, gt=0, le=65_536)
-    gemm_dtype: Literal["bf16", "fp8"] = "bf16"
+    gemm_dtype: Literal["bf16", "fp8", "fp4"] = "bf16"
+    # Multi-token prediction modules after the last layer (DeepSeek-V3: 1); each is one
+    # more transformer layer of the model's last kind, on the last pipeline stage.
+    mtp_layers: int = Field(default=0, ge=0, le=16)
+    # Sliding-window attention: ``sliding_window_layers`` of the layers attend to the
+    # last ``sliding_window`` tokens only (GPT-OSS: every other layer, 128 tokens).
+    sliding_window: int | None = Field(default=None, gt=0, le=16_777_216)
+    sliding_window_layers: int = Field(default=0, ge=0, le=1024)
 
     @property
     def kv_heads(self) -> int:

@@ -40,6 +40,10 @@ class ParallelConfig(Checked):
       it. As in TensorRT-LLM's mapping, EP ranks vary fastest: the instance's ``moe_tp``
       slices are EP groups of ``ep`` consecutive GPUs, and the GPUs holding the shards
       of one expert are ``ep`` apart.
+
+    ``mode: train`` takes a pipeline: ``pp`` stages of ``gpus / pp`` GPUs each (Megatron's
+    rank order, pipeline slowest), each stage holding ``vp`` chunks of layers; ``tp`` and
+    ``cp`` are accepted at 1 (not modelled yet). The schedule is ``training.schedule``.
     """
 
     ep: int = Field(gt=0, le=MAX_GPUS)
@@ -51,8 +55,15 @@ class ParallelConfig(Checked):
     dispatch_kernel: KernelName = "deepep-normal"
     dispatch_dtype: Literal["bf16", "fp8"] = "bf16"
     combine_dtype: Literal["bf16"] = "bf16"
+    combine_grad_dtype: Literal["bf16", "fp8"] = "bf16"  # the backward's gradient to experts
     attention_tp: int = Field(default=1, gt=0, le=MAX_GPUS)
     moe_tp: int = Field(default=1, gt=0, le=MAX_GPUS)
+    # Megatron-style training layout (docs/training.md): tensor, pipeline, virtual
+    # pipeline and context parallel sizes; data parallelism is what the GPUs leave.
+    tp: int = Field(default=1, gt=0, le=MAX_GPUS)
+    pp: int = Field(default=1, gt=0, le=1024)
+    vp: int = Field(default=1, gt=0, le=1024)
+    cp: int = Field(default=1, gt=0, le=MAX_GPUS)
 
     @property
     def total_gpus(self) -> int:

@@ -20,10 +20,21 @@ tokens each GPU's experts actually received, so routing imbalance becomes time.
 
 Backward passes cost twice the forward GEMM work (input and weight gradients) and
 2.5x the forward attention core (FlashAttention's backward runs five matmuls to the
-forward's two).
+forward's two). A backward GEMM reaches ``backward_gemm_efficiency`` of the forward
+one's compute efficiency (1.0 until fitted). The two gradients of a GEMM do the same
+FLOPs (``2 m n k`` each): the backward pass is timed as one roofline of twice the forward
+work and ``grad="input"`` (dgrad) or ``grad="weight"`` (wgrad) asks for one half of it,
+so the halves always add up to ``backward=True``; the attention core's backward is all
+dgrad (it has no weights).
+
+GEMM dtypes are ``bf16``, ``fp8`` and ``fp4`` (NVFP4; GPUs with ``fp4_tflops`` only);
+:func:`gemm_dtype_for` maps a training precision to its GEMM dtype. docs/compute.md has
+the whole model, with the non-GEMM kernels of :mod:`moesim.cost.elementwise`.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import numpy as np
 
@@ -33,10 +44,46 @@ from moesim.config.model import ModelShape
 BACKWARD_GEMM = 2.0
 BACKWARD_ATTENTION_CORE = 2.5
 ACT_BYTES = 2  # activations and gradients travel in BF16
+# NVFP4: 4-bit E2M1 values plus one E4M3 (1-byte) scale per 16 of them; the FP32
+# per-tensor scale is negligible.
+FP4_BYTES = 0.5 + 1 / 16
+
+Grad = Literal["input", "weight"]
+# Training precision -> GEMM dtype (docs/compute.md says what each recipe quantizes).
+PRECISION_GEMM_DTYPE = {"bf16": "bf16", "fp8": "fp8", "fp8-block": "fp8", "mxfp8": "fp8",
+                        "nvfp4": "fp4"}
 
 
-def dtype_bytes(dtype: str) -> int:
+def dtype_bytes(dtype: str) -> float:
+    """Bytes of one GEMM input element: ``fp8`` 1, ``fp4`` 0.5 + its block scale, else
+    (``bf16``) 2."""
+    if dtype == "fp4":
+        return FP4_BYTES
     return 1 if dtype == "fp8" else 2
+
+
+def gemm_dtype_for(precision: str) -> str:
+    """GEMM dtype of a training ``precision``: ``bf16`` -> bf16; ``fp8`` (per-tensor
+    scaling), ``fp8-block`` (DeepSeek-V3 tiles) and ``mxfp8`` -> fp8; ``nvfp4`` -> fp4."""
+    if precision not in PRECISION_GEMM_DTYPE:
+        raise ValueError(f"unknown training precision {precision!r}; expected one of "
+                         f"{', '.join(PRECISION_GEMM_DTYPE)}")
+    return PRECISION_GEMM_DTYPE[precision]
+
+
+def _grad_share(grad: Grad | None) -> float:
+    """Share of the backward GEMM time that ``grad`` asks for: all of it (None), or one
+    of its two equal halves (``input``: dgrad, ``weight``: wgrad)."""
+    if grad is None:
+        return 1.0
+    if grad not in ("input", "weight"):
+        raise ValueError(f"grad must be 'input', 'weight' or None, not {grad!r}")
+    return 0.5
+
+
+def _gemm_eff(hw: HardwareSpec, eff: float, backward: bool) -> float:
+    """Compute efficiency of a forward GEMM at ``eff``, or of its backward GEMMs."""
+    return eff * hw.backward_gemm_efficiency if backward else eff
 
 
 def _roofline(flops, nbytes, peak: float, eff: float, hw: HardwareSpec):
@@ -61,14 +108,15 @@ def memory_efficiency(hw: HardwareSpec, nbytes):
 
 
 def _gemm_roofline(flops, nbytes, extra_rows_flops, dtype: str, hw: HardwareSpec, *,
-                   grouped: bool = False):
+                   grouped: bool = False, backward: bool = False):
     """GEMM roofline with the efficiency curves: ``extra_rows_flops`` is the FLOPs of
     ``gemm_m_half`` extra rows per non-empty group; empty kernels cost nothing, others
     at least ``kernel_overhead_us`` more. ``grouped`` (MoE expert) GEMMs use the MoE
-    curve where the spec has one."""
+    curve where the spec has one; ``backward`` GEMMs reach ``backward_gemm_efficiency``
+    of it."""
     eff = hw.gemm_efficiency_for(dtype)
     m_half = hw.gemm_m_half
-    if dtype == "fp8" and hw.fp8_gemm_m_half is not None:
+    if dtype in ("fp8", "fp4") and hw.fp8_gemm_m_half is not None:
         m_half = hw.fp8_gemm_m_half
     mem_eff = hw.memory_efficiency
     if grouped:
@@ -76,6 +124,7 @@ def _gemm_roofline(flops, nbytes, extra_rows_flops, dtype: str, hw: HardwareSpec
         m_half = hw.moe_m_half if hw.moe_m_half is not None else m_half
         if hw.moe_memory_efficiency is not None:
             mem_eff = hw.moe_memory_efficiency
+    eff = _gemm_eff(hw, eff, backward)
     compute_s = (flops + m_half * extra_rows_flops) / (hw.peak_flops(dtype) * eff)
     moved = np.where(np.asarray(nbytes) > 0, nbytes + hw.memory_bytes_half, 0.0)
     memory_s = moved / (hw.hbm_GBps * 1e9 * mem_eff)
@@ -210,28 +259,57 @@ def _qk_v_dims(m: ModelShape) -> tuple[int, int]:
     return m.head_dim, m.head_dim
 
 
-def attention_core_flops(m: ModelShape, tokens: int, seq_len: int) -> float:
-    """Causal attention scores and values: each token sees (seq_len + 1) / 2 keys."""
+def sliding_window_layers(m: ModelShape) -> tuple[int, int]:
+    """(layers with sliding-window attention, their window in tokens): (0, 0) where the
+    model has none."""
+    if not m.sliding_window or not m.sliding_window_layers:
+        return 0, 0
+    if m.sliding_window_layers > m.num_layers:
+        raise ValueError(f"model {m.name!r}: sliding_window_layers "
+                         f"{m.sliding_window_layers} exceeds num_layers {m.num_layers}")
+    return m.sliding_window_layers, m.sliding_window
+
+
+def attention_core_flops(m: ModelShape, tokens: int, seq_len: int, *, window: int = 0) -> float:
+    """Causal attention scores and values of one layer: each token sees (seq_len + 1) / 2
+    keys, or :func:`causal_keys` within a sliding ``window`` of tokens (0: none)."""
+    if window < 0:
+        raise ValueError(f"attention window must be >= 0 tokens (0: none), not {window}")
     qk, v = _qk_v_dims(m)
-    context = (seq_len + 1) / 2
+    context = (seq_len + 1) / 2 if not window else float(causal_keys(seq_len, window))
     return 2.0 * tokens * context * m.num_heads * (qk + v)
 
 
 def attention_seconds(
-    m: ModelShape, hw: HardwareSpec, *, tokens: int, seq_len: int, backward: bool = False
+    m: ModelShape, hw: HardwareSpec, *, tokens: int, seq_len: int, backward: bool = False,
+    grad: Grad | None = None, window: int = 0, dtype: str | None = None,
 ) -> float:
+    """One attention layer on ``tokens`` tokens of ``seq_len``-token sequences [s]:
+    projection GEMMs in ``dtype`` (default the model's ``gemm_dtype``) and the core in
+    BF16, within a sliding ``window`` (0: full causal).
+
+    ``backward`` times the backward pass; ``grad`` one part of it (implies backward):
+    ``input`` is half the projections' backward GEMMs plus the whole core backward,
+    ``weight`` the other half of the projections."""
+    share = _grad_share(grad)
+    backward = backward or grad is not None
+    dtype = dtype or m.gemm_dtype
     params = attention_projection_params(m)
     proj_flops = 2.0 * tokens * params
-    proj_bytes = params * dtype_bytes(m.gemm_dtype) + tokens * m.hidden_size * 2 * ACT_BYTES
-    core_flops = attention_core_flops(m, tokens, seq_len)
+    proj_bytes = params * dtype_bytes(dtype) + tokens * m.hidden_size * 2 * ACT_BYTES
+    core_flops = attention_core_flops(m, tokens, seq_len, window=window)
     qk, v = _qk_v_dims(m)
     core_bytes = tokens * m.num_heads * (2 * qk + 2 * v) * ACT_BYTES
     gemm_x = BACKWARD_GEMM if backward else 1.0
     core_x = BACKWARD_ATTENTION_CORE if backward else 1.0
-    proj = _roofline(gemm_x * proj_flops, gemm_x * proj_bytes, hw.peak_flops(m.gemm_dtype),
-                     hw.gemm_efficiency_for(m.gemm_dtype), hw)
+    proj = _roofline(gemm_x * proj_flops, gemm_x * proj_bytes, hw.peak_flops(dtype),
+                     _gemm_eff(hw, hw.gemm_efficiency_for(dtype), backward), hw)
+    if grad == "weight":
+        return float(share * proj)
     core = _roofline(core_x * core_flops, core_x * core_bytes, hw.peak_flops("bf16"),
                      hw.attention_efficiency, hw)
+    if grad == "input":
+        return float(share * proj + core)
     return float(proj + core)
 
 
@@ -245,9 +323,9 @@ def swiglu_flops(*, hidden, rows, intermediate):
     return 2.0 * 3 * rows * hidden * intermediate
 
 
-def _ffn_bytes(m: ModelShape, rows, intermediate: int, active_experts):
+def _ffn_bytes(m: ModelShape, rows, intermediate: int, active_experts, dtype: str):
     return ffn_bytes(hidden=m.hidden_size, intermediate=intermediate, rows=rows,
-                     active_experts=active_experts, dtype=m.gemm_dtype)
+                     active_experts=active_experts, dtype=dtype)
 
 
 def ffn_bytes(*, hidden: int, intermediate: int, rows, active_experts, dtype: str):
@@ -260,20 +338,27 @@ def ffn_bytes(*, hidden: int, intermediate: int, rows, active_experts, dtype: st
 
 
 def ffn_seconds(
-    m: ModelShape, hw: HardwareSpec, *, tokens: int, intermediate: int, backward: bool = False
+    m: ModelShape, hw: HardwareSpec, *, tokens: int, intermediate: int, backward: bool = False,
+    grad: Grad | None = None, dtype: str | None = None,
 ) -> float:
-    """A dense SwiGLU FFN (dense layers, shared experts) on ``tokens`` tokens."""
+    """A dense SwiGLU FFN (dense layers, shared experts) on ``tokens`` tokens [s], GEMMs
+    in ``dtype`` (default the model's); ``grad``: one half of the backward (dgrad or
+    wgrad, implies backward)."""
     if tokens == 0 or intermediate == 0:
         return 0.0
+    share = _grad_share(grad)
+    backward = backward or grad is not None
+    dtype = dtype or m.gemm_dtype
     x = BACKWARD_GEMM if backward else 1.0
-    return float(_gemm_roofline(x * ffn_flops(m, tokens, intermediate),
-                                x * _ffn_bytes(m, tokens, intermediate, 1),
-                                x * ffn_flops(m, 1, intermediate), m.gemm_dtype, hw))
+    return share * float(_gemm_roofline(x * ffn_flops(m, tokens, intermediate),
+                                        x * _ffn_bytes(m, tokens, intermediate, 1, dtype),
+                                        x * ffn_flops(m, 1, intermediate), dtype, hw,
+                                        backward=backward))
 
 
 def grouped_ffn_time(
     hw: HardwareSpec, *, hidden: int, intermediate: int, tokens_ge: np.ndarray, dtype: str,
-    backward: bool = False,
+    backward: bool = False, grad: Grad | None = None,
 ) -> np.ndarray:
     """Time per GPU [G] of a fused MoE's SwiGLU expert GEMMs for ``tokens_ge`` [G, local
     experts] rows, plus ``moe_overhead_us`` on GPUs with any rows.
@@ -285,12 +370,15 @@ def grouped_ffn_time(
     rows_g = (-(-tokens_ge // align) * align).sum(axis=1)
     active_g = (tokens_ge > 0).sum(axis=1)
     return expert_ffn_time(hw, hidden=hidden, intermediate=intermediate, rows=rows_g,
-                           active_experts=active_g, dtype=dtype, backward=backward)
+                           active_experts=active_g, dtype=dtype, backward=backward, grad=grad)
 
 
 def expert_ffn_time(hw: HardwareSpec, *, hidden: int, intermediate: int, rows, active_experts,
-                    dtype: str, backward: bool = False):
-    """:func:`grouped_ffn_time` from each GPU's padded ``rows`` and ``active_experts``."""
+                    dtype: str, backward: bool = False, grad: Grad | None = None):
+    """:func:`grouped_ffn_time` from each GPU's padded ``rows`` and ``active_experts``
+    (``grad``: one half of the backward, as :func:`ffn_seconds`)."""
+    share = _grad_share(grad)
+    backward = backward or grad is not None
     rows = np.asarray(rows, dtype=float)
     active = np.asarray(active_experts, dtype=float)
     x = BACKWARD_GEMM if backward else 1.0
@@ -298,29 +386,47 @@ def expert_ffn_time(hw: HardwareSpec, *, hidden: int, intermediate: int, rows, a
     nbytes = x * ffn_bytes(hidden=hidden, intermediate=intermediate, rows=rows,
                            active_experts=active, dtype=dtype)
     extra = x * swiglu_flops(hidden=hidden, rows=active, intermediate=intermediate)
-    return (_gemm_roofline(flops, nbytes, extra, dtype, hw, grouped=True)
-            + (rows > 0) * hw.moe_overhead_us * 1e-6)
+    seconds = (_gemm_roofline(flops, nbytes, extra, dtype, hw, grouped=True, backward=backward)
+               + (rows > 0) * hw.moe_overhead_us * 1e-6)
+    return seconds if grad is None else share * seconds
 
 
 def grouped_expert_seconds(
-    m: ModelShape, hw: HardwareSpec, tokens_ge: np.ndarray, *, backward: bool = False
+    m: ModelShape, hw: HardwareSpec, tokens_ge: np.ndarray, *, backward: bool = False,
+    grad: Grad | None = None, dtype: str | None = None,
 ) -> np.ndarray:
-    """Grouped-GEMM time per GPU [G] of the model's routed experts (:func:`grouped_ffn_time`)."""
+    """Grouped-GEMM time per GPU [G] of the model's routed experts (:func:`grouped_ffn_time`),
+    in ``dtype`` (default the model's ``gemm_dtype``)."""
     return grouped_ffn_time(hw, hidden=m.hidden_size, intermediate=m.moe_intermediate_size,
-                            tokens_ge=tokens_ge, dtype=m.gemm_dtype, backward=backward)
+                            tokens_ge=tokens_ge, dtype=dtype or m.gemm_dtype,
+                            backward=backward, grad=grad)
 
 
-def lm_head_seconds(m: ModelShape, hw: HardwareSpec, *, tokens: int, backward: bool = False):
+def lm_head_seconds(m: ModelShape, hw: HardwareSpec, *, tokens: int, backward: bool = False,
+                    grad: Grad | None = None):
+    """The output head (BF16 at every precision) on ``tokens`` tokens [s]; ``grad``: one
+    half of the backward."""
+    share = _grad_share(grad)
+    backward = backward or grad is not None
     x = BACKWARD_GEMM if backward else 1.0
     flops = x * 2.0 * tokens * m.hidden_size * m.vocab_size
     nbytes = x * (m.hidden_size * m.vocab_size * 2 + tokens * (m.hidden_size + m.vocab_size) * 2)
-    return float(_roofline(flops, nbytes, hw.peak_flops("bf16"), hw.gemm_efficiency, hw))
+    seconds = float(_roofline(flops, nbytes, hw.peak_flops("bf16"),
+                              _gemm_eff(hw, hw.gemm_efficiency, backward), hw))
+    return seconds if grad is None else share * seconds
 
 
 def model_flops_per_token(m: ModelShape, seq_len: int) -> float:
-    """Useful forward FLOPs of one token through the whole model (no padding)."""
-    attn = 2.0 * attention_projection_params(m) + attention_core_flops(m, 1, seq_len)
+    """Useful forward FLOPs of one token through the whole model (no padding); the
+    model's sliding-window layers attend within their window."""
+    params = attention_projection_params(m)
+    attn = 2.0 * params + attention_core_flops(m, 1, seq_len)
+    layers = m.num_layers * attn
+    windowed, window = sliding_window_layers(m)
+    if windowed:
+        near = 2.0 * params + attention_core_flops(m, 1, seq_len, window=window)
+        layers = (m.num_layers - windowed) * attn + windowed * near
     dense = ffn_flops(m, 1, m.dense_intermediate_size)
     moe = ffn_flops(m, 1, m.moe_intermediate_size) * (m.top_k + m.shared_experts)
     head = 2.0 * m.hidden_size * m.vocab_size
-    return m.num_layers * attn + m.first_dense_layers * dense + m.moe_layers * moe + head
+    return layers + m.first_dense_layers * dense + m.moe_layers * moe + head

@@ -44,8 +44,8 @@ def moe_layer_costs(scenario: Scenario, topology, counts_gm: list[list[BatchCoun
         timed = exchange_phases(
             groups, kernel=p.dispatch_kernel, topology=topology, hw=scenario.hardware,
             comm_sms=p.comm_sms, hidden=m.hidden_size, dispatch_dtype=p.dispatch_dtype,
-            combine_dtype=p.combine_dtype, network=network,
-            gpus_per_node=min(p.ep, topology.gpus_per_domain), phases=phases)
+            combine_dtype=p.combine_dtype, combine_grad_dtype=p.combine_grad_dtype,
+            network=network, gpus_per_node=min(p.ep, topology.gpus_per_domain), phases=phases)
         for (phase, backward), exchange in timed.items():
             exchanges[mb, phase, backward] = exchange
         tokens = np.concatenate([c.kept_s.reshape(p.ep, -1) for c in groups])

@@ -50,11 +50,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import numpy as np
 
-from moesim.comm.collectives import collective_time
+from moesim.comm.collectives import collective_time, spread_out
 from moesim.config.model import ModelShape
 from moesim.config.scenario import Scenario
 from moesim.cost import compute
@@ -160,14 +159,6 @@ def attention_core_seconds(scenario: Scenario, *, requests: int, context=None) -
 # ---------------------------------------------------------------- collectives
 
 
-def _spread_out(topology):
-    """The topology as :func:`collective_time` must see a group that spans NVLink domains
-    although it has no more GPUs than one domain (a strided MoE-TP group): it decides by
-    group size, which is right only for consecutive GPUs."""
-    return SimpleNamespace(gpus_per_domain=0, nvlink_bw=topology.nvlink_bw,
-                           nic_bw=topology.nic_bw)
-
-
 def group_all_reduce(hw, topology, *, size, members_g: np.ndarray) -> np.ndarray:
     """[gpus] seconds of an all-reduce of ``size`` bytes (per GPU, broadcast) over each
     GPU's group ``members_g`` [gpus, n] (NVLink inside a domain, the NICs across)."""
@@ -179,7 +170,7 @@ def group_all_reduce(hw, topology, *, size, members_g: np.ndarray) -> np.ndarray
     plain = collective_time(hw, topology, op="all_reduce", size=size, n=n)
     if n > topology.gpus_per_domain or not spans.any():
         return plain * np.ones(members_g.shape[0])
-    across = collective_time(hw, _spread_out(topology), op="all_reduce", size=size, n=n)
+    across = collective_time(hw, spread_out(topology), op="all_reduce", size=size, n=n)
     return np.where(spans, across, plain) * np.ones(members_g.shape[0])
 
 

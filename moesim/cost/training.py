@@ -10,6 +10,18 @@ from moesim.cost import compute
 from moesim.cost.step import Cost, StepCosts
 
 
+def mean_attention_seconds(m, hw, *, tokens: int, seq_len: int, **kwargs) -> float:
+    """One attention layer's seconds averaged over the model's layers: those with a
+    sliding window and the rest (:func:`moesim.cost.compute.attention_seconds`)."""
+    windowed, window = compute.sliding_window_layers(m)
+    full = compute.attention_seconds(m, hw, tokens=tokens, seq_len=seq_len, **kwargs)
+    if not windowed:
+        return full
+    slid = compute.attention_seconds(m, hw, tokens=tokens, seq_len=seq_len, window=window,
+                                     **kwargs)
+    return (windowed * slid + (m.num_layers - windowed) * full) / m.num_layers
+
+
 class TrainingCosts(StepCosts):
     """Data-parallel attention over each GPU's own tokens, routed experts over EP."""
 
@@ -25,7 +37,7 @@ class TrainingCosts(StepCosts):
         tokens = p.tokens_per_gpu // p.micro_batches
         fixed: dict[tuple[str, bool], Cost] = {}
         for backward in self.passes:
-            fixed["attention", backward] = compute.attention_seconds(
+            fixed["attention", backward] = mean_attention_seconds(
                 m, hw, tokens=tokens, seq_len=p.seq_len, backward=backward), 0.0
             fixed["shared", backward] = compute.ffn_seconds(
                 m, hw, tokens=tokens, intermediate=m.shared_experts * m.moe_intermediate_size,

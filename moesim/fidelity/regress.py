@@ -29,6 +29,7 @@ from moesim.fidelity.runs import (
     EpDispatchCombine,
     GroupedGemm,
     Run,
+    TrainingStep,
     load_runs,
     resolve_topology,
 )
@@ -58,9 +59,40 @@ def simulate_run(run: Run, file: str | os.PathLike[str] | None = None) -> dict[s
                                          align=1)}
     elif isinstance(w, AllToAll):
         values = _alltoall(run, w, topo, hw)
+    elif isinstance(w, TrainingStep):
+        values = _training_step(run, w, resolve_topology(run, file))
     else:  # pragma: no cover - the schema admits no other kind
         raise AssertionError(w)
     return {name: values[name] for name in run.measured}
+
+
+def training_step_scenario(run: Run, w: TrainingStep, topology: str):
+    """The scenario of a recorded training step: the model preset with its own routing
+    gate, uniform random assignments, the run's layout and batch."""
+    from moesim.config.feasibility import check_feasible
+    from moesim.config.loading import scenario_from_dict
+
+    schedule = w.schedule or ("interleaved" if w.vp > 1 else "1f1b")
+    data = {
+        "name": run.id, "mode": "train", "model": {"preset": w.model}, "topology": topology,
+        "engine": "fast",
+        "parallel": {"ep": w.ep, "gpus": run.gpus, "tp": w.tp, "pp": w.pp, "vp": w.vp,
+                     "cp": w.cp, "dispatch_kernel": w.dispatch_kernel},
+        "training": {"global_batch": w.global_batch, "micro_batch": w.micro_batch,
+                     "seq_len": w.seq_len, "precision": w.precision, "schedule": schedule},
+        "routing": {"assignment": w.routing},
+    }
+    scenario = scenario_from_dict(data, source=f"run {run.id}", overrides=w.overrides)
+    check_feasible(scenario)
+    return scenario
+
+
+def _training_step(run: Run, w: TrainingStep, topology: str) -> dict[str, float]:
+    from moesim.simulation import simulate
+
+    summary = simulate(training_step_scenario(run, w, topology)).summary
+    return {"tokens_per_s_per_gpu": summary["tokens_per_s_per_gpu"],
+            "model_tflops_per_gpu": summary["model_tflops_per_gpu"]}
 
 
 def _ep_dispatch_combine(run: Run, w: EpDispatchCombine, topo, hw) -> dict[str, float]:

@@ -84,8 +84,33 @@ class AllToAll(StrictModel):
     bytes_per_rank: Positive
 
 
+class TrainingStep(StrictModel):
+    """A whole pre-training step of a model preset in a Megatron-style layout
+    (``training.*`` and ``parallel.*`` fields of a scenario, docs/training.md).
+
+    ``routing: uniform`` is uniform random routing, what Megatron-Core's
+    ``--moe-router-force-load-balancing`` does (random router logits); ``overrides`` are
+    further scenario fields as ``--set`` takes them."""
+
+    kind: Literal["training-step"]
+    model: str  # model preset
+    precision: Literal["bf16", "fp8", "fp8-block", "mxfp8", "nvfp4"]
+    global_batch: Positive
+    micro_batch: Positive
+    seq_len: Positive
+    tp: Positive = 1
+    pp: Positive = 1
+    vp: Positive = 1
+    cp: Positive = 1
+    ep: Positive
+    schedule: Literal["1f1b", "interleaved", "dualpipe", "zero-bubble"] | None = None
+    routing: Literal["uniform"] = "uniform"
+    dispatch_kernel: KernelName = "nccl-alltoall"
+    overrides: list[str] = Field(default_factory=list)
+
+
 Workload = Annotated[
-    Union[EpDispatchCombine, GroupedGemm, DenseGemm, AllToAll],  # noqa: UP007 (pydantic tag)
+    Union[EpDispatchCombine, GroupedGemm, DenseGemm, AllToAll, TrainingStep],  # noqa: UP007
     Field(discriminator="kind"),
 ]
 
@@ -96,6 +121,7 @@ METRICS: dict[str, tuple[str, ...]] = {
     "grouped-gemm": ("tflops",),
     "dense-gemm": ("tflops",),
     "alltoall": ("busbw_GBps", "algbw_GBps"),
+    "training-step": ("tokens_per_s_per_gpu", "model_tflops_per_gpu"),
 }
 
 

@@ -89,12 +89,15 @@ def exchange_phases(
     group_counts: list[BatchCounts], *, kernel: str, topology, hw: HardwareSpec, comm_sms,
     hidden: int, dispatch_dtype: str, combine_dtype: str, network: NetworkModel,
     gpus_per_node: int, phases: tuple[Phase, ...] = FORWARD, copies_scale: float = 1.0,
+    combine_grad_dtype: str = "bf16",
     ll_nvlink: bool = True, overhead_s: float | None = None,
 ) -> dict[Phase, Exchange]:
     """Each phase's exchange for the routed batches of the EP groups (see
     :func:`group_traffic`).
 
-    Backward phases carry BF16 gradients. The kernel's fixed cost is the hardware's
+    Backward phases carry BF16 gradients, except the combine's gradient on its way to
+    the experts in ``combine_grad_dtype`` (DeepSeek-V3 quantizes it to FP8, report
+    sec. 3.3.3). The kernel's fixed cost is the hardware's
     (``overhead_s`` replaces it), and with fewer SMs than it needs it moves its bytes
     slower (:func:`sms_stretch` of ``comm_sms``).
     """
@@ -103,7 +106,8 @@ def exchange_phases(
     traffic, total = group_traffic(group_counts, kernel=kernel, topology=topology,
                                    network=network, gpus_per_node=gpus_per_node,
                                    copies_scale=copies_scale, ll_nvlink=ll_nvlink)
-    dtype = {("dispatch", False): dispatch_dtype, ("combine", False): combine_dtype}
+    dtype = {("dispatch", False): dispatch_dtype, ("combine", False): combine_dtype,
+             ("combine", True): combine_grad_dtype}
     out = {}
     for phase in phases:
         outward = phase in _OUTWARD

@@ -21,6 +21,9 @@ class SimResult:
       waiting for slower peers in a collective)
     * ``links``: link, src, dst, kind, bytes, busy_s, utilization (per directed link)
     * ``experts``: layer, expert, tokens, dropped (forward assignments per MoE layer)
+    * ``pipeline`` (the whole training step only; the other tables are then one
+      micro-batch on one pipeline stage's GPUs): stage, order, kind, microbatch,
+      chunk, bwd_microbatch, bwd_chunk, start_s, end_s (one row per schedule item)
     """
 
     scenario: Scenario
@@ -28,5 +31,6 @@ class SimResult:
     spans: pd.DataFrame
     links: pd.DataFrame
     experts: pd.DataFrame
+    pipeline: pd.DataFrame | None = None  # the whole training step's schedule
     balance: pd.DataFrame | None = None  # the balance policy's steps (routing.balance)
     warnings: tuple[str, ...] = ()  # what the user should know about these numbers

@@ -36,6 +36,7 @@ class Summary(TypedDict):
     step_time_s: float
     tokens_per_step: int
     tokens_per_s: float
+    tokens_per_s_per_gpu: float
     ttft_s: NotRequired[float]  # prefill
     input_tokens_per_s_per_gpu: NotRequired[float]  # prefill
     tpot_s: NotRequired[float]  # decode
@@ -52,6 +53,24 @@ class Summary(TypedDict):
     kv_cache_bytes_per_gpu: NotRequired[float]
     attention_tp_allreduce_time_s: NotRequired[float]
     moe_tp_allreduce_time_s: NotRequired[float]
+    pp: NotRequired[int]  # the whole training step (docs/training.md)
+    vp: NotRequired[int]
+    dp: NotRequired[int]
+    micro_batches: NotRequired[int]
+    tokens_per_microbatch: NotRequired[int]
+    schedule: NotRequired[str]
+    recompute: NotRequired[str]
+    precision: NotRequired[str]
+    pipeline_time_s: NotRequired[float]
+    pipeline_bubble_fraction: NotRequired[float]
+    p2p_send_time_s: NotRequired[float]
+    elementwise_time_s: NotRequired[float]
+    recompute_time_s: NotRequired[float]
+    dp_grad_reduce_time_s: NotRequired[float]
+    dp_param_gather_time_s: NotRequired[float]
+    dp_exposed_time_s: NotRequired[float]
+    optimizer_time_s: NotRequired[float]
+    moe_layer_breakdown_s: NotRequired[dict[str, float]]
     dispatch_time_s: float
     combine_time_s: float
     expert_compute_time_s: float
@@ -227,6 +246,7 @@ def summarize(scenario: Scenario, topology, ops, timeline: Timeline, costs, keys
         "step_time_s": step_s,
         "tokens_per_step": tokens,
         "tokens_per_s": tokens / step_s,
+        "tokens_per_s_per_gpu": tokens / step_s / p.total_gpus,
         **extra,
         "dispatch_time_s": mean["dispatch"],
         "combine_time_s": mean["combine"],

@@ -45,7 +45,28 @@ def expert_rows_per_gpu(scenario: Scenario, routed: Scenario) -> float:
 
 
 def step_bound(scenario: Scenario) -> StepBound:
-    """The step of ``scenario``: its lower bound on time (module doc), tokens and nodes."""
+    """The step of ``scenario``: its lower bound on time (module doc), tokens and nodes.
+
+    The whole training step (docs/training.md) computes every layer of every
+    micro-batch somewhere: the busiest stage at least ``1 / pp`` of them, so at least
+    ``micro_batches / pp`` times one micro-batch's bound (bubbles, communication, DP
+    and the optimizer add nothing)."""
+    from moesim.config.training_layout import training_layout, whole_step
+
+    if whole_step(scenario):
+        from moesim.pipeline.whole_step import micro_batch_scenario
+        from moesim.topologies import load_topology
+
+        layout = training_layout(scenario)
+        one = step_bound(micro_batch_scenario(scenario, layout))
+        topology = load_topology(scenario.topology, gpus=layout.gpus)
+        return StepBound(step_s=one.step_s * layout.micro_batches / layout.pp,
+                         tokens=layout.tokens_per_step, nodes=int(topology.n_domains))
+    return _ep_step_bound(scenario)
+
+
+def _ep_step_bound(scenario: Scenario) -> StepBound:
+    """:func:`step_bound` of the EP form of a step (one op program per GPU)."""
     from moesim.cost import compute
     from moesim.cost.modes import step_costs
     from moesim.engine.program import COMPUTE, build_program

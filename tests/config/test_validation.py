@@ -90,7 +90,7 @@ def test_a_tagged_union_names_its_kinds(tmp_path):
     err = error_of(load_runs, path)
     assert err.field == "runs[0].workload.kind"
     assert err.problem == "unknown workload kind 'gemm'"
-    assert err.allowed == "ep-dispatch-combine, grouped-gemm, dense-gemm, alltoall"
+    assert err.allowed == "ep-dispatch-combine, grouped-gemm, dense-gemm, alltoall, training-step"
 
 
 def test_a_quoted_number_is_a_mistake_in_a_topology(tmp_path):

@@ -32,18 +32,20 @@ ALLOWED = {
     "memory": {"config", "cost", "comm", "errors"},
     "output": {"cost", "engine", "comm", "config", "errors"},
     "tracefile": {"routing", "config", "errors", "traces"},
+    # The whole training step: a micro-batch's timeline, then the pipeline, DP, optimizer.
+    "pipeline": {"config", "cost", "output", "memory", "topologies", "errors"},
     "simulation": {"config", "placement", "routing", "comm", "network", "cost", "memory",
-                   "engine", "output", "tracefile", "topologies", "errors"},
+                   "engine", "output", "tracefile", "topologies", "errors", "pipeline"},
     "traces": {"moesim", "config", "errors", "tracefile", "validation"},
     # Sweeps and plans sit on top of the simulation: they only compose runs of it.
     "sweep": {"config", "errors", "inputs", "validation", "memory", "simulation"},
     "planning": {"sweep", "config", "cost", "engine", "errors", "inputs", "validation",
-                 "memory", "simulation", "topologies"},
+                 "memory", "simulation", "topologies", "pipeline"},
     "reports": set(),
 }
 CORE = {"errors", "inputs", "validation", "engine", "config", "placement", "routing", "comm",
         "network", "cost", "memory",
-        "output", "tracefile", "simulation", "topologies"}
+        "output", "tracefile", "simulation", "topologies", "pipeline"}
 
 
 def parts() -> dict[str, list[Path]]:
@@ -122,6 +124,7 @@ ELSEWHERE = {
     "docs/POWER_LAW_DISTRIBUTION.md",  # ai-dynamo/aiconfigurator
     "tests/test_intranode.py", "tests/test_internode.py",  # deepseek-ai/DeepEP
     "tests/test_low_latency.py",  # deepseek-ai/DeepEP
+    "docs/performance-summary.md", "docs/performance-summary-archive.md",  # Megatron-Bridge
 }
 GENERATED = ("reports/out",)  # what `make demo` writes; never in a fresh clone
 CITED = re.compile(r"(?<![\w./-])((?:moesim|traces|topologies|cli|reports|bench|docs|"

@@ -62,7 +62,7 @@ def test_bad_plan_files_exit_2_with_one_line(tmp_path, text, needle):
 
 def test_the_frontier_holds_only_setups_that_meet_the_target(tmp_path, repo):
     plan = yaml.safe_load((repo / "examples/plans/quick.yaml").read_text())
-    plan["target"] = {"tokens_per_s": 2.5e6}  # 16 GPUs: reachable by the bound, missed
+    plan["target"] = {"tokens_per_s": 2.0e6}  # 16 GPUs: reachable by the bound, missed
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan))
     out = tmp_path / "o"
@@ -70,4 +70,4 @@ def test_the_frontier_holds_only_setups_that_meet_the_target(tmp_path, repo):
                          catch_exceptions=False).exit_code == 0
     document = json.loads((out / "plan.json").read_text())
     assert document["counts"].get("misses target", 0) > 0
-    assert all(r["tokens_per_s"] >= 2.5e6 for r in document["frontier"])
+    assert all(r["tokens_per_s"] >= 2.0e6 for r in document["frontier"])

@@ -19,11 +19,14 @@ GB = 1e9
 PRESETS = [
     "dgx-b200",
     "dgx-b200-superpod",
+    "dgx-b300",
+    "dgx-b300-superpod",
     "dgx-h100",
     "dgx-h100-superpod",
     "dgx-h200",
     "dgx-h200-superpod",
     "gb200-nvl72",
+    "gb300-nvl72",
     "h800-cluster",
     "h800-node",
 ]
