@@ -85,12 +85,21 @@ def check_mode(scenario: Scenario) -> None:
             if getattr(p, name) != 1:
                 raise InputError(f"parallel.{name} is a training layout field",
                                  field=f"parallel.{name}", allowed="1, or mode: train")
-    for name in ("attention_tp", "moe_tp"):
-        if getattr(p, name) != 1:
-            raise InputError(
-                f"tensor parallelism is modelled in the serving modes only, not in mode {mode}",
-                field=f"parallel.{name}",
-                allowed=f"1, or mode: {' | '.join(SERVING_MODES)}")
+    if p.attention_tp != 1:
+        raise InputError(
+            f"attention_tp is the serving modes' tensor parallelism, not mode {mode}'s",
+            field="parallel.attention_tp",
+            allowed=f"1 (training: parallel.tp), or mode: {' | '.join(SERVING_MODES)}")
+    if p.moe_tp != 1 and mode != "train":
+        raise InputError(
+            f"expert tensor parallelism is modelled in training and serving, not mode {mode}",
+            field="parallel.moe_tp", allowed="1")
+    if p.moe_tp != 1 and (p.total_gpus % (p.ep * p.moe_tp)
+                          or scenario.model.moe_intermediate_size % p.moe_tp):
+        raise InputError(
+            f"moe_tp {p.moe_tp} needs whole MoE instances of ep x moe_tp GPUs and an "
+            f"expert width ({scenario.model.moe_intermediate_size}) it divides",
+            field="parallel.moe_tp", allowed="divisors of both")
 
 
 def _attention_tp_ok(scenario: Scenario, tp: int) -> bool:

@@ -23,9 +23,9 @@ class TrainingLayout:
     """Megatron-style sizes of a training step (rank order: pipeline slowest).
 
     ``stage_gpus = gpus / pp`` GPUs hold one pipeline stage; ``dp = stage_gpus / (tp x
-    cp)`` data-parallel replicas of its dense weights; ``expert_dp = stage_gpus / ep`` of
-    its routed experts. Each replica runs ``micro_batches`` micro-batches of
-    ``tokens_per_microbatch`` tokens per GPU through the pipeline.
+    cp)`` data-parallel replicas of its dense weights; ``expert_dp = stage_gpus / (ep x
+    moe_tp)`` of each shard of its routed experts. Each replica runs ``micro_batches``
+    micro-batches of ``tokens_per_microbatch`` tokens per GPU through the pipeline.
     """
 
     gpus: int
@@ -111,10 +111,10 @@ def training_layout(scenario: Scenario) -> TrainingLayout:
         raise InputError(f"{gpus} GPUs do not split into {p.pp} pipeline stages",
                          field="parallel.pp", allowed=_divisors(gpus))
     stage_gpus = gpus // p.pp
-    if stage_gpus % p.ep:
+    if stage_gpus % (p.ep * p.moe_tp):
         raise InputError(f"a pipeline stage of {stage_gpus} GPUs is not a whole number of "
-                         f"EP groups of {p.ep}", field="parallel.ep",
-                         allowed=_divisors(stage_gpus))
+                         f"MoE instances of ep x moe_tp = {p.ep} x {p.moe_tp}",
+                         field="parallel.ep", allowed=f"ep x moe_tp dividing {stage_gpus}")
     chunks = p.pp * p.vp
     if chunks > m.num_layers:  # every chunk must hold a layer
         raise InputError(f"{chunks} pipeline chunks (pp x vp) exceed the model's "
@@ -152,7 +152,8 @@ def training_layout(scenario: Scenario) -> TrainingLayout:
                            if t.global_batch is not None else "parallel.micro_batches"})
     return TrainingLayout(
         gpus=gpus, tp=p.tp, pp=p.pp, vp=p.vp, cp=p.cp, ep=p.ep, dp=dp,
-        expert_dp=stage_gpus // p.ep, stage_gpus=stage_gpus, micro_batches=micro_batches,
+        expert_dp=stage_gpus // (p.ep * p.moe_tp), stage_gpus=stage_gpus,
+        micro_batches=micro_batches,
         tokens_per_microbatch=tokens, seq_len=seq_len, schedule=t.schedule,
         whole_step=whole_step(scenario))
 

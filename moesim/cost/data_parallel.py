@@ -52,7 +52,7 @@ def layer_params(scenario: Scenario, layer: int) -> StageParams:
     expert = 3 * h * m.moe_intermediate_size
     return StageParams(dense=float(dense + h * m.routed_experts
                                    + m.shared_experts * expert / tp),
-                       routed=float(slots * expert))
+                       routed=float(slots * expert / p.moe_tp))
 
 
 def stage_params(scenario: Scenario, layout: TrainingLayout) -> list[StageParams]:
@@ -106,7 +106,7 @@ def step_tail(scenario: Scenario, topology, layout: TrainingLayout) -> StepTail:
     # grad read, master read+write, two moments read+write, BF16 parameter write
     per_param = grad + 2 * FP32 + 4 * moments + BF16
     groups = (("dense", layout.dp, layout.tp * layout.cp),
-              ("routed", layout.expert_dp, layout.ep))
+              ("routed", layout.expert_dp, layout.ep * scenario.parallel.moe_tp))
     reduce_s, gather_s, optimizer_s, grad_bytes = [], [], [], []
     for params in stage_params(scenario, layout):
         red = gat = updated = sent = 0.0

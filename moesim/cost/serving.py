@@ -222,6 +222,17 @@ def expert_seconds(scenario: Scenario, topology, tokens_ge: np.ndarray,
     m, hw, p = scenario.model, scenario.hardware, scenario.parallel
     if p.moe_tp == 1:
         return compute.grouped_expert_seconds(m, hw, tokens_ge), np.zeros(p.total_gpus)
+    return sharded_expert_seconds(scenario, topology, tokens_ge, received_g)
+
+
+def sharded_expert_seconds(scenario: Scenario, topology, tokens_ge: np.ndarray,
+                           received_g: np.ndarray, *, backward: bool = False
+                           ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`expert_seconds` with ``moe_tp`` > 1: every GPU of a MoE-TP group computes
+    its ``1 / moe_tp`` of the width for the tokens the group received, then the group
+    all-reduces the outputs (``backward``: the input gradients, after the backward
+    GEMMs)."""
+    m, hw, p = scenario.model, scenario.hardware, scenario.parallel
     shard = dataclasses.replace(m, moe_intermediate_size=m.moe_intermediate_size // p.moe_tp)
     instances = p.total_gpus // (p.ep * p.moe_tp)
 
@@ -229,7 +240,7 @@ def expert_seconds(scenario: Scenario, topology, tokens_ge: np.ndarray,
         a = a.reshape(instances, p.moe_tp, p.ep, -1)
         return np.broadcast_to(a.sum(axis=1, keepdims=True), a.shape).reshape(p.total_gpus, -1)
 
-    gemm = compute.grouped_expert_seconds(shard, hw, pooled(tokens_ge))
+    gemm = compute.grouped_expert_seconds(shard, hw, pooled(tokens_ge), backward=backward)
     size = pooled(received_g)[:, 0] * m.hidden_size * compute.ACT_BYTES
     return gemm, group_all_reduce(hw, topology, size=size, members_g=moe_tp_members(scenario))
 

@@ -7,6 +7,7 @@ import numpy as np
 
 from moesim.config.scenario import Scenario
 from moesim.cost import compute
+from moesim.cost.serving import sharded_expert_seconds
 from moesim.cost.step import Cost, StepCosts
 
 
@@ -51,8 +52,13 @@ class TrainingCosts(StepCosts):
 
     def experts(self, tokens_ge, received_g, *, backward):
         m, hw = self.scenario.model, self.scenario.hardware
-        seconds_g = compute.grouped_expert_seconds(m, hw, tokens_ge, backward=backward)
-        return seconds_g, np.zeros_like(seconds_g)
+        if self.scenario.parallel.moe_tp == 1:
+            seconds_g = compute.grouped_expert_seconds(m, hw, tokens_ge, backward=backward)
+            return seconds_g, np.zeros_like(seconds_g)
+        # Expert tensor parallelism: the experts' widths split over moe_tp GPUs, whose
+        # outputs (forward) and input gradients (backward) are summed over the group.
+        return sharded_expert_seconds(self.scenario, self.topology, tokens_ge, received_g,
+                                      backward=backward)
 
     def step_tokens(self) -> int:
         p = self.scenario.parallel

@@ -223,3 +223,19 @@ def test_tensor_and_context_parallelism_split_the_tokens_and_add_their_collectiv
         plain, training_layout(plain))
     assert split[0].routed == whole[0].routed
     assert split[0].dense < whole[0].dense
+
+
+def test_expert_tensor_parallelism_splits_the_experts_and_all_reduces_their_outputs():
+    base = ("parallel.gpus=64", "parallel.ep=16", "routing.max_devices=2",
+            "training.global_batch=128")
+    plain, sharded = scenario(*base), scenario(*base, "parallel.moe_tp=2")
+    assert training_layout(sharded).expert_dp == training_layout(plain).expert_dp // 2 == 2
+    assert (stage_params(sharded, training_layout(sharded))[0].routed
+            == stage_params(plain, training_layout(plain))[0].routed / 2)
+    one, two = simulate(plain).summary, simulate(sharded).summary
+    assert two["memory_breakdown_gib"]["routed_experts"] == pytest.approx(
+        one["memory_breakdown_gib"]["routed_experts"] / 2)
+    # The same expert FLOPs per GPU (twice the tokens at half the width) plus the
+    # group's all-reduces.
+    assert two["expert_compute_time_s"] > one["expert_compute_time_s"]
+    assert two["tokens_dispatched"] == one["tokens_dispatched"]
