@@ -38,6 +38,8 @@ gallery: $(STAMP)
 		--what-if routing.max_devices=8 --what-if parallel.dispatch_kernel=nccl-alltoall
 	$(VENV)/bin/moesim sweep examples/sweeps/quick.yaml --out reports/examples/sweep-quick --report
 	$(VENV)/bin/moesim plan examples/plans/quick.yaml --out reports/examples/plan-quick --report
+	$(VENV)/bin/moesim simulate examples/v3-2048-h800-dualpipe.yaml --trace-gpus 4 \
+		--out reports/examples/v3-2048-whole-step --report
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -150,7 +150,7 @@ def _write_outputs(out: Path, result, variants, *, report: bool, trace_gpus: int
     import yaml
 
     from moesim.cli.output import write_json, write_parquet, write_text
-    from moesim.output.timeline import chrome_trace
+    from moesim.output.timeline import chrome_trace, pipeline_trace
 
     write_json(out / "summary.json", result.summary)
     write_text(out / "scenario.yaml", yaml.safe_dump(result.scenario.to_dict(), sort_keys=False))
@@ -161,6 +161,9 @@ def _write_outputs(out: Path, result, variants, *, report: bool, trace_gpus: int
         write_parquet(out / "balance.parquet", result.balance)
     write_json(out / "timeline.json",
                chrome_trace(result.spans, max_gpus=trace_gpus or None))
+    if result.pipeline is not None:  # the whole training step (docs/training.md)
+        write_parquet(out / "pipeline.parquet", result.pipeline)
+        write_json(out / "pipeline_timeline.json", pipeline_trace(result.pipeline))
     write_json(out / "warnings.json", list(result.warnings))
     if report:
         from moesim.cli.report import write_report

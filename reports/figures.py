@@ -25,7 +25,13 @@ READING = {
                 "profile means balanced.",
     "balance_series": "Lines falling toward 1 mean the bias updates even out the load; "
                       "red: the step time.",
+    "pipeline_schedule": "One row per stage; white gaps are the pipeline bubble, time a "
+                         "stage waits for activations or gradients.",
 }
+
+# Schedule items by kind: forward, backward (input and weight gradients), overlapped.
+_KIND_COLOURS = {"F": "tab:blue", "B": "tab:orange", "W": "tab:green", "BW": "tab:red",
+                 "FB": "tab:purple"}
 
 # Expert load heat map: the colour range around the layer mean (1.0) never narrows
 # below 0..2, so a few percent of noise stays pale.
@@ -181,4 +187,25 @@ def balance_series(series: pd.DataFrame):
     _label(ax, "Auxiliary-loss-free balancing, step after step",
            "training step (bias updates, count)", "load max / mean (1 = balanced)",
            READING["balance_series"])
+    return fig
+
+
+def pipeline_schedule(items: pd.DataFrame):
+    """The whole training step's schedule: each stage's items over time."""
+    plt = _plt()
+    stages = int(items["stage"].max()) + 1
+    fig, ax = plt.subplots(figsize=(9, 0.35 * stages + 1.6))
+    for kind, colour in _KIND_COLOURS.items():
+        rows = items[items["kind"] == kind]
+        if rows.empty:
+            continue
+        ax.barh(rows["stage"], (rows["end_s"] - rows["start_s"]) * 1e3,
+                left=rows["start_s"] * 1e3, height=0.8, color=colour, label=kind,
+                edgecolor="white", linewidth=0.2)
+    ax.set_xlim(left=0)
+    ax.set_ylim(stages - 0.5, -0.5)  # stage 0 on top
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14),
+              ncol=len(_KIND_COLOURS), frameon=False)
+    _label(ax, "Pipeline schedule of one step", "time (ms)", "pipeline stage (index)",
+           READING["pipeline_schedule"])
     return fig

@@ -105,6 +105,14 @@ def build_report(result, variants: list[tuple[str, object]] = ()) -> tuple[list[
                              "nothing else; changes are relative to the baseline."),
                    Table(header, tuple(rows))]
     figs = {}
+    if result.pipeline is not None:
+        blocks += [Heading("Pipeline"),
+                   Paragraph("The whole training step (docs/training.md): every stage's "
+                             "forward (F), backward (BW, or B and W apart) and DualPipe's "
+                             "overlapped pairs (FB); pipeline.parquet holds every item."),
+                   Figure("figures/pipeline.png",
+                          _caption("Pipeline schedule of one step", "pipeline_schedule"))]
+        figs["pipeline.png"] = figures.pipeline_schedule(result.pipeline)
     if result.balance is not None:
         blocks += [Heading("Balance policy"),
                    Paragraph(f"routing.balance aux-free-bias: {sc.routing.balance_steps} "

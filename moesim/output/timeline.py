@@ -38,3 +38,21 @@ def chrome_trace(spans: pd.DataFrame, *, max_gpus: int | None = None) -> dict:
             "dur": round(float(dur), 3), "args": args,
         })
     return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def pipeline_trace(items: pd.DataFrame) -> dict:
+    """Trace-event JSON object of a whole training step's schedule (``SimResult.pipeline``):
+    one process per pipeline stage, one slice per schedule item (``F``, ``B``, ``W``,
+    ``BW``, ``FB``) named by its micro-batch and chunk."""
+    stages = np.unique(items["stage"].to_numpy())
+    events: list[dict] = [{"name": "process_name", "ph": "M", "pid": int(stage),
+                           "args": {"name": f"stage {stage}"}} for stage in stages]
+    for row in items.itertuples(index=False):
+        name = f"{row.kind} mb{row.microbatch} c{row.chunk}"
+        if row.kind == "FB":
+            name += f" + B mb{row.bwd_microbatch} c{row.bwd_chunk}"
+        events.append({"name": name, "cat": row.kind, "ph": "X", "pid": int(row.stage),
+                       "tid": 0, "ts": round(float(row.start_s) * 1e6, 3),
+                       "dur": round(float(row.end_s - row.start_s) * 1e6, 3),
+                       "args": {"microbatch": int(row.microbatch), "chunk": int(row.chunk)}})
+    return {"traceEvents": events, "displayTimeUnit": "ms"}

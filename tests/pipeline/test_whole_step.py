@@ -239,3 +239,25 @@ def test_expert_tensor_parallelism_splits_the_experts_and_all_reduces_their_outp
     # group's all-reduces.
     assert two["expert_compute_time_s"] > one["expert_compute_time_s"]
     assert two["tokens_dispatched"] == one["tokens_dispatched"]
+
+
+def test_the_cli_writes_the_schedule_as_a_table_and_a_chrome_trace(tmp_path):
+    import json
+
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from moesim.cli.main import app
+
+    out = tmp_path / "run"
+    sets = [*SMALL, "parallel.gpus=128", "parallel.pp=4", "training.global_batch=256"]
+    args = ["simulate", "--out", str(out), *[a for s in sets for a in ("--set", s)]]
+    result = CliRunner().invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "PP4 1f1b, EP32, DP32; 8 micro-batches" in " ".join(result.output.split())
+    items = pd.read_parquet(out / "pipeline.parquet")
+    assert len(items) == 4 * 8 * 2
+    trace = json.loads((out / "pipeline_timeline.json").read_text())
+    slices = [e for e in trace["traceEvents"] if e["ph"] == "X"]
+    assert len(slices) == len(items)
+    assert {e["pid"] for e in slices} == {0, 1, 2, 3}

@@ -47,9 +47,19 @@ BALANCE = pd.DataFrame({"step": [0, 1, 2], "expert_max_over_mean": [1.6, 1.3, 1.
                         "step_time_s": [np.nan, np.nan, 4e-3]})
 
 
+def pipeline_items() -> pd.DataFrame:
+    from moesim.pipeline import ChunkCosts, simulate_pipeline
+
+    ones = np.ones((4, 1))
+    costs = ChunkCosts(forward_s=ones, backward_input_s=ones, backward_weight_s=ones,
+                       forward_comm_s=0 * ones, backward_comm_s=0 * ones, send_s=0.1)
+    return simulate_pipeline(costs, schedule="1f1b", pp=4, micro_batches=8).items
+
+
 def drawn():
     """(name, figure) of every figure function."""
     return [
+        ("pipeline_schedule", figures.pipeline_schedule(pipeline_items())),
         ("step_breakdown", figures.step_breakdown(SUMMARY)),
         ("expert_time_heatmap", figures.expert_time_heatmap(spans())),
         ("link_utilization", figures.link_utilization(links())),
