@@ -155,6 +155,20 @@ MAX_ASSIGNMENTS = 2**28
 MAX_OP_ROWS = 2**26
 
 
+def check_precision(scenario: Scenario) -> None:
+    """FP4 GEMMs need a GPU with an FP4 rate (Blackwell)."""
+    hw, t = scenario.hardware, scenario.training
+    if hw.fp4_tflops is not None:
+        return
+    if scenario.mode == "train" and t.precision == "nvfp4":
+        raise InputError(f"the {hw.name} has no FP4 GEMM rate (hardware.fp4_tflops)",
+                         field="training.precision", allowed="bf16, fp8, fp8-block, mxfp8")
+    if scenario.model.gemm_dtype == "fp4" and not (scenario.mode == "train"
+                                                   and t.precision is not None):
+        raise InputError(f"the {hw.name} has no FP4 GEMM rate (hardware.fp4_tflops)",
+                         field="model.gemm_dtype", allowed="bf16, fp8")
+
+
 def check_size(scenario: Scenario) -> None:
     """Refuse steps too large to simulate in memory, before anything is allocated."""
     m, p, sv = scenario.model, scenario.parallel, scenario.serving
@@ -212,6 +226,7 @@ def check_feasible(scenario: Scenario, topology=None) -> None:
             "equal micro-batches",
             field="parallel.micro_batches", allowed=f"divisors of {p.tokens_per_gpu}",
         )
+    check_precision(scenario)
     if p.comm_sms >= scenario.hardware.sms:
         raise InputError(
             f"{p.comm_sms} communication SMs leave none of {scenario.hardware.sms} for compute",

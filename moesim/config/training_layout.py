@@ -74,7 +74,8 @@ def check_schedule(schedule: str, *, pp: int, vp: int, micro_batches: int,
         # Megatron-LM's forward_backward_pipelining_with_interleaving groups
         # micro-batches in rounds of pp per chunk.
         if m % pp:
-            raise InputError(f"interleaved needs a multiple of pp={pp}, got {m}",
+            raise InputError(f"interleaved needs micro-batches in multiples of pp={pp}, "
+                             f"got {m} micro-batches",
                              field=field("micro_batches"), allowed=f"multiples of {pp}")
     if schedule == "dualpipe":
         # The rules deepseek-ai/DualPipe's DualPipe.step asserts: an even number of
@@ -84,7 +85,8 @@ def check_schedule(schedule: str, *, pp: int, vp: int, micro_batches: int,
             raise InputError(f"dualpipe needs an even pp, got {pp}", field=field("pp"),
                              allowed="even numbers")
         if m % 2 or m < 2 * pp:
-            raise InputError(f"dualpipe needs an even number >= 2*pp={2 * pp}, got {m}",
+            raise InputError(f"dualpipe needs an even number of micro-batches >= 2*pp="
+                             f"{2 * pp}, got {m}",
                              field=field("micro_batches"), allowed=f"even numbers >= {2 * pp}")
 
 
@@ -96,17 +98,26 @@ def training_layout(scenario: Scenario) -> TrainingLayout:
     """Resolve the layout of a ``mode: train`` scenario (InputError naming the field)."""
     p, t, m = scenario.parallel, scenario.training, scenario.model
     gpus = p.total_gpus
-    if (p.tp > 1 or p.cp > 1) and not whole_step(scenario):
-        raise InputError("tensor and context parallelism are modelled in the whole training "
-                         "step only", field="parallel.tp" if p.tp > 1 else "parallel.cp",
-                         allowed="1, or set training.global_batch (docs/training.md)")
+    if not whole_step(scenario):
+        for field, value, default in (("parallel.tp", p.tp, 1), ("parallel.cp", p.cp, 1),
+                                      ("training.precision", t.precision, None),
+                                      ("training.recompute", t.recompute, "none"),
+                                      ("training.schedule", t.schedule, "1f1b")):
+            if value != default:
+                raise InputError(
+                    f"{field} belongs to the whole training step (docs/training.md), "
+                    "which needs training.global_batch or parallel.pp > 1",
+                    field=field, allowed=f"{default if default is not None else 'null'}, "
+                                         "or set training.global_batch")
     if p.tp > 1 and m.num_heads % p.tp:
         raise InputError(f"tp {p.tp} does not divide the {m.num_heads} attention heads",
                          field="parallel.tp", allowed=_divisors(m.num_heads))
     if p.tp > 1 and m.attention == "gqa" and m.num_kv_heads % p.tp and p.tp % m.num_kv_heads:
+        ok = [d for d in range(1, m.num_heads + 1) if m.num_heads % d == 0
+              and (m.num_kv_heads % d == 0 or d % m.num_kv_heads == 0)]
         raise InputError(f"tp {p.tp} neither divides nor is a multiple of the "
                          f"{m.num_kv_heads} KV heads", field="parallel.tp",
-                         allowed=_divisors(m.num_heads))
+                         allowed=", ".join(map(str, ok)))
     if gpus % p.pp:
         raise InputError(f"{gpus} GPUs do not split into {p.pp} pipeline stages",
                          field="parallel.pp", allowed=_divisors(gpus))
@@ -114,15 +125,18 @@ def training_layout(scenario: Scenario) -> TrainingLayout:
     if stage_gpus % (p.ep * p.moe_tp):
         raise InputError(f"a pipeline stage of {stage_gpus} GPUs is not a whole number of "
                          f"MoE instances of ep x moe_tp = {p.ep} x {p.moe_tp}",
-                         field="parallel.ep", allowed=f"ep x moe_tp dividing {stage_gpus}")
+                         field="parallel.moe_tp" if stage_gpus % p.ep == 0 else "parallel.ep",
+                         allowed=f"ep x moe_tp dividing {stage_gpus}")
     chunks = p.pp * p.vp
     if chunks > m.num_layers:  # every chunk must hold a layer
         raise InputError(f"{chunks} pipeline chunks (pp x vp) exceed the model's "
-                         f"{m.num_layers} layers", field="parallel.pp",
+                         f"{m.num_layers} layers",
+                         field="parallel.vp" if p.vp > 1 else "parallel.pp",
                          allowed=f"pp x vp at most {m.num_layers}")
     if stage_gpus % (p.tp * p.cp):
         raise InputError(f"a pipeline stage of {stage_gpus} GPUs is not a whole number of "
-                         f"TP x CP groups of {p.tp} x {p.cp}", field="parallel.tp",
+                         f"TP x CP groups of {p.tp} x {p.cp}",
+                         field="parallel.cp" if stage_gpus % p.tp == 0 else "parallel.tp",
                          allowed=f"tp x cp dividing {stage_gpus}")
     dp = stage_gpus // (p.tp * p.cp)
     seq_len = t.seq_len or p.seq_len
@@ -165,15 +179,21 @@ def chunk_layers(layout: TrainingLayout, model: ModelShape) -> list[list[range]]
     one (Megatron-LM's ``--account-for-loss-in-pipeline-split``; the last stage would
     otherwise carry a layer's worth more than the others), then splits those slots as
     evenly as possible into ``pp x vp`` consecutive chunks, the first ones a slot
-    longer. Chunk ``c`` in model order sits on stage ``c mod pp`` as its virtual chunk
-    ``c // pp`` (Megatron's interleaving; ``vp`` = 1: one chunk per stage). DualPipe
+    longer; fewer such slots count where the last chunk would be left without a layer
+    (the head and MTP modules always sit with the last layer). Chunk ``c`` in model
+    order sits on stage ``c mod pp`` as its virtual chunk ``c // pp`` (Megatron's
+    interleaving; ``vp`` = 1: one chunk per stage). DualPipe
     splits the model into ``pp`` stages and keeps two of them on every GPU: stage ``s``
     (the forward direction's) and stage ``pp - 1 - s`` (the reverse direction's),
     DeepSeek-V3 report sec. 3.2.1.
     """
-    slots = model.num_layers + 1 + model.mtp_layers
     parts = layout.pp if layout.schedule == "dualpipe" else layout.pp * layout.vp
-    chunks = [range(c.start, min(c.stop, model.num_layers)) for c in _split(slots, parts)]
+    # The head's and MTP modules' slots count only while every chunk keeps a layer.
+    for extra in range(1 + model.mtp_layers, -1, -1):
+        chunks = [range(c.start, min(c.stop, model.num_layers))
+                  for c in _split(model.num_layers + extra, parts)]
+        if all(chunks):
+            break
     if layout.schedule == "dualpipe":
         return [[chunks[s], chunks[layout.pp - 1 - s]] for s in range(layout.pp)]
     return [[chunks[v * layout.pp + s] for v in range(layout.vp)] for s in range(layout.pp)]

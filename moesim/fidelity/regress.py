@@ -77,7 +77,7 @@ def training_step_scenario(run: Run, w: TrainingStep, topology: str):
         "name": run.id, "mode": "train", "model": {"preset": w.model}, "topology": topology,
         "engine": "fast",
         "parallel": {"ep": w.ep, "gpus": run.gpus, "tp": w.tp, "pp": w.pp, "vp": w.vp,
-                     "cp": w.cp, "dispatch_kernel": w.dispatch_kernel},
+                     "cp": w.cp, "moe_tp": w.moe_tp, "dispatch_kernel": w.dispatch_kernel},
         "training": {"global_batch": w.global_batch, "micro_batch": w.micro_batch,
                      "seq_len": w.seq_len, "precision": w.precision, "schedule": schedule},
         "routing": {"assignment": w.routing},

@@ -103,6 +103,7 @@ class TrainingStep(StrictModel):
     vp: Positive = 1
     cp: Positive = 1
     ep: Positive
+    moe_tp: Positive = 1
     schedule: Literal["1f1b", "interleaved", "dualpipe", "zero-bubble"] | None = None
     routing: Literal["uniform"] = "uniform"
     dispatch_kernel: KernelName = "nccl-alltoall"

@@ -18,7 +18,12 @@ from moesim.config.training_layout import training_layout
 from moesim.cost import compute
 from moesim.output.result import SimResult
 from moesim.output.summary import check_summary
-from moesim.pipeline.whole_step import WholeStep, micro_batch_scenario, whole_step
+from moesim.pipeline.whole_step import (
+    WholeStep,
+    micro_batch_scenario,
+    training_precision,
+    whole_step,
+)
 
 # Per-GPU seconds of the micro-batch summary that scale to the step.
 PHASE_KEYS = ("dispatch_time_s", "combine_time_s", "expert_compute_time_s",
@@ -115,7 +120,7 @@ def simulate_whole_step(scenario: Scenario, trace, topology, memory, *, simulate
         "tokens_per_microbatch": layout.tokens_per_microbatch,
         "schedule": layout.schedule,
         "recompute": scenario.training.recompute,
-        "precision": scenario.training.precision or scenario.model.gemm_dtype,
+        "precision": training_precision(scenario),
         "pipeline_time_s": float(step.pipeline.step_s),
         "pipeline_bubble_fraction": float(step.pipeline.bubble_fraction),
         "p2p_send_time_s": float(np.atleast_1d(costs.send_s)[0]),

@@ -11,7 +11,7 @@
 2. The schedule runs those costs (:func:`moesim.pipeline.simulate_pipeline`), with the
    activations sent between stages over the topology.
 3. Each stage then reduces its gradients over its data-parallel GPUs and steps the
-   optimizer (:mod:`moesim.cost.data_parallel`); the step ends when every stage has.
+   optimizer (:mod:`moesim.pipeline.data_parallel`); the step ends when every stage has.
 
 docs/training.md describes the model and what it leaves out.
 """
@@ -26,9 +26,9 @@ import numpy as np
 from moesim.config.scenario import Scenario
 from moesim.config.training_layout import TrainingLayout, chunk_layers, training_layout
 from moesim.cost import compute
-from moesim.cost.data_parallel import StepTail, step_tail
 from moesim.cost.sequence_parallel import layer_comm
 from moesim.cost.training import mean_attention_seconds
+from moesim.pipeline.data_parallel import StepTail, step_tail
 from moesim.pipeline.layer_times import LayerTimes, layer_times
 from moesim.pipeline.simulate import ChunkCosts, PipelineTimeline, simulate_pipeline
 
@@ -42,8 +42,10 @@ def micro_batch_scenario(scenario: Scenario, layout: TrainingLayout) -> Scenario
         micro_batches=1, seq_len=layout.seq_len, pp=1, vp=1, tp=1, cp=1)
     model = m if t.precision is None else dataclasses.replace(
         m, gemm_dtype=compute.gemm_dtype_for(t.precision))
-    return dataclasses.replace(scenario, parallel=parallel, model=model,
-                               training=dataclasses.replace(t, global_batch=None))
+    # The schedule, recomputation and precision's kernels are the whole step's to add.
+    training = dataclasses.replace(t, global_batch=None, precision=None, recompute="none",
+                                   schedule="1f1b")
+    return dataclasses.replace(scenario, parallel=parallel, model=model, training=training)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,33 +75,40 @@ def layer_parts(scenario: Scenario, inner: Scenario, layout: TrainingLayout, spa
 
     m, hw, t = inner.model, inner.hardware, scenario.training
     n, tokens = m.num_layers + 1, layout.tokens_per_microbatch
-    precision = t.precision or m.gemm_dtype
-    fwd, bwd = np.zeros(n), np.zeros(n)
+    precision = training_precision(scenario)
+    fwd, bwd, cheap = np.zeros(n), np.zeros(n), np.zeros(n)
     for layer in range(m.num_layers):
         moe = layer >= m.first_dense_layers
         rows = tokens * m.top_k if moe else 0
         for out, backward in ((fwd, False), (bwd, True)):
-            out[layer] = sum(layer_kernels(m, hw, tokens=tokens, routed_rows=rows,
-                                           precision=precision, backward=backward,
-                                           moe=moe).values())
+            kernels = layer_kernels(m, hw, tokens=tokens, routed_rows=rows,
+                                    precision=precision, backward=backward, moe=moe)
+            out[layer] = sum(kernels.values())
+            if not backward:
+                cheap[layer] = sum(v for k, v in kernels.items() if k in SELECTIVE_KERNELS)
     # Attention as the op program has it: the mean over full and sliding-window layers.
+    # At the forward's efficiency a weight gradient is its projections' forward time.
     attention = mean_attention_seconds(m, hw, tokens=tokens, seq_len=layout.seq_len)
-    projections = mean_attention_seconds(m, hw, tokens=tokens, seq_len=layout.seq_len,
-                                         grad="weight")
-    core = np.full(n, max(attention - projections, 0.0))
+    as_forward = dataclasses.replace(hw, backward_gemm_efficiency=1.0)
+    projections = mean_attention_seconds(m, as_forward, tokens=tokens,
+                                         seq_len=layout.seq_len, grad="weight")
+    core = max(attention - projections, 0.0)
     # Every GEMM's two gradients do the same work (moesim.cost.compute), so the weight
     # gradient is half of each backward GEMM op; attention's core has no weights.
     halves = sum(_span_max(spans, phase, True, n)
                  for phase in ("shared", "dense_ffn", "experts", "lm_head"))
-    wgrad = np.where(np.arange(n) < m.num_layers, projections, 0.0) + 0.5 * halves
-    comm = layer_comm(m, hw, topology, tokens=tokens, tp=layout.tp, cp=layout.cp,
-                      attention_core_s=core[0])
     layers = np.arange(n) < m.num_layers
+    wgrad = layers * mean_attention_seconds(m, hw, tokens=tokens, seq_len=layout.seq_len,
+                                            grad="weight") + 0.5 * halves
+    comm = layer_comm(m, hw, topology, tokens=tokens, tp=layout.tp, cp=layout.cp,
+                      attention_core_s=core)
     parallel_fwd, parallel_bwd = layers * comm.forward_s, layers * comm.backward_s
     if t.recompute == "full":
         recompute = times.forward_s + fwd + parallel_fwd
     elif t.recompute == "selective":
-        recompute = fwd + core  # the cheap kernels and attention's core (docs/training.md)
+        # What the memory model drops (docs/memory.md): norm and SwiGLU outputs, and
+        # MLA's up-projected queries, keys and values.
+        recompute = cheap + layers * mla_up_projection_seconds(m, hw, tokens=tokens)
     else:
         recompute = np.zeros(n)
     recompute[m.num_layers] = 0.0  # the LM head's logits are never recomputed
@@ -108,13 +117,39 @@ def layer_parts(scenario: Scenario, inner: Scenario, layout: TrainingLayout, spa
                       parallel_bwd_s=parallel_bwd)
 
 
+# The kernels between the GEMMs whose outputs selective recomputation drops.
+SELECTIVE_KERNELS = ("rmsnorm", "mla_latent_norm", "swiglu_routed", "swiglu_shared",
+                     "swiglu_dense")
+
+
+def training_precision(scenario: Scenario) -> str:
+    """The step's precision: ``training.precision``, else the model's GEMM type's."""
+    gemm = scenario.model.gemm_dtype
+    return scenario.training.precision or {"fp4": "nvfp4"}.get(gemm, gemm)
+
+
+def mla_up_projection_seconds(m, hw, *, tokens: int) -> float:
+    """Forward seconds of MLA's up-projections (queries from their latent, keys and
+    values from theirs) for ``tokens`` tokens; 0 for other attention."""
+    if m.attention != "mla":
+        return 0.0
+    qk = m.qk_nope_head_dim + m.qk_rope_head_dim
+    shapes = [(m.kv_lora_rank, m.num_heads * (m.qk_nope_head_dim + m.v_head_dim))]
+    if m.q_lora_rank:
+        shapes.append((m.q_lora_rank, m.num_heads * qk))
+    return sum(float(compute.gemm_time(hw, groups=1, m=tokens, n=n, k=k, dtype=m.gemm_dtype))
+               for k, n in shapes)
+
+
 def send_seconds(scenario: Scenario, topology, layout: TrainingLayout) -> float:
     """One micro-batch's activation (or its gradient) from a stage to the next: BF16
     hidden states of the GPU's tokens, GPU ``g`` to GPU ``g + stage_gpus`` (over the
-    NICs when a stage fills whole NVLink domains)."""
+    NICs when any such pair sits in two NVLink domains)."""
     nbytes = layout.tokens_per_microbatch * scenario.model.hidden_size * compute.ACT_BYTES
-    across = layout.stage_gpus >= topology.gpus_per_domain and topology.nic_bw > 0
-    if across:
+    domain = np.asarray(topology.domain_of)
+    peers = np.arange(layout.gpus - layout.stage_gpus)
+    across = bool((domain[peers] != domain[peers + layout.stage_gpus]).any())
+    if across and topology.nic_bw > 0:
         return topology.nic_latency + nbytes / topology.nic_bw
     return topology.nvlink_latency + nbytes / topology.nvlink_bw
 

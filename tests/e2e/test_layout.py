@@ -33,7 +33,7 @@ ALLOWED = {
     "output": {"cost", "engine", "comm", "config", "errors"},
     "tracefile": {"routing", "config", "errors", "traces"},
     # The whole training step: a micro-batch's timeline, then the pipeline, DP, optimizer.
-    "pipeline": {"config", "cost", "output", "memory", "topologies", "errors"},
+    "pipeline": {"config", "comm", "cost", "output", "memory", "topologies", "errors"},
     "simulation": {"config", "placement", "routing", "comm", "network", "cost", "memory",
                    "engine", "output", "tracefile", "topologies", "errors", "pipeline"},
     "traces": {"moesim", "config", "errors", "tracefile", "validation"},

@@ -308,7 +308,7 @@ def test_costs_that_do_not_fit_are_a_value_error_naming_the_field(change, field)
 
 
 def test_a_schedule_the_shape_cannot_run_is_a_value_error_naming_the_field():
-    with pytest.raises(ValueError, match=r"^micro_batches: .*multiple of pp=4"):
+    with pytest.raises(ValueError, match=r"^micro_batches: .*multiples of pp=4"):
         simulate_pipeline(uniform(4, 2), schedule="interleaved", pp=4, vp=2, micro_batches=6)
     with pytest.raises(ValueError, match=r"^micro_batches: .*>= 2\*pp=8"):
         simulate_pipeline(uniform(4, 2), schedule="dualpipe", pp=4, micro_batches=6)

@@ -10,8 +10,8 @@ import pytest
 
 from moesim import load_scenario, simulate
 from moesim.config.training_layout import chunk_layers, training_layout
-from moesim.cost.data_parallel import stage_params, step_tail
 from moesim.errors import InputError
+from moesim.pipeline.data_parallel import stage_params, step_tail
 from moesim.pipeline.layer_times import layer_times
 from moesim.pipeline.whole_step import micro_batch_scenario, whole_step
 from moesim.topologies import load_topology
@@ -101,18 +101,26 @@ def test_doubling_data_parallelism_doubles_the_gradient_bytes_of_a_step():
 
 
 def test_the_end_stages_hold_the_embedding_and_the_head():
-    from moesim.cost.data_parallel import layer_params
-
     s = scenario("parallel.gpus=128", "parallel.pp=4", "training.global_batch=256")
     params = stage_params(s, training_layout(s))
     h, vocab = s.model.hidden_size, s.model.vocab_size
-    moe = layer_params(s, 8)
     # Stages hold layers [0, 1, 2] (dense), [3, 4, 5], [6, 7] and [8] with the head.
+    moe_layer = params[2].dense / 2
     assert params[0].dense > vocab * h and params[0].routed == 0
-    assert params[1].dense == pytest.approx(3 * moe.dense)
-    assert params[2].dense == pytest.approx(2 * moe.dense)
-    assert params[3].dense == pytest.approx(moe.dense + vocab * h + h)
-    assert params[3].routed == moe.routed == params[2].routed / 2
+    assert params[1].dense == pytest.approx(3 * moe_layer)
+    assert params[3].dense == pytest.approx(moe_layer + vocab * h + h)
+    assert params[3].routed == params[2].routed / 2 == params[1].routed / 3 > 0
+
+
+def test_no_stage_is_left_without_a_layer():
+    # Nine layers, the head and an MTP module in 9 chunks: the extra slots give way.
+    s = scenario("parallel.gpus=288", "parallel.pp=9", "training.global_batch=288",
+                 "model.mtp_layers=1")
+    chunks = chunk_layers(training_layout(s), s.model)
+    assert all(len(stage[0]) == 1 for stage in chunks)
+    summary = simulate(dataclasses.replace(s, training=dataclasses.replace(
+        s.training, recompute="full"))).summary
+    assert summary["step_time_s"] > 0
 
 
 def test_one_stage_runs_its_micro_batches_one_after_another():

@@ -2,8 +2,9 @@
 
 Each pipeline stage's parameters are replicated over its data-parallel GPUs: the dense
 ones (attention, norms, routers, shared experts, dense FFNs, and on the end stages the
-embedding, LM head and MTP modules) over ``dp`` GPUs, the routed experts over the
-``expert_dp = stage_gpus / ep`` GPUs that hold the same expert slots. After the last
+embedding, LM head and MTP modules) over the ``dp x cp`` GPUs of its TP rank, the
+routed experts over the ``expert_dp = stage_gpus / (ep x moe_tp)`` GPUs that hold the
+same expert shards. After the last
 backward the gradients are reduced over those groups: with the distributed optimizer
 (Megatron-LM's, as ZeRO stage 1) a reduce-scatter of the gradients, the optimizer
 updating its shard, then an all-gather of the BF16 parameters; without it an
@@ -13,7 +14,9 @@ are ``ep`` GPUs apart) crosses NVLink domains whenever the stage does.
 
 The optimizer (Adam) is memory-bound: per parameter it updates it reads the gradient,
 reads and writes the FP32 master copy and the two moments, and writes the BF16
-parameter, at the GPU's HBM bandwidth.
+parameter, at the GPU's HBM bandwidth; an FP8 or FP4 recipe then casts every weight
+the GPU holds to its GEMM format once
+(:func:`moesim.cost.elementwise.weight_quantize_seconds`).
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import numpy as np
 
 from moesim.comm.collectives import collective_time, spread_out
 from moesim.config.scenario import Scenario
-from moesim.config.training_layout import TrainingLayout, chunk_layers
-from moesim.cost.compute import attention_projection_params
+from moesim.config.training_layout import TrainingLayout
+from moesim.cost.elementwise import weight_quantize_seconds
 
 BF16, FP32 = 2, 4
 
@@ -34,48 +37,21 @@ BF16, FP32 = 2, 4
 class StageParams:
     """Parameters one GPU of a pipeline stage holds."""
 
-    dense: float  # replicated over the stage's dp GPUs
+    dense: float  # replicated over the stage's dp x cp GPUs
     routed: float  # its routed expert slots, replicated over expert_dp GPUs
 
 
-def layer_params(scenario: Scenario, layer: int) -> StageParams:
-    """The parameters of model layer ``layer`` on one GPU (routed: the GPU's slots)."""
-    m, p = scenario.model, scenario.parallel
-    h, tp = m.hidden_size, p.tp
-    norms = 2 * h + ((m.q_lora_rank or 0) + m.kv_lora_rank if m.attention == "mla" else 0)
-    # Tensor parallelism splits the projections and FFN widths, not norms and routers.
-    dense = attention_projection_params(m) / tp + norms
-    if layer < m.first_dense_layers:
-        return StageParams(dense=float(dense + 3 * h * m.dense_intermediate_size / tp),
-                           routed=0.0)
-    slots = -(-(m.routed_experts + scenario.placement.redundant_experts) // p.ep)
-    expert = 3 * h * m.moe_intermediate_size
-    return StageParams(dense=float(dense + h * m.routed_experts
-                                   + m.shared_experts * expert / tp),
-                       routed=float(slots * expert / p.moe_tp))
-
-
 def stage_params(scenario: Scenario, layout: TrainingLayout) -> list[StageParams]:
-    """[pp] what one GPU of each stage holds: its layers; the embedding with the first
-    layer; the final norm, LM head and ``mtp_layers`` MTP modules (a projection of
-    ``2 h x h``, two norms and one MoE layer each, DeepSeek-V3 report sec. 2.2) with the
-    last."""
-    m, tp = scenario.model, scenario.parallel.tp
-    h, last = m.hidden_size, m.num_layers - 1
-    mtp = layer_params(scenario, last)
+    """[pp] what one GPU of each stage holds, as the memory model counts it
+    (:func:`moesim.memory.model.stage_param_counts`: its layers, the embedding with the
+    first, the final norm, LM head and MTP modules with the last; DualPipe: both
+    stages)."""
+    from moesim.memory.model import stage_chunks, stage_param_counts
+
     out = []
-    for chunks in chunk_layers(layout, m):
-        dense = routed = 0.0
-        for layer in (layer for chunk in chunks for layer in chunk):
-            part = layer_params(scenario, layer)
-            dense, routed = dense + part.dense, routed + part.routed
-            if layer == 0:
-                dense += m.vocab_size * h / tp
-            if layer == last:
-                dense += (m.vocab_size * h / tp + h
-                          + m.mtp_layers * (mtp.dense + 2 * h * h / tp + 2 * h))
-                routed += m.mtp_layers * mtp.routed
-        out.append(StageParams(dense=dense, routed=routed))
+    for chunks in stage_chunks(scenario, layout):
+        counts = stage_param_counts(scenario, chunks)
+        out.append(StageParams(dense=counts.dense, routed=counts.routed))
     return out
 
 
@@ -105,8 +81,13 @@ def step_tail(scenario: Scenario, topology, layout: TrainingLayout) -> StepTail:
     moments = FP32 if t.optimizer_state_dtype == "fp32" else BF16
     # grad read, master read+write, two moments read+write, BF16 parameter write
     per_param = grad + 2 * FP32 + 4 * moments + BF16
-    groups = (("dense", layout.dp, layout.tp * layout.cp),
+    # Megatron-LM reduces and shards the dense weights over the data- and
+    # context-parallel GPUs together (its intra_dp_cp group), the experts over the
+    # expert-data-parallel ones.
+    groups = (("dense", layout.dp * layout.cp, layout.tp),
               ("routed", layout.expert_dp, layout.ep * scenario.parallel.moe_tp))
+    precision = t.precision or {"fp4": "nvfp4"}.get(scenario.model.gemm_dtype,
+                                                      scenario.model.gemm_dtype)
     reduce_s, gather_s, optimizer_s, grad_bytes = [], [], [], []
     for params in stage_params(scenario, layout):
         red = gat = updated = sent = 0.0
@@ -125,7 +106,12 @@ def step_tail(scenario: Scenario, topology, layout: TrainingLayout) -> StepTail:
                 updated += count
         reduce_s.append(red)
         gather_s.append(gat)
-        optimizer_s.append(updated * per_param / (hw.hbm_GBps * 1e9 * hw.memory_efficiency))
+        # Low-precision recipes cast each updated weight once per step, for every
+        # micro-batch's GEMMs (moesim.cost.elementwise).
+        cast = weight_quantize_seconds(hw, weights=params.dense + params.routed,
+                                       precision=precision)
+        optimizer_s.append(updated * per_param / (hw.hbm_GBps * 1e9 * hw.memory_efficiency)
+                           + cast)
         grad_bytes.append(sent)
     return StepTail(grad_reduce_s=np.array(reduce_s), param_gather_s=np.array(gather_s),
                     optimizer_s=np.array(optimizer_s), grad_bytes=np.array(grad_bytes))
