@@ -153,6 +153,8 @@ def check_serving_layout(scenario: Scenario) -> None:
 # timeline and its tables.
 MAX_ASSIGNMENTS = 2**28
 MAX_OP_ROWS = 2**26
+# The whole training step's schedule: about 35 us per item and stage on these machines.
+MAX_PIPELINE_ITEMS = 2**18
 
 
 def check_precision(scenario: Scenario) -> None:
@@ -180,6 +182,13 @@ def check_size(scenario: Scenario) -> None:
         # The whole step simulates one micro-batch of one pipeline stage.
         tokens, field = layout.tokens_per_microbatch, "training.micro_batch"
         gpus, micro_batches = layout.stage_gpus, 1
+        items = 2 * layout.pp * layout.vp * layout.micro_batches
+        if items > MAX_PIPELINE_ITEMS:
+            raise InputError(
+                f"{layout.micro_batches:,} micro-batches per replica through {layout.pp} "
+                f"stages make {items:,} schedule items, more than one simulation runs",
+                field="training.global_batch",
+                allowed=f"2 x pp x vp x micro-batches at most {MAX_PIPELINE_ITEMS:,}")
     elif sv is None:
         tokens, field = p.tokens_per_gpu or 0, "parallel.tokens_per_gpu"
     else:
