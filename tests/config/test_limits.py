@@ -60,3 +60,12 @@ def test_a_step_too_large_for_one_simulation_names_its_size():
 def test_the_largest_shipped_case_stays_inside_the_limits():
     # DeepSeek-V3, 2048 GPUs, 4096 tokens per GPU: what `make bench` runs.
     load_scenario(None, overrides=["parallel.gpus=2048", "parallel.ep=256"])
+
+
+def test_a_whole_step_with_too_many_micro_batches_names_the_global_batch():
+    from moesim.config.feasibility import MAX_PIPELINE_ITEMS
+
+    # 64 replicas of 4 stages: 2^18 micro-batches each, 2^21 schedule items.
+    err = refusal("parallel.gpus=256", "parallel.pp=4", "training.global_batch=16777216")
+    assert err.field == "training.global_batch"
+    assert f"{MAX_PIPELINE_ITEMS:,}" in err.allowed
