@@ -59,26 +59,40 @@ def floor_seconds(assignments: int) -> float:
 def reroute_scenario(tmp: Path):
     """An 8-layer DeepSeek-V3-shaped trace with scores, 64 GPUs x 8192 tokens per layer,
     and its re-routing scenario (the issue's case has 58 layers: 8 of them fit in memory
-    beside the rest of a run here, and the time per layer is what the goal divides)."""
+    beside the rest of a run here, and the time per layer is what the goal divides).
+    The trace is made in a child process, so that the case's peak memory is the run's."""
+    from moesim import load_scenario
+
+    path = tmp / "reroute.npz"
+    subprocess.run([sys.executable, __file__, "--make-reroute-trace", str(path)], check=True)
+    return load_scenario(overrides=[*V3, "parallel.tokens_per_gpu=8192",
+                                    f"model.num_layers={3 + REROUTE_LAYERS}", f"trace={path}",
+                                    "routing.replay=reroute", "engine=fast"])
+
+
+REROUTE_LAYERS = 8
+
+
+def make_reroute_trace(path: str) -> None:
+    """Write the re-routing case's trace: uniform float16 scores, the top-8 of each
+    token as its captured choices, a sigmoid gate."""
     import numpy as np
 
-    from moesim import load_scenario
     from moesim.tracefile.format import RoutingTrace
 
-    layers, tokens, experts, k = 8, 64 * 8192, 256, 8
+    layers, tokens, experts, k = REROUTE_LAYERS, 64 * 8192, 256, 8
     rng = np.random.default_rng(0)
-    scores = rng.random((layers, tokens, experts), dtype=np.float32).astype(np.float16)
-    ids = np.argsort(-scores, axis=-1)[..., :k].astype(np.int16)
+    scores = np.empty((layers, tokens, experts), dtype=np.float16)
+    ids = np.empty((layers, tokens, k), dtype=np.int16)
+    for layer in range(layers):  # one layer's temporaries at a time
+        scores[layer] = rng.random((tokens, experts), dtype=np.float32)
+        ids[layer] = np.argsort(-scores[layer], axis=-1)[:, :k]
     trace = RoutingTrace(expert_ids=ids, weights=np.take_along_axis(scores, ids, -1),
                          scores=scores, seq_id=np.arange(tokens, dtype=np.int32) // 4096,
                          pos=np.arange(tokens, dtype=np.int32) % 4096,
                          metadata={"num_experts": experts, "gate": {"kind": "sigmoid"},
                                    "source": {"kind": "bench"}})
-    path = tmp / "reroute.npz"
-    path.write_bytes(trace.to_bytes())
-    return load_scenario(overrides=[*V3, "parallel.tokens_per_gpu=8192",
-                                    f"model.num_layers={3 + layers}", f"trace={path}",
-                                    "routing.replay=reroute", "engine=fast"])
+    trace.save(path)
 
 
 def run_case(name: str) -> dict:
@@ -120,6 +134,9 @@ def machine() -> dict:
 def main(argv: list[str]) -> None:
     if argv[:1] == ["--case"]:
         print(json.dumps(run_case(argv[1])))
+        return
+    if argv[:1] == ["--make-reroute-trace"]:
+        make_reroute_trace(argv[1])
         return
     names = argv or list(CASES)
     info = machine()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from moesim.config.gates import GATES, SCENARIO_GATES
@@ -224,10 +225,28 @@ def gate_weights(
     """
     kept_tk = ids_tk >= 0
     picked_tk = scores_te.float().gather(1, ids_tk.clamp(min=0))
-    picked_tk = picked_tk.masked_fill(~kept_tk, 0.0)
+    return picked_weights(picked_tk, kept_tk, normalize=normalize, scale=scale)
+
+
+def picked_weights(
+    picked_tk: torch.Tensor,
+    kept_tk: torch.Tensor,
+    *,
+    normalize: bool,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """:func:`gate_weights` from the scores ``picked_tk`` [T, K] at the chosen ids;
+    ``out`` (float32 [T, K]): computed there, by the same operations in place."""
+    if out is None:
+        picked_tk = picked_tk.masked_fill(~kept_tk, 0.0)
+        if normalize:
+            picked_tk = picked_tk / (picked_tk.sum(dim=-1, keepdim=True) + _NORM_EPS)
+        return picked_tk * scale
+    out.copy_(picked_tk).masked_fill_(~kept_tk, 0.0)
     if normalize:
-        picked_tk = picked_tk / (picked_tk.sum(dim=-1, keepdim=True) + _NORM_EPS)
-    return picked_tk * scale
+        out.div_(out.sum(dim=-1, keepdim=True) + _NORM_EPS)
+    return out.mul_(scale)
 
 
 def route(
@@ -253,26 +272,12 @@ def route(
     ``normalize=None`` takes the kind's default (V3 renormalises, V1/V2 do not); the
     weights are then multiplied by ``scale``. No dropping here (see capacity.py).
     """
-    if kind not in ROUTE_KINDS:
-        raise InputError(
-            f"unknown gate kind {kind!r}", field="kind", allowed=", ".join(ROUTE_KINDS)
-        )
+    _check_route(kind, has_bias=bias_e is not None, group_size=group_size,
+                 max_groups=max_groups)
     scores_te = scores_te.float()
     select_te = scores_te
     if bias_e is not None:
-        if kind != "group-limited-sigmoid":
-            raise InputError(
-                f"a selection bias needs sigmoid scores, not gate {kind!r}",
-                field="bias_e",
-                allowed="None unless kind is group-limited-sigmoid",
-            )
         select_te = scores_te + bias_e.float()
-    if kind == "device-limited" and (group_size is None or max_groups is None):
-        raise InputError(
-            "device-limited routing needs experts per device and M",
-            field="max_groups" if group_size is not None else "group_size",
-            allowed="group_size and max_groups both set",
-        )
     ids_tk = topk_select(
         select_te,
         top_k=top_k,
@@ -284,6 +289,27 @@ def route(
         normalize = kind == "group-limited-sigmoid"
     weights_tk = gate_weights(scores_te, ids_tk, normalize=normalize, scale=scale)
     return Routing(ids_tk=ids_tk, weights_tk=weights_tk, scores_te=scores_te)
+
+
+def _check_route(kind: str, *, has_bias: bool, group_size: int | None,
+                 max_groups: int | None) -> None:
+    """InputError unless :func:`route` can route with this gate, bias and limit."""
+    if kind not in ROUTE_KINDS:
+        raise InputError(
+            f"unknown gate kind {kind!r}", field="kind", allowed=", ".join(ROUTE_KINDS)
+        )
+    if has_bias and kind != "group-limited-sigmoid":
+        raise InputError(
+            f"a selection bias needs sigmoid scores, not gate {kind!r}",
+            field="bias_e",
+            allowed="None unless kind is group-limited-sigmoid",
+        )
+    if kind == "device-limited" and (group_size is None or max_groups is None):
+        raise InputError(
+            "device-limited routing needs experts per device and M",
+            field="max_groups" if group_size is not None else "group_size",
+            allowed="group_size and max_groups both set",
+        )
 
 
 def expert_load(ids_tk: torch.Tensor, *, num_experts: int) -> torch.Tensor:
@@ -403,3 +429,310 @@ def noisy_topk(
     )
     load_e = torch.special.ndtr((clean_te - theta_te) / sigma_te).sum(dim=0)
     return routing, importance_e, load_e
+
+
+# ------------------------------------------------------------ many tokens at once
+
+ROWS_PER_CHUNK = 4096  # a chunk's sort keys (4 MiB at E = 256) stay in the caches
+_SIGN16, _MAG16, _INF16 = 0x8000, 0x7FFF, 0x7C00
+
+
+@dataclass(frozen=True)
+class RoutedRows:
+    """:func:`route_rows` of T tokens, as numpy arrays.
+
+    ``ids_tk`` int64 and ``weights_tk`` float32 [T, K] are :func:`route`'s, bit for
+    bit; ``picked_tk`` float32 [T, K] the (unbiased) scores of the chosen experts (0
+    where dropped); ``top_tk`` float32 [T, K] each token's K largest scores, largest
+    first, restricted by neither groups nor bias.
+    """
+
+    ids_tk: np.ndarray
+    weights_tk: np.ndarray
+    picked_tk: np.ndarray
+    top_tk: np.ndarray
+
+
+def route_rows(
+    scores_te,
+    *,
+    kind: str,
+    top_k: int,
+    group_size: int | None = None,
+    max_groups: int | None = None,
+    bias_e=None,
+    normalize: bool | None = None,
+    scale: float = 1.0,
+    rows=None,
+    threads: int | None = None,
+    out: RoutedRows | None = None,
+) -> RoutedRows:
+    """:func:`route` of a numpy array of scores ``scores_te`` [T, E] (or of its rows
+    ``rows``), chunk by chunk: the same ids and weights in bounded memory and time.
+
+    Half-precision scores (a trace's) selected without a bias, or with an all-zero
+    one, take a sort instead of :func:`ordered_topk`: each score's bits and its expert
+    index pack into one integer key whose order is (value desc, index asc), the tie
+    rule of :func:`ordered_topk`, and one numpy sort of a token's keys (group by group
+    under a group limit, with the group in the key's top bits) orders everything the
+    gate needs. Other inputs, and chunks holding an infinite or NaN score, go through
+    :func:`route` itself. ``threads`` (default: the cores) route chunks side by side;
+    ``out`` (arrays of at least T rows) is written into instead of new arrays.
+    """
+    _check_route(kind, has_bias=bias_e is not None, group_size=group_size,
+                 max_groups=max_groups)
+    n_rows = scores_te.shape[0] if rows is None else len(rows)
+    n_experts = scores_te.shape[1]
+    group_rule = GATES[kind].group_rule
+    check_selection(num_experts=n_experts, top_k=top_k, group_size=group_size,
+                    max_groups=max_groups, group_rule=group_rule)
+    if normalize is None:
+        normalize = kind == "group-limited-sigmoid"
+    bias = None if bias_e is None else np.array(bias_e, dtype=np.float32)  # a copy: writable
+    if bias is not None and not bias.any():
+        bias = None  # x + 0.0 selects as x does
+    bits = 16 if scores_te.dtype == np.float16 and bias is None else 32
+    plan = _SortPlan.of(n_experts, top_k, group_size, max_groups, group_rule, bits=bits)
+    bias_t = None if bias is None else torch.from_numpy(bias)
+
+    if out is None:
+        out = RoutedRows(*(np.empty((n_rows, top_k), dtype=dtype)
+                           for dtype in (np.int64, np.float32, np.float32, np.float32)))
+    ids_tk, weights_tk, picked_tk, top_tk = (
+        array[:n_rows] for array in (out.ids_tk, out.weights_tk, out.picked_tk, out.top_tk))
+
+    def run(start: int) -> None:
+        part = slice(start, min(start + ROWS_PER_CHUNK, n_rows))
+        chunk = scores_te[part] if rows is None else scores_te[rows[part]]
+        done = None if plan is None else plan.select(chunk, bias)
+        if done is None:  # the reference, on this chunk
+            scores = torch.from_numpy(np.asarray(chunk, dtype=np.float32))
+            ids = topk_select(scores if bias_t is None else scores + bias_t, top_k=top_k,
+                              group_size=group_size, max_groups=max_groups,
+                              group_rule=group_rule).numpy()
+            done = ids, None, scores.topk(top_k, dim=-1).values.numpy()
+        ids, picked, top_tk[part] = done
+        ids_tk[part] = ids
+        if picked is None:  # the scores at the ids (0 for a dropped slot)
+            picked = np.take_along_axis(chunk, np.maximum(ids, 0), axis=1)
+            picked = np.where(ids >= 0, picked, 0)
+        picked_tk[part] = picked
+
+    starts = range(0, n_rows, ROWS_PER_CHUNK)
+    workers = min(threads or _cores(), len(starts)) if plan is not None else 1
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(run, starts))
+    else:
+        for start in starts:
+            run(start)
+    picked_weights(torch.from_numpy(picked_tk), torch.from_numpy(ids_tk >= 0),
+                   normalize=normalize, scale=scale, out=torch.from_numpy(weights_tk))
+    return RoutedRows(ids_tk=ids_tk, weights_tk=weights_tk, picked_tk=picked_tk,
+                      top_tk=top_tk)
+
+
+def _cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class _SortPlan:
+    """How :func:`route_rows` selects by sorting: ``groups`` blocks of ``group_size``
+    experts (one block without a group limit), ``max_groups`` kept.
+
+    A selection value becomes an order-preserving code ``o`` of ``bits`` bits (never 0):
+    a half-precision score's 16 bits, or 32 for float32 values (scores plus a bias).
+    The key of expert ``j`` of group ``g`` is ``b << (bits + gb + jb) | o << (gb + jb) |
+    b << jb | (gs-1-j)`` with ``b = G-1-g``. One ascending sort of a token's keys puts
+    group ``G-1-b`` in block ``b``, ordered by (value, index desc): a block's last keys
+    are its group's best experts. Without the top ``b``, a key orders by (value desc,
+    index asc) over all groups: the tie rule of :func:`ordered_topk`."""
+
+    experts: int
+    top_k: int
+    groups: int
+    group_size: int
+    max_groups: int
+    top_r: int  # members of a group's score (0: no group limit)
+    bits: int  # of a value's code: 16 (uint32 keys) or 32 (uint64 keys)
+
+    @classmethod
+    def of(cls, experts, top_k, group_size, max_groups, group_rule, *, bits: int):
+        """The plan, or None where the keys would not fit their integers."""
+        limited = max_groups is not None and max_groups < experts // group_size
+        groups = experts // group_size if limited else 1
+        plan = cls(experts=experts, top_k=top_k, groups=groups,
+                   group_size=experts // groups, max_groups=max_groups if limited else 1,
+                   top_r=group_top_r(group_rule) if limited else 0, bits=bits)
+        return plan if bits + 2 * plan.gb + plan.jb <= 2 * bits else None
+
+    @property
+    def jb(self) -> int:  # bits of an index within a group
+        return (self.group_size - 1).bit_length()
+
+    @property
+    def gb(self) -> int:  # bits of a group
+        return (self.groups - 1).bit_length()
+
+    @property
+    def key(self):
+        return np.uint32 if self.bits == 16 else np.uint64
+
+    def select(self, chunk, bias=None):
+        """(ids_tk int64, picked_tk, top_tk float32) of a chunk [C, E] of scores
+        selected on ``chunk + bias``, or None when a value is infinite or NaN."""
+        n, gs, jb, gb, k = chunk.shape[0], self.group_size, self.jb, self.gb, self.top_k
+        key = self.key
+        low = gb + jb  # bits below a key's value
+        g_e, j_e = np.divmod(np.arange(self.experts, dtype=key), key(gs))
+        b_e = key(self.groups - 1) - g_e
+        index_e = (b_e << key(self.bits + low)) | (b_e << key(jb)) | (key(gs - 1) - j_e)
+        scores = None  # float32 scores, where the chosen ones are read from them
+        if self.bits == 16:
+            u = np.ascontiguousarray(chunk).view(np.uint16)
+            if u.max(initial=0) < _INF16:  # x >= 0 and finite: the code is u | 0x8000,
+                codes = u  # its top bit set in the keys below
+                index_e = index_e | key(_SIGN16 << low)
+            else:
+                codes = _half_codes(u)
+        else:
+            scores = _single(chunk)
+            codes = None if scores is None else _single_codes(
+                scores if bias is None else scores + bias)
+        if codes is None:
+            return None
+        keys = np.left_shift(codes, low, dtype=key)
+        keys |= index_e
+        keys.sort(axis=1)
+        blocks = keys.reshape(n, self.groups, gs)
+        kp = min(k, gs)  # a group's candidates: its best kp
+        cand = blocks[:, :, gs - kp:] & key((1 << (self.bits + low)) - 1)
+        cand = cand.reshape(n, -1)
+        if self.top_r:
+            kept_b = self._kept_blocks(blocks[:, :, gs - self.top_r:])
+            if kept_b is None:  # a group's score overflowed
+                return None
+            cand_all = cand.copy() if bias is None else None
+            cand *= np.repeat(kept_b, kp, axis=1)  # the other groups' keys become 0
+            cand.sort(axis=1)
+        else:
+            cand.sort(axis=1)
+            cand_all = cand
+        chosen = cand[:, : -k - 1 : -1]
+        block = (chosen >> key(jb)) & key((1 << gb) - 1)
+        ids = (self.groups - 1 - block.astype(np.int64)) * gs + (
+            gs - 1 - (chosen & key((1 << jb) - 1)).astype(np.int64))
+        # The chosen experts' own scores (a code has no sign for zero); the unbiased
+        # scores' top-K: the candidates' best, or their own under a bias.
+        source = np.ascontiguousarray(chunk if scores is None else scores)
+        picked = source.reshape(-1)[ids + np.arange(0, source.size, self.experts)[:, None]]
+        if bias is not None:
+            return ids, picked, _top_values(chunk if scores is None else scores, k)
+        if cand_all is not cand:
+            cand_all.sort(axis=1)
+        return ids, picked, self._decode(cand_all[:, : -k - 1 : -1] >> key(low))
+
+    def _decode(self, codes):
+        """float32 values of codes (bits above a code's are ignored)."""
+        if self.bits == 16:
+            return _half_values(codes.astype(np.uint16))
+        return _single_values(codes.astype(np.uint32))
+
+    def _kept_blocks(self, tail):
+        """[C, G] the blocks of the ``max_groups`` groups with the best scores (sum of
+        their top-r members, in float32 as :func:`group_scores`), ties to the lower
+        group; None if a sum is infinite."""
+        values = self._decode(tail >> self.key(self.gb + self.jb))  # ascending
+        if self.top_r == 1:
+            score_g = values[..., 0]
+        elif self.top_r == 2:
+            score_g = values[..., 1] + values[..., 0]
+        else:  # torch's sum of the top-r values, largest first
+            score_g = torch.from_numpy(np.ascontiguousarray(values[..., ::-1])).sum(-1).numpy()
+        codes = _single_codes(score_g)
+        if codes is None:
+            return None
+        # Block b holds group G-1-b: a larger b breaks a tie towards the lower group.
+        key = (codes.astype(np.uint64) << np.uint64(self.gb)) | np.arange(
+            self.groups, dtype=np.uint64)
+        bar = np.sort(key, axis=1)[:, self.groups - self.max_groups]
+        return key >= bar[:, None]
+
+
+# Order-preserving codes of floats: the bits with the sign bit set for x >= 0, all bits
+# flipped for x < 0; -0.0 counts as +0.0, as float comparisons have it.
+
+
+def _half_codes(u):
+    """uint16 codes of float16 bits ``u``, or None if one is infinite or NaN."""
+    if u.max(initial=0) < _INF16:  # x >= 0 and finite: the common case
+        return u | np.uint16(_SIGN16)
+    mag = u & _MAG16
+    if mag.max(initial=0) >= _INF16:
+        return None
+    return np.where(u >= _SIGN16, _SIGN16 - mag, _SIGN16 + mag).astype(np.uint16)
+
+
+def _half_values(codes):
+    """float32 values of :func:`_half_codes` codes."""
+    bits = np.where(codes < _SIGN16, (_SIGN16 - codes) | _SIGN16, codes - _SIGN16)
+    return bits.astype(np.uint16).view(np.float16).astype(np.float32)
+
+
+def _single_codes(x):
+    """uint32 codes of float32 values ``x``, or None if one is infinite or NaN."""
+    bits = x.view(np.uint32)
+    low, high = x.min(initial=0), x.max(initial=0)
+    if low >= 0 and high < np.inf:  # -0.0 and +0.0 both become 1 << 31
+        return bits | np.uint32(1 << 31)
+    if not np.isfinite(x).all():
+        return None
+    bits = (x + np.float32(0)).view(np.uint32)  # -0.0 -> +0.0
+    flip = (bits.view(np.int32) >> 31).view(np.uint32)  # all ones where x < 0
+    return bits ^ (flip | np.uint32(1 << 31))
+
+
+def _single_values(codes):
+    """float32 values of :func:`_single_codes` codes."""
+    flip = ((codes ^ np.uint32(1 << 31)).view(np.int32) >> 31).view(np.uint32)
+    return (codes ^ (flip | np.uint32(1 << 31))).view(np.float32)
+
+
+def _single(chunk):
+    """``chunk`` as float32; float16 converted exactly on its bits (numpy's own
+    conversion is several times slower); None if a float16 is infinite or NaN."""
+    if chunk.dtype != np.float16:
+        return np.asarray(chunk, dtype=np.float32)
+    u = np.ascontiguousarray(chunk).view(np.uint16)
+    nonneg = u.max(initial=0) < _INF16  # x >= 0 and finite: the common case
+    mag = u if nonneg else u & _MAG16
+    if not nonneg and mag.max(initial=0) >= _INF16:
+        return None
+    bits = np.left_shift(mag, 13, dtype=np.uint32)
+    bits += np.uint32((127 - 15) << 23)  # exponent from float16's bias to float32's
+    if not nonneg:
+        bits |= np.left_shift(u & _SIGN16, 16, dtype=np.uint32)
+    out = bits.view(np.float32)
+    small = mag < 0x0400  # zeros and subnormals: mantissa * 2**-24
+    if small.any():
+        out[small] = np.copysign(mag[small].astype(np.float32) * np.float32(2.0**-24),
+                                 np.where(u[small] >= _SIGN16, -1.0, 1.0).astype(np.float32))
+    return out
+
+
+def _top_values(scores, top_k: int):
+    """[C, K] each row's K largest scores, largest first (on 16-bit codes for float16)."""
+    if scores.dtype == np.float16:
+        codes, values = _half_codes(np.ascontiguousarray(scores).view(np.uint16)), _half_values
+    else:
+        codes, values = _single_codes(scores), _single_values
+    top = np.partition(codes, codes.shape[1] - top_k, axis=1)[:, -top_k:]
+    return values(np.sort(top, axis=1)[:, ::-1])

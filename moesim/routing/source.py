@@ -82,7 +82,9 @@ class TraceSource(RoutingSource):
     together) starting at a seeded offset, wrapping around when the trace is shorter;
     with recorded source ranks, rank ``r`` takes its tokens from recorded rank
     ``r mod R``. Layers are routed one at a time, so memory stays bounded by one
-    layer's counts.
+    layer's counts: a layer's windows are drawn first, then every trace token they
+    take is re-routed once (:class:`~moesim.routing.replay.LayerRoutes`), into arrays
+    reused from layer to layer.
     """
 
     def __init__(self, scenario: Scenario, trace, *, gpus_per_domain: int,
@@ -106,6 +108,7 @@ class TraceSource(RoutingSource):
             from moesim.placement.loads import read_loads
 
             self.file_loads = read_loads(pl.loads, experts=trace.num_experts)
+        self._buffers: dict = {}  # the routing's arrays, reused layer after layer
         ranks = trace.src_rank
         self.rank_tokens = None
         if ranks is not None:
@@ -131,45 +134,48 @@ class TraceSource(RoutingSource):
             for r in range(ep)
         ])
 
-    def _placement(self, layer: int, per_rank: int) -> LayerPlacement:
-        """The layer's placement, from the loads ``placement.loads`` names."""
-        from moesim.routing.replay import route_logical
-
+    def _placement(self, routes, early: np.ndarray | None) -> LayerPlacement:
+        """The layer's placement, from the loads ``placement.loads`` names: those of
+        the ``early`` tokens' routing (``window``, ``trace``), or of the loads file."""
         s, pl = self.scenario, self.scenario.placement
         loads_e = None
         if pl.rebalanced:
-            if pl.loads == "window":  # an earlier window of this layer, routed alike
-                ids_tk, _ = route_logical(s, self.trace, layer, self._token_ids(per_rank),
-                                          self.gpus_per_domain, bias_e=self.bias_of(layer))
-            elif pl.loads == "trace":
-                ids_tk, _ = route_logical(s, self.trace, layer,
-                                          np.arange(self.trace.num_tokens),
-                                          self.gpus_per_domain, bias_e=self.bias_of(layer))
-            else:
+            if early is None:
+                layer = routes.layer
                 return scenario_placement(s, self.file_loads[layer % len(self.file_loads)],
                                           gpus_per_domain=self.gpus_per_domain)
+            ids_tk, _ = routes.logical(early)
             loads_e = expert_loads(ids_tk, s.model.routed_experts)
         return scenario_placement(s, loads_e, gpus_per_domain=self.gpus_per_domain)
 
     def key_counts(self, key: int) -> list[list[BatchCounts]]:
-        from moesim.routing.replay import route_tokens
+        from moesim.routing.replay import LayerRoutes
 
-        p = self.scenario.parallel
+        p, pl = self.scenario.parallel, self.scenario.placement
         per_rank = p.tokens_per_gpu // p.micro_batches
         layer = key % self.trace.num_layers
-        placement = self._placement(layer, per_rank)
-        out = []
-        for _group in range(p.ep_groups):
-            row = []
-            for mb in range(p.micro_batches):
-                tokens = self._token_ids(per_rank)
-                batch = route_tokens(self.scenario, self.trace, layer, tokens,
-                                     tokens_per_rank=per_rank,
-                                     gpus_per_domain=self.gpus_per_domain,
-                                     seed=int(self.rng.integers(2**31)) + mb,
-                                     placement=placement, bias_e=self.bias_of(layer))
-                row.append(count(self.scenario, batch, self.gpus_per_domain))
-            out.append(row)
+        # The tokens first, drawn in the same order as ever: a rebalancing placement's
+        # earlier window, then every EP group's micro-batches with their seeds; then
+        # one routing of all of them.
+        early = None
+        if pl.rebalanced and pl.loads == "window":  # an earlier window, routed alike
+            early = self._token_ids(per_rank)
+        elif pl.rebalanced and pl.loads == "trace":
+            early = np.arange(self.trace.num_tokens)
+        draws = [[(self._token_ids(per_rank), int(self.rng.integers(2**31)) + mb)
+                  for mb in range(p.micro_batches)] for _group in range(p.ep_groups)]
+        windows = [tokens for row in draws for tokens, _ in row]
+        routes = LayerRoutes(self.scenario, self.trace, layer,
+                             windows if early is None else [early, *windows],
+                             gpus_per_domain=self.gpus_per_domain, bias_e=self.bias_of(layer),
+                             buffers=self._buffers)
+        placement = self._placement(routes, early)
+        out = [[count(self.scenario, routes.batch(tokens, tokens_per_rank=per_rank, seed=seed,
+                                                  placement=placement), self.gpus_per_domain)
+                for tokens, seed in row] for row in draws]
+        release = getattr(self.trace, "release", None)
+        if release is not None:  # a mapped trace's pages of this layer go back
+            release(layer)
         return out
 
 

@@ -13,12 +13,23 @@ order, T tokens, K experts per token, E routed experts):
 * ``metadata``: JSON (schema, num_experts, top_k, layer_indices, gate, source, ...)
 
 Loading validates everything and turns any problem into one :class:`InputError`.
+
+Arrays are stored, not deflated, each one's data 64-byte aligned in the file, so that
+:meth:`RoutingTrace.load` maps the large ones into memory instead of reading them: a
+run reads the layers it routes, when it routes them, and the pages of a layer it is
+done with can be handed back (:meth:`RoutingTrace.release`). Deflated archives (older
+files, ``np.savez_compressed``) load too, read whole.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import math
+import mmap
+import os
+import struct
+import tokenize
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -32,6 +43,13 @@ from moesim.errors import InputError
 SCHEMA = "moesim.trace/1"
 _REQUIRED_META = ("schema", "num_experts", "top_k", "layer_indices", "gate", "source")
 _ARRAYS = ("expert_ids", "weights", "scores", "bias", "seq_id", "pos", "src_rank")
+MAP_BYTES = 1 << 20  # stored members at least this large are mapped, not read
+_ALIGN = 64  # a stored array's data starts at a multiple of this in the file
+_PAD_ID = 0xD935  # the zip extra field that pads a local header (as zipalign's)
+# What damaged archives raise: in zip and zlib, in a member's .npy header (numpy
+# parses it as Python literals).
+_READ_ERRORS = (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error,
+                NotImplementedError, struct.error, SyntaxError, tokenize.TokenError)
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -77,26 +95,47 @@ class RoutingTrace:
     # ------------------------------------------------------------ files
 
     def to_bytes(self) -> bytes:
-        """The ``.npz`` archive as bytes (compressed; no pickled objects)."""
+        """The ``.npz`` archive as bytes (arrays stored, aligned; no pickled objects)."""
+        buffer = io.BytesIO()
+        self._write(buffer)
+        return buffer.getvalue()
+
+    def _write(self, out) -> None:
         arrays = {name: getattr(self, name) for name in _ARRAYS
                   if getattr(self, name) is not None}
         meta = json.dumps(self.metadata, sort_keys=True).encode("utf-8")
         arrays["metadata"] = np.frombuffer(meta, dtype=np.uint8)
-        buffer = io.BytesIO()
-        np.savez_compressed(buffer, **arrays)
-        return buffer.getvalue()
+        with zipfile.ZipFile(out, "w", allowZip64=True) as archive:
+            for name, array in arrays.items():
+                info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+                info.compress_type = zipfile.ZIP_STORED
+                # The local header: 30 bytes, the name, this padding, 20 bytes of zip64
+                # sizes; numpy pads its own header to a multiple of 64.
+                pad = -(out.tell() + 30 + len(info.filename) + 4 + 20) % _ALIGN
+                info.extra = struct.pack("<HH", _PAD_ID, pad) + bytes(pad)
+                with archive.open(info, "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.ascontiguousarray(array),
+                                              allow_pickle=False)
 
     @classmethod
     def from_bytes(cls, data: bytes, *, source: str = "<trace>") -> RoutingTrace:
         if not data.startswith(b"PK"):
             raise InputError("not a .npz (zip) archive", source=source,
                              allowed=f"a .npz written by moesim ({SCHEMA})")
+        return cls._from_archive(io.BytesIO(data), source=source)
+
+    @classmethod
+    def _from_archive(cls, file, *, source: str, path: str | None = None) -> RoutingTrace:
+        """The trace in the zip archive ``file``; with ``path`` (the file's), large
+        stored members are mapped rather than read."""
         try:
-            with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-                arrays = {name: archive[name] for name in archive.files}
+            with np.load(file, allow_pickle=False) as archive:
+                arrays = {}
+                for name in archive.files:
+                    mapped = None if path is None else _mapped(archive.zip, name, path)
+                    arrays[name] = archive[name] if mapped is None else mapped
         # Damaged members fail inside zlib or with an unknown compression method.
-        except (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error,
-                NotImplementedError) as err:
+        except _READ_ERRORS as err:
             raise InputError(f"not a moesim trace archive ({err})", source=source,
                              allowed=f"a .npz written by moesim ({SCHEMA})") from None
         try:
@@ -124,17 +163,88 @@ class RoutingTrace:
             raise err.with_source(source) from None
 
     def save(self, path: str | Path) -> None:
-        """Write the archive to ``path`` (the CLI writes through a temporary file)."""
-        Path(path).write_bytes(self.to_bytes())
+        """Write the archive to ``path``, through a temporary file beside it renamed
+        into place (a reader that maps the old file keeps reading the old file)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        try:
+            with open(tmp, "wb") as out:
+                self._write(out)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     @classmethod
     def load(cls, path: str | Path) -> RoutingTrace:
-        """Read and validate a trace; every problem is an InputError naming the file."""
+        """Read and validate a trace; every problem is an InputError naming the file.
+        Large stored arrays are mapped (read-only), not read."""
         try:
-            data = Path(path).read_bytes()
+            with open(path, "rb") as file:
+                head = file.read(2)
         except OSError as err:
             raise InputError(f"cannot read file ({err.strerror})", source=str(path)) from None
-        return cls.from_bytes(data, source=str(path))
+        if head != b"PK":
+            raise InputError("not a .npz (zip) archive", source=str(path),
+                             allowed=f"a .npz written by moesim ({SCHEMA})")
+        return cls._from_archive(str(path), source=str(path), path=str(path))
+
+    def release(self, layer: int) -> None:
+        """Hand back the memory pages of ``layer``'s mapped arrays (read again from the
+        file, or the page cache, when next used); nothing for arrays in memory."""
+        for array in (self.scores, self.expert_ids, self.weights):
+            if array is not None:
+                release_pages(array[layer])
+
+
+def _mapped(archive: zipfile.ZipFile, name: str, path: str) -> np.ndarray | None:
+    """Member ``name`` of ``archive`` (the file ``path``) as a read-only array over a
+    memory map of the file, or None where it is not a large stored C-order ``.npy`` of
+    numbers (then it is read as usual, and any damage reported then)."""
+    try:
+        info = archive.getinfo(f"{name}.npy")
+    except KeyError:
+        return None
+    if (info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1
+            or info.file_size < MAP_BYTES):
+        return None
+    with open(path, "rb") as file:
+        file.seek(info.header_offset)
+        local = file.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            return None
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        file.seek(start)
+        version = np.lib.format.read_magic(file)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(file)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(file)
+        data = file.tell()
+        size = os.fstat(file.fileno()).st_size
+        if fortran or dtype.kind not in "biuf" or dtype.hasobject:
+            return None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes == 0 or data - start + nbytes != info.file_size or data + nbytes > size:
+            return None
+        whole = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    return np.ndarray(shape, dtype=dtype, buffer=whole, offset=data)
+
+
+def release_pages(array: np.ndarray) -> None:
+    """Drop the resident pages of a contiguous ``array`` that views a read-only file
+    map (MADV_DONTNEED: the next read faults them in again from the file); nothing for
+    other arrays."""
+    base = array
+    while isinstance(base, np.ndarray):
+        base = base.base
+    if not isinstance(base, mmap.mmap) or not array.flags.c_contiguous or not array.size:
+        return
+    start = array.ctypes.data - np.frombuffer(base, dtype=np.uint8, count=1).ctypes.data
+    first = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE
+    end = (start + array.nbytes) // mmap.PAGESIZE * mmap.PAGESIZE
+    if end > first and hasattr(base, "madvise"):
+        base.madvise(mmap.MADV_DONTNEED, first, end - first)
 
 
 def _is_int(value) -> bool:
@@ -145,22 +255,97 @@ def _fail(problem: str, field: str, allowed: str | None = None):
     raise InputError(problem, field=field, allowed=allowed)
 
 
+def _blocks(array: np.ndarray, size: int = 1 << 21):
+    """Views of at most about ``size`` elements that together cover ``array``: checks
+    run block by block, in bounded memory, over arrays mapped from a file too."""
+    if array.ndim == 0 or array.size <= size:
+        yield array
+    elif array.flags.c_contiguous:
+        flat = array.reshape(-1)
+        for start in range(0, flat.size, size):
+            yield flat[start:start + size]
+    else:
+        for part in array:
+            yield from _blocks(part, size)
+
+
+def _all_finite(array: np.ndarray) -> bool:
+    """No NaN or infinity in ``array``; the pages of a mapped one are handed back."""
+    if np.issubdtype(array.dtype, np.integer):
+        return True
+    for part in _blocks(array):
+        if part.dtype == np.float16:  # on the bits: exponent all ones is inf or NaN
+            bits = part.view(np.uint16)
+            finite = bits.max(initial=0) < 0x7C00 or (bits & 0x7FFF).max() < 0x7C00
+        else:
+            finite = bool(np.isfinite(part).all())
+        release_pages(part)
+        if not finite:
+            return False
+    return True
+
+
+def _all_at_least_zero(array: np.ndarray) -> bool:
+    for part in _blocks(array):
+        low = part.min(initial=0)
+        release_pages(part)
+        if low < 0:
+            return False
+    return True
+
+
 def _check_finite(name: str, array: np.ndarray) -> None:
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):
         _fail(f"expected numbers, got {array.dtype}", name, "integer or float arrays")
-    if not np.isfinite(array).all():
+    if not _all_finite(array):
         _fail("contains NaN or infinite values", name, "finite numbers")
 
 
 def _narrow(name: str, array: np.ndarray, dtype) -> np.ndarray:
-    """``array`` in the schema's float dtype; values beyond its range would turn into
-    inf and make a file that cannot be read back, so they are an error here."""
+    """``array`` (checked finite) in the schema's float dtype; values beyond its range
+    would turn into inf and make a file that cannot be read back, so they are an error
+    here."""
     with np.errstate(over="ignore"):
         out = array.astype(dtype, copy=False)
-    if not np.isfinite(out).all():
+    if out is not array and not _all_finite(out):
         _fail(f"values beyond the range of {np.dtype(dtype).name}", name,
               f"|value| <= {float(np.finfo(dtype).max):g}")
     return out
+
+
+def _check_choices(ids: np.ndarray, n_experts: int) -> None:
+    """Expert ids in -1..E-1, distinct within a token, and some routed in every layer;
+    layer by layer (a sorted copy of one layer at a time, a mapped layer's pages handed
+    back after each look)."""
+    low_l, high_l = [], []
+    for layer in ids:
+        low_l.append(int(layer.min()))
+        high_l.append(int(layer.max()))
+        release_pages(layer)
+    if min(low_l) < -1 or max(high_l) >= n_experts:
+        _fail(f"expert ids range {min(low_l)}..{max(high_l)}", "expert_ids",
+              f"-1 (dropped) or 0..{n_experts - 1}")
+    for layer in ids:
+        repeated = _repeats(layer)
+        release_pages(layer)
+        if repeated:
+            _fail("a token chooses the same expert twice", "expert_ids",
+                  "K distinct experts per token (or -1 for dropped slots)")
+    for index, high in enumerate(high_l):
+        if high < 0:
+            _fail(f"layer {index} has every slot dropped", "expert_ids",
+                  "at least one routed assignment per layer")
+
+
+def _repeats(ids_tk: np.ndarray) -> bool:
+    """Whether a token (row) names an expert (>= 0) twice: slot against earlier slots
+    for a few slots (contiguous compares), by sorting each row for many."""
+    top_k = ids_tk.shape[1]
+    if top_k > 16:
+        ordered = np.sort(ids_tk, axis=-1)
+        return bool(((ordered[:, 1:] == ordered[:, :-1]) & (ordered[:, 1:] >= 0)).any())
+    ids_kt = np.ascontiguousarray(ids_tk.T)
+    return any(((ids_kt[:k] == ids_kt[k]) & (ids_kt[k] >= 0)).any() for k in range(1, top_k))
 
 
 def validate(trace: RoutingTrace) -> None:
@@ -198,21 +383,11 @@ def validate(trace: RoutingTrace) -> None:
     if len(layers) != n_layers or len(set(layers)) != n_layers:
         _fail(f"{len(layers)} layer indices ({len(set(layers))} distinct) for {n_layers} "
               "layers", "metadata.layer_indices", f"{n_layers} distinct layer numbers")
-    if ids.min() < -1 or ids.max() >= n_experts:
-        _fail(f"expert ids range {ids.min()}..{ids.max()}", "expert_ids",
-              f"-1 (dropped) or 0..{n_experts - 1}")
-    ordered = np.sort(ids, axis=-1)
-    if ((ordered[..., 1:] == ordered[..., :-1]) & (ordered[..., 1:] >= 0)).any():
-        _fail("a token chooses the same expert twice", "expert_ids",
-              "K distinct experts per token (or -1 for dropped slots)")
-    if not (ids >= 0).any(axis=(1, 2)).all():
-        empty = int(np.flatnonzero(~(ids >= 0).any(axis=(1, 2)))[0])
-        _fail(f"layer {empty} has every slot dropped", "expert_ids",
-              "at least one routed assignment per layer")
+    _check_choices(ids, n_experts)
     if trace.weights.shape != ids.shape:
         _fail(f"shape {trace.weights.shape} differs from expert_ids {ids.shape}", "weights")
     _check_finite("weights", trace.weights)
-    if (trace.weights < 0).any():
+    if not _all_at_least_zero(trace.weights):
         _fail("negative gate weights", "weights", ">= 0")
     normalized = {"expert_ids": ids.astype(np.int16, copy=False),
                   "weights": _narrow("weights", trace.weights, np.float32)}

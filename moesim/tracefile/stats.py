@@ -38,7 +38,7 @@ import pandas as pd
 
 from moesim.errors import InputError
 from moesim.routing.batch import expert_loads
-from moesim.tracefile.format import RoutingTrace
+from moesim.tracefile.format import RoutingTrace, release_pages
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -102,23 +102,62 @@ def _cv(load_x: np.ndarray) -> tuple[float, float]:
     return float(load_x.std() / mean), float(load_x.max() / mean)
 
 
+ROWS_PER_CHUNK = 2048  # a chunk of float64 scores (4 MiB at E = 256) stays in the caches
+TOKENS_PER_CHUNK = 1 << 16  # of expert ids: a few MiB of temporaries, reused
+
+
+def score_shares(scores_te: np.ndarray) -> np.ndarray:
+    """``P_e = mean_t s_te / sum_e' s_te'`` [E] (0 for a token whose scores sum to
+    <= 0), in float64, chunk by chunk.
+
+    Sigmoid scores do not sum to 1 per token; like DeepSeek-V3's sequence-wise loss,
+    each token's scores are normalised so that perfect balance gives 1 again. A token's
+    sum of float16 scores is exact in float64; the mean sums ``s_te * (1 / sum_t)``, one
+    matrix-vector product per chunk.
+    """
+    n_tokens, n_experts = scores_te.shape
+    chunk_te = np.empty((min(ROWS_PER_CHUNK, n_tokens), n_experts))
+    total_e = np.zeros(n_experts)
+    for start in range(0, n_tokens, ROWS_PER_CHUNK):
+        part = scores_te[start:start + ROWS_PER_CHUNK]
+        s_te = chunk_te[: part.shape[0]]
+        np.copyto(s_te, part)
+        release_pages(part)  # a mapped trace's pages go back chunk by chunk
+        row_t = s_te.sum(axis=1)
+        inverse_t = np.divide(1.0, row_t, out=np.zeros_like(row_t), where=row_t > 0)
+        total_e += np.einsum("t,te->e", inverse_t, s_te)  # not BLAS: no threads to wake
+    return total_e / n_tokens
+
+
 def _layer_row(ids_tk: np.ndarray, scores_te: np.ndarray | None, *, num_experts: int,
-               ep: int, gpus_per_node: int, m_comm: int, max_devices: int | None):
-    """One layer's statistics row, devices-reached counts ``ndev_t`` and ``nnode_t``."""
+               ep: int, gpus_per_node: int, m_comm: int, max_devices: int | None,
+               nodes: bool = True):
+    """One layer's statistics row, devices-reached counts ``ndev_t`` and ``nnode_t``
+    (without ``nodes``: no node counts, NaN in their columns, ``nnode_t`` None)."""
     n_tokens, top_k = ids_tk.shape
     per_device = num_experts // ep
-    kept_tk = ids_tk >= 0
-    load_e = np.bincount(ids_tk[kept_tk], minlength=num_experts).astype(np.float64)
+    load_e = np.zeros(num_experts, dtype=np.int64)
+    sent_d = np.zeros(ep, dtype=np.int64)
+    ndev_t = np.empty(n_tokens, dtype=np.int64)
+    nnode_t = np.empty(n_tokens, dtype=np.int64) if nodes else None
+    assignments = 0
+    for start in range(0, n_tokens, TOKENS_PER_CHUNK):  # all counts add up over chunks
+        part = slice(start, start + TOKENS_PER_CHUNK)
+        ids = ids_tk[part]
+        kept = ids >= 0
+        assignments += int(kept.sum())
+        load_e += np.bincount(ids[kept], minlength=num_experts)
+        # -1 // per_device stays negative, so dropped slots stay out of both counts.
+        dev = np.where(kept, ids // per_device, -1)
+        dev_sorted, dev_first = _distinct_units(dev)
+        ndev_t[part] = dev_first.sum(axis=1)
+        if nodes:
+            _, node_first = _distinct_units(np.where(kept, dev // gpus_per_node, -1))
+            nnode_t[part] = node_first.sum(axis=1)
+        sent_d += np.bincount(dev_sorted[dev_first], minlength=ep)
+    load_e = load_e.astype(np.float64)
+    sent_d = sent_d.astype(np.float64)
     load_d = load_e.reshape(ep, per_device).sum(axis=1)
-
-    # -1 // per_device stays negative, so dropped slots stay out of both counts.
-    dev_tk = np.where(kept_tk, ids_tk // per_device, -1)
-    node_tk = np.where(kept_tk, dev_tk // gpus_per_node, -1)
-    dev_sorted_tk, dev_first_tk = _distinct_units(dev_tk)
-    _, node_first_tk = _distinct_units(node_tk)
-    ndev_t = dev_first_tk.sum(axis=1)
-    nnode_t = node_first_tk.sum(axis=1)
-    sent_d = np.bincount(dev_sorted_tk[dev_first_tk], minlength=ep).astype(np.float64)
 
     if n_tokens:
         f_e = num_experts / (top_k * n_tokens) * load_e
@@ -128,11 +167,7 @@ def _layer_row(ids_tk: np.ndarray, scores_te: np.ndarray | None, *, num_experts:
         f_e = np.full(num_experts, math.nan)
         f_dev_d = f_comm_d = np.full(ep, math.nan)
     if scores_te is not None and n_tokens:
-        # Sigmoid scores do not sum to 1 per token; like DeepSeek-V3's sequence-wise
-        # loss, normalise each token's scores so that perfect balance gives 1 again.
-        s_te = scores_te.astype(np.float64)
-        row_t = s_te.sum(axis=1, keepdims=True)
-        p_e = np.divide(s_te, row_t, out=np.zeros_like(s_te), where=row_t > 0).mean(axis=0)
+        p_e = score_shares(scores_te)
         p_dev_d = p_e.reshape(ep, per_device).sum(axis=1)
         exp_bal = float(f_e @ p_e)
         dev_bal = float(f_dev_d @ p_dev_d)
@@ -143,7 +178,7 @@ def _layer_row(ids_tk: np.ndarray, scores_te: np.ndarray | None, *, num_experts:
     cv_e, mom_e = _cv(load_e)
     cv_d, mom_d = _cv(load_d)
     row = {
-        "assignments": int(kept_tk.sum()),
+        "assignments": assignments,
         "expert_load_cv": cv_e,
         "expert_max_over_mean": mom_e,
         "device_load_cv": cv_d,
@@ -155,15 +190,56 @@ def _layer_row(ids_tk: np.ndarray, scores_te: np.ndarray | None, *, num_experts:
         "comm_bal": comm_bal,
         "f_comm_max": float(f_comm_d.max()),
         "mean_devices": float(ndev_t.mean()) if n_tokens else math.nan,
-        "mean_nodes": float(nnode_t.mean()) if n_tokens else math.nan,
+        "mean_nodes": float(nnode_t.mean()) if n_tokens and nodes else math.nan,
     }
     if max_devices is not None:
         row["share_over_m_devices"] = float((ndev_t > max_devices).mean()) if n_tokens \
             else math.nan
-        row["share_over_m_nodes"] = float((nnode_t > max_devices).mean()) if n_tokens \
-            else math.nan
+        row["share_over_m_nodes"] = float((nnode_t > max_devices).mean()) \
+            if n_tokens and nodes else math.nan
     assert sent_d.sum() == ndev_t.sum()
     return row, ndev_t, nnode_t
+
+
+def _check_placement(trace: RoutingTrace, *, ep: int, max_devices: int | None,
+                     gpus_per_node: int) -> int:
+    """InputError unless :func:`trace_stats` can place the trace so; the "M" of the
+    communication term."""
+    n_experts = trace.num_experts
+    _check_int(ep, "ep", 1, n_experts)
+    if n_experts % ep:
+        divisors = ", ".join(str(d) for d in range(1, n_experts + 1) if n_experts % d == 0)
+        raise InputError(f"EP size {ep} does not divide the trace's {n_experts} experts",
+                         field="ep", allowed=divisors)
+    _check_int(gpus_per_node, "gpus_per_node", 1, None)
+    if max_devices is not None:
+        _check_int(max_devices, "max_devices", 1, ep)
+    # Without a limit a token reaches at most min(K, D) devices: that is its "M".
+    return max_devices if max_devices is not None else min(trace.top_k, ep)
+
+
+def _layer_rows(trace: RoutingTrace, *, rows_only: bool = False, **kwargs) -> list:
+    """:func:`_layer_row` of every layer of ``trace`` (``rows_only``: without the
+    per-token counts), side by side on the cores when there are scores (numpy's loops
+    release the GIL); a mapped trace's pages of a layer go back once its row is done."""
+
+    def layer_row(layer: int):
+        scores_te = None if trace.scores is None else trace.scores[layer]
+        done = _layer_row(trace.expert_ids[layer], scores_te, num_experts=trace.num_experts,
+                          **kwargs)
+        release = getattr(trace, "release", None)
+        if release is not None:
+            release(layer)
+        return (done[0], None, None) if rows_only else done
+
+    layers_l = range(trace.num_layers)
+    workers = min(_cores(), trace.num_layers) if trace.scores is not None else 1
+    if workers <= 1:
+        return [layer_row(layer) for layer in layers_l]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(layer_row, layers_l))
 
 
 def trace_stats(
@@ -180,27 +256,15 @@ def trace_stats(
     ``max_devices`` (``M``, 1..D) is the device limit to measure against.
     """
     n_experts, top_k = trace.num_experts, trace.top_k
-    _check_int(ep, "ep", 1, n_experts)
-    if n_experts % ep:
-        divisors = ", ".join(str(d) for d in range(1, n_experts + 1) if n_experts % d == 0)
-        raise InputError(f"EP size {ep} does not divide the trace's {n_experts} experts",
-                         field="ep", allowed=divisors)
-    _check_int(gpus_per_node, "gpus_per_node", 1, None)
-    if max_devices is not None:
-        _check_int(max_devices, "max_devices", 1, ep)
+    m_comm = _check_placement(trace, ep=ep, max_devices=max_devices,
+                              gpus_per_node=gpus_per_node)
     n_nodes = -(-ep // gpus_per_node)
-    # Without a limit a token reaches at most min(K, D) devices: that is its "M".
-    m_comm = max_devices if max_devices is not None else min(top_k, ep)
 
-    rows, ndev_lt, nnode_lt = [], [], []
-    for layer in range(trace.num_layers):
-        scores_te = None if trace.scores is None else trace.scores[layer]
-        row, ndev_t, nnode_t = _layer_row(
-            trace.expert_ids[layer], scores_te, num_experts=n_experts, ep=ep,
-            gpus_per_node=gpus_per_node, m_comm=m_comm, max_devices=max_devices)
-        rows.append(row)
-        ndev_lt.append(ndev_t)
-        nnode_lt.append(nnode_t)
+    done_l = _layer_rows(trace, ep=ep, gpus_per_node=gpus_per_node, m_comm=m_comm,
+                         max_devices=max_devices)
+    rows = [row for row, _, _ in done_l]
+    ndev_lt = [ndev_t for _, ndev_t, _ in done_l]
+    nnode_lt = [nnode_t for _, _, nnode_t in done_l]
 
     index = pd.Index([int(i) for i in trace.metadata["layer_indices"]], name="layer")
     layers = pd.DataFrame(rows, index=index)
@@ -240,6 +304,15 @@ def trace_stats(
         share_over_m_devices=share_over(all_dev),
         share_over_m_nodes=share_over(all_node),
     )
+
+
+def _cores() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 # Short headers keep the per-layer table within a terminal's width.
@@ -310,8 +383,11 @@ FEW_STEPS = 100
 
 def trace_warnings(trace: RoutingTrace) -> list[str]:
     """Why a trace may not stand for a trained model's routing (empty when none)."""
-    ids_ltk = trace.expert_ids.astype(np.int64)
-    cv = float(np.mean([_cv(expert_loads(ids, trace.num_experts))[0] for ids in ids_ltk]))
+    cv_l = []
+    for ids in trace.expert_ids:  # layer by layer, a mapped layer's pages handed back
+        cv_l.append(_cv(expert_loads(ids, trace.num_experts))[0])
+        release_pages(ids)
+    cv = float(np.mean(cv_l))
     training = (trace.metadata.get("source") or {}).get("training") or {}
     steps = training.get("steps")
     out = []
@@ -330,13 +406,11 @@ def affinity_by_limit(trace: RoutingTrace, *, units: int) -> pd.DataFrame:
 
     The scores are re-routed by the trace's own gate when it is a DeepSeek gate (with its
     stored V3 bias), else by the plain group-limited top-K (``device-limited``); the
-    torch routing layers do the routing (imported here, not at module load)."""
-    import torch
-
+    torch routing layers do the routing (imported here, not at module load), a layer's
+    tokens chunk by chunk."""
     from moesim.config.gates import SCENARIO_GATES
-    from moesim.routing.replay import score_mass
     from moesim.routing.source import units_reached
-    from moesim.traces.gates import route
+    from moesim.traces.gates import route_rows
 
     if trace.scores is None:
         raise InputError("the trace has no scores to re-route", field="trace",
@@ -353,15 +427,14 @@ def affinity_by_limit(trace: RoutingTrace, *, units: int) -> pd.DataFrame:
             continue
         chosen = free = reach = 0.0
         for layer in range(trace.num_layers):
-            scores = trace.scores[layer].astype(np.float32)
             bias = None
             if kind == "group-limited-sigmoid" and trace.bias is not None:
-                bias = torch.from_numpy(trace.bias[layer])
-            ids = route(torch.from_numpy(scores), kind=kind, top_k=trace.top_k,
-                        group_size=per_unit, max_groups=limit, bias_e=bias).ids_tk.numpy()
-            kept, total = score_mass(scores, ids)
-            chosen, free = chosen + kept, free + total
-            reach += units_reached(ids, per_unit).mean() / trace.num_layers
+                bias = trace.bias[layer]
+            routed = route_rows(trace.scores[layer], kind=kind, top_k=trace.top_k,
+                                group_size=per_unit, max_groups=limit, bias_e=bias)
+            chosen += float(routed.picked_tk.sum())
+            free += float(routed.top_tk.sum())
+            reach += units_reached(routed.ids_tk, per_unit).mean() / trace.num_layers
         rows.append({"M": limit, "affinity_kept": chosen / free if free else 1.0,
                      "units_per_token": reach})
     return pd.DataFrame(rows).set_index("M")
@@ -375,9 +448,14 @@ def seed_balance(trace: RoutingTrace, scenario, gpus_per_domain: int) -> dict:
     p, r = scenario.parallel, scenario.routing
     if trace.scores is None or trace.num_experts % p.ep:
         return {}
-    stats = trace_stats(trace, ep=p.ep, max_devices=r.max_devices,
-                        gpus_per_node=min(p.ep, gpus_per_domain))
+    # trace_stats' rows, without the nodes reached that these terms do not need
+    gpus_per_node = min(p.ep, gpus_per_domain)
+    m_comm = _check_placement(trace, ep=p.ep, max_devices=r.max_devices,
+                              gpus_per_node=gpus_per_node)
+    rows = pd.DataFrame([row for row, _, _ in _layer_rows(
+        trace, ep=p.ep, gpus_per_node=gpus_per_node, m_comm=m_comm,
+        max_devices=r.max_devices, nodes=False, rows_only=True)])
     terms = {"expert_balance": "exp_bal", "device_balance": "dev_bal",
              "comm_balance": "comm_bal"}
-    return {key: float(stats.layers[column].mean()) for key, column in terms.items()
-            if np.isfinite(stats.layers[column]).all()}
+    return {key: float(rows[column].mean()) for key, column in terms.items()
+            if np.isfinite(rows[column]).all()}

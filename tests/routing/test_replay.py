@@ -186,3 +186,47 @@ def test_affinity_kept_falls_as_the_device_limit_tightens():
     assert kept == sorted(kept) and kept[0] < 0.8 and kept[-1] == pytest.approx(1.0)
     assert "affinity_kept" not in moesim.simulate(moesim.load_scenario(
         overrides=SMALL)).summary  # synthetic picks carry no scores
+
+
+def test_a_layer_routed_once_gives_every_window_what_routing_it_alone_gives():
+    """Re-routing routes each trace layer's tokens once and the windows take their rows:
+    the same ids, gate weights and chosen affinity as routing each window on its own
+    (the unrestricted top-K's sum only in another float32 order)."""
+    from moesim.routing.replay import LayerRoutes, route_scores, score_mass
+
+    trace = scored_trace(tokens=3000, layers=1)
+    scenario = moesim.load_scenario(overrides=[*SMALL, "routing.replay=reroute",
+                                               "routing.max_devices=3"])
+    rng = np.random.default_rng(7)
+    windows = [rng.permutation(3000)[:500], (2900 + np.arange(400)) % 3000,
+               np.arange(256)]
+    for cover in (windows, [np.arange(3000), *windows]):  # some tokens, then all
+        routes = LayerRoutes(scenario, trace, 0, cover, gpus_per_domain=8)
+        for tokens in windows:
+            scores = trace.scores[0, tokens].astype(np.float32)
+            ids, weights = route_scores(scenario, scores, gpus_per_domain=8)
+            got_ids, got_weights = routes.logical(tokens)
+            assert np.array_equal(got_ids, ids) and np.array_equal(got_weights, weights)
+            chosen, free = score_mass(scores, ids)
+            mass = routes.score_mass(tokens)
+            assert mass[0] == chosen and mass[1] == pytest.approx(free, rel=1e-6)
+
+
+def test_rerouting_a_trace_file_maps_its_scores_and_routes_as_from_memory(tmp_path,
+                                                                        monkeypatch):
+    """A trace loaded from its file (large arrays mapped, pages handed back layer by
+    layer) simulates exactly as the same trace in memory."""
+    from moesim.tracefile import format as trace_format
+
+    monkeypatch.setattr(trace_format, "MAP_BYTES", 0)
+    trace = scored_trace(seed=3)
+    trace.save(tmp_path / "t.npz")
+    overrides = ["routing.replay=reroute", "routing.max_devices=4",
+                 "routing.gate=group-limited-sigmoid"]
+    from_file = moesim.simulate(moesim.load_scenario(
+        overrides=[*SMALL, *overrides, f"trace={tmp_path / 't.npz'}"]))
+    in_memory = run(trace, *overrides)
+    assert not RoutingTrace.load(tmp_path / "t.npz").scores.flags.writeable
+    summary = {k: v for k, v in from_file.summary.items() if k != "routing_trace"}
+    assert summary == {k: v for k, v in in_memory.summary.items() if k != "routing_trace"}
+    assert from_file.experts.equals(in_memory.experts)

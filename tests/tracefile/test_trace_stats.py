@@ -247,3 +247,54 @@ def test_affinity_by_limit_makes_the_m_claim_checkable():
     with pytest.raises(InputError) as err:
         affinity_by_limit(RoutingTrace.load(path), units=7)
     assert err.value.field == "units"
+
+
+def test_score_shares_chunk_by_chunk_equal_the_whole_formula(monkeypatch):
+    """P_e over chunks (any size) is the mean of s / sum(s) over all tokens, tokens whose
+    scores sum to <= 0 counting as zeros, to float64 rounding."""
+    from moesim.tracefile import stats
+
+    rng = np.random.default_rng(4)
+    scores = rng.random((1000, 16)).astype(np.float16)
+    scores[3] = 0
+    scores[7] = -np.abs(scores[7])
+    s = scores.astype(np.float64)
+    row = s.sum(axis=1, keepdims=True)
+    expected = np.divide(s, row, out=np.zeros_like(s), where=row > 0).mean(axis=0)
+    for chunk in (1, 7, 2048):
+        monkeypatch.setattr(stats, "ROWS_PER_CHUNK", chunk)
+        np.testing.assert_allclose(stats.score_shares(scores), expected, rtol=1e-13)
+
+
+def test_layer_statistics_do_not_depend_on_the_chunk_of_tokens(monkeypatch):
+    from moesim.tracefile import stats
+
+    rng = np.random.default_rng(5)
+    ids = np.stack([np.stack([rng.permutation(16)[:3] for _ in range(50)]) for _ in range(2)])
+    ids[0, ::4, 1] = -1
+    trace = make_trace(ids, num_experts=16,
+                       scores_lte=rng.random((2, 50, 16)).astype(np.float16))
+    whole = trace_stats(trace, ep=4, gpus_per_node=2, max_devices=2)
+    monkeypatch.setattr(stats, "TOKENS_PER_CHUNK", 7)
+    chunked = trace_stats(trace, ep=4, gpus_per_node=2, max_devices=2)
+    assert whole.layers.equals(chunked.layers)
+    assert whole.devices_reached.equals(chunked.devices_reached)
+    assert whole.nodes_reached.equals(chunked.nodes_reached)
+
+
+def test_seed_balance_is_the_mean_of_trace_stats_terms():
+    """The simulator's summary terms are trace_stats' columns (computed without the
+    nodes reached, which they do not need), bit for bit."""
+    import moesim
+    from moesim.tracefile.stats import seed_balance
+
+    rng = np.random.default_rng(6)
+    ids = np.stack([np.stack([rng.permutation(256)[:8] for _ in range(64)]) for _ in range(3)])
+    trace = make_trace(ids, num_experts=256,
+                       scores_lte=rng.random((3, 64, 256)).astype(np.float16))
+    scenario = moesim.load_scenario(overrides=["parallel.ep=64", "routing.max_devices=4"])
+    stats = trace_stats(trace, ep=64, max_devices=4, gpus_per_node=8)
+    assert seed_balance(trace, scenario, 8) == {
+        "expert_balance": float(stats.layers["exp_bal"].mean()),
+        "device_balance": float(stats.layers["dev_bal"].mean()),
+        "comm_balance": float(stats.layers["comm_bal"].mean())}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -710,3 +711,100 @@ def test_ordered_topk_equals_the_full_stable_sort(rows, width, data, kind):
         values[mask < 0.1] = float("nan")
         values[(mask >= 0.1) & (mask < 0.2)] = float("-inf")
     assert torch.equal(ordered_topk(values, k), _sorted_topk(values, k))
+
+
+# --- route_rows: many tokens at once, the same ids and weights as route() -------------
+
+
+@st.composite
+def rows_cases(draw):
+    """Scores of every flavour a trace can hold, with a gate, a limit and a bias."""
+    group_size = draw(st.sampled_from([1, 2, 3, 4, 8]))
+    n_groups = draw(st.integers(1, 8))
+    n_experts = group_size * n_groups
+    kind = draw(st.sampled_from(["softmax-topk", "device-limited", "group-limited-sigmoid"]))
+    limited = kind == "device-limited" or draw(st.booleans())
+    if kind == "group-limited-sigmoid" and group_size < 2:
+        limited = False  # top2sum needs two experts in a group
+    max_groups = draw(st.integers(1, n_groups)) if limited else None
+    top_k = draw(st.integers(1, (max_groups or n_groups) * group_size))
+    n_tokens = draw(st.integers(0, 40))
+    flavour = draw(st.sampled_from(["uniform", "few values", "signed", "zeros", "inf", "nan"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31 - 1)))
+    values = rng.random((n_tokens, n_experts), dtype=np.float32)
+    if flavour == "few values":
+        values = rng.integers(0, 3, values.shape) / 4
+    elif flavour == "signed":
+        values = rng.standard_normal(values.shape) * 10.0 ** rng.integers(-8, 3, (n_tokens, 1))
+        values[:, ::3] = -0.0
+    elif flavour == "zeros":
+        values = np.where(rng.random(values.shape) < 0.5, 0.0, -0.0)
+    elif flavour in ("inf", "nan") and n_tokens:
+        values[rng.integers(n_tokens), rng.integers(n_experts)] = (
+            np.inf if flavour == "inf" else np.nan)
+    dtype = draw(st.sampled_from([np.float16, np.float16, np.float32]))
+    bias = None
+    if kind == "group-limited-sigmoid":
+        bias = draw(st.sampled_from([None, "zero", "random"]))
+        bias = {None: None, "zero": np.zeros(n_experts, dtype=np.float32),
+                "random": rng.normal(size=n_experts).astype(np.float32)}[bias]
+    return values.astype(dtype), dict(kind=kind, top_k=top_k, group_size=group_size,
+                                       max_groups=max_groups, bias_e=bias)
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=rows_cases(), chunk=st.sampled_from([1, 3, 4096]), threads=st.sampled_from([1, 2]))
+def test_route_rows_gives_route_s_ids_and_weights_bit_for_bit(case, chunk, threads):
+    """The sort on packed half-precision keys (and the chunks, threads and fallbacks
+    around it) reproduces route() exactly, ties, signed zeros and infinities included;
+    it also hands out the chosen scores and each token's unrestricted top-K."""
+    from moesim.traces import gates
+
+    scores, kwargs = case
+    bias = kwargs.pop("bias_e")
+    reference = route(torch.from_numpy(scores.astype(np.float32)), **kwargs,
+                      bias_e=None if bias is None else torch.from_numpy(bias))
+    saved = gates.ROWS_PER_CHUNK
+    gates.ROWS_PER_CHUNK = chunk
+    try:
+        rows = gates.route_rows(scores, **kwargs, bias_e=bias, threads=threads)
+    finally:
+        gates.ROWS_PER_CHUNK = saved
+    assert np.array_equal(rows.ids_tk, reference.ids_tk.numpy())
+    assert np.array_equal(rows.weights_tk.view(np.uint32),
+                          reference.weights_tk.numpy().view(np.uint32))
+    finite = np.isfinite(scores.astype(np.float32)).all(axis=1)
+    picked = np.take_along_axis(scores.astype(np.float32), np.maximum(rows.ids_tk, 0), 1)
+    assert np.array_equal(rows.picked_tk[finite], picked[finite])
+    top = -np.sort(-scores.astype(np.float32), axis=1)[:, :kwargs["top_k"]]
+    assert np.array_equal(rows.top_tk[finite], top[finite])
+
+
+def test_route_rows_takes_rows_and_writes_into_given_arrays():
+    rng = np.random.default_rng(3)
+    scores = rng.random((5000, 64), dtype=np.float32).astype(np.float16)
+    rows = rng.permutation(5000)[:1234]
+    gate = dict(kind="group-limited-sigmoid", top_k=6, group_size=8, max_groups=3)
+    whole = route(torch.from_numpy(scores[rows].astype(np.float32)), **gate)
+    from moesim.traces.gates import RoutedRows, route_rows
+
+    out = RoutedRows(*(np.full((2000, 6), -7, dtype=dtype)
+                       for dtype in (np.int64, np.float32, np.float32, np.float32)))
+    got = route_rows(scores, **gate, rows=rows, out=out)
+    assert np.shares_memory(got.ids_tk, out.ids_tk) and got.ids_tk.shape == (1234, 6)
+    assert np.array_equal(got.ids_tk, whole.ids_tk.numpy())
+    assert np.array_equal(got.weights_tk, whole.weights_tk.numpy())
+    assert (out.ids_tk[1234:] == -7).all()
+
+
+def test_route_rows_refuses_what_route_refuses():
+    scores = np.zeros((3, 8), dtype=np.float16)
+    from moesim.traces.gates import route_rows
+
+    for kwargs, field in [(dict(kind="top-p", top_k=2), "kind"),
+                          (dict(kind="device-limited", top_k=2, group_size=2), "max_groups"),
+                          (dict(kind="softmax-topk", top_k=2, bias_e=np.zeros(8)), "bias_e"),
+                          (dict(kind="softmax-topk", top_k=9), "top_k")]:
+        with pytest.raises(InputError) as err:
+            route_rows(scores, **kwargs)
+        assert err.value.field == field
