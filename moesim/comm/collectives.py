@@ -55,6 +55,16 @@ def spread_out(topology):
                            nic_bw=topology.nic_bw)
 
 
+def strided_collective_time(hw: HardwareSpec, topology, *, op: str, size: float, n: int,
+                             stride: int) -> float:
+    """:func:`collective_time` of ``n`` GPUs ``stride`` apart in a block of consecutive
+    GPUs (data-parallel, context-parallel groups): the ring crosses NVLink domains when
+    the block does, however few its GPUs."""
+    spans = n * stride > topology.gpus_per_domain and topology.n_domains > 1
+    seen = spread_out(topology) if spans and n <= topology.gpus_per_domain else topology
+    return float(collective_time(hw, seen, op=op, size=size, n=n))
+
+
 def collective_time(hw: HardwareSpec, topology, *, op: str, size, n):
     """Seconds of one ``op`` over ``n`` GPUs of a ``size``-byte buffer (arrays broadcast).
 

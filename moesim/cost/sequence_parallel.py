@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from moesim.comm.collectives import collective_time, spread_out
+from moesim.comm.collectives import strided_collective_time
 from moesim.config.model import ModelShape
 from moesim.cost.compute import ACT_BYTES, BACKWARD_ATTENTION_CORE
 
@@ -36,12 +36,6 @@ class LayerComm:
 
     forward_s: float
     backward_s: float
-
-
-def _group_time(hw, topology, *, op: str, size: float, n: int, stride: int) -> float:
-    spans = n * stride > topology.gpus_per_domain and topology.n_domains > 1
-    seen = spread_out(topology) if spans and n <= topology.gpus_per_domain else topology
-    return float(collective_time(hw, seen, op=op, size=size, n=n))
 
 
 def kv_values_per_token(m: ModelShape, tp: int) -> int:
@@ -60,13 +54,14 @@ def layer_comm(m: ModelShape, hw, topology, *, tokens: int, tp: int, cp: int,
     forward = backward = 0.0
     if tp > 1:
         block = tokens * tp * m.hidden_size * ACT_BYTES  # one CP rank's block input
-        gather = _group_time(hw, topology, op="all_gather", size=block, n=tp, stride=1)
-        scatter = _group_time(hw, topology, op="reduce_scatter", size=block, n=tp, stride=1)
+        gather, scatter = (strided_collective_time(hw, topology, op=op, size=block, n=tp,
+                                                   stride=1)
+                           for op in ("all_gather", "reduce_scatter"))
         forward += 2 * (gather + scatter)
         backward += 2 * (gather + scatter)
     if cp > 1:
         kv = cp * tokens * tp * kv_values_per_token(m, tp) * ACT_BYTES
-        ring = _group_time(hw, topology, op="all_gather", size=kv, n=cp, stride=tp)
+        ring = strided_collective_time(hw, topology, op="all_gather", size=kv, n=cp, stride=tp)
         forward += max(ring - attention_core_s, 0.0)
         backward += max(2 * ring - BACKWARD_ATTENTION_CORE * attention_core_s, 0.0)
     return LayerComm(forward_s=forward, backward_s=backward)

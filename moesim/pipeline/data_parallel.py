@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from moesim.comm.collectives import collective_time, spread_out
+from moesim.comm.collectives import strided_collective_time
 from moesim.config.scenario import Scenario
 from moesim.config.training_layout import TrainingLayout
 from moesim.cost.elementwise import weight_quantize_seconds
@@ -53,14 +53,6 @@ def stage_params(scenario: Scenario, layout: TrainingLayout) -> list[StageParams
         counts = stage_param_counts(scenario, chunks)
         out.append(StageParams(dense=counts.dense, routed=counts.routed))
     return out
-
-
-def _ring(scenario: Scenario, topology, *, op: str, size: float, n: int, stride: int) -> float:
-    """One NCCL ``op`` over ``n`` GPUs ``stride`` apart within a stage's block of GPUs."""
-    hw = scenario.hardware
-    spans = n * stride > topology.gpus_per_domain and topology.n_domains > 1
-    seen = spread_out(topology) if spans and n <= topology.gpus_per_domain else topology
-    return float(collective_time(hw, seen, op=op, size=size, n=n))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,15 +86,17 @@ def step_tail(scenario: Scenario, topology, layout: TrainingLayout) -> StepTail:
         for name, n, stride in groups:
             count = getattr(params, name)
             sent += count * grad
+
+            def ring(op: str, size: float, n=n, stride=stride) -> float:
+                return strided_collective_time(hw, topology, op=op, size=size, n=n,
+                                               stride=stride)
+
             if t.distributed_optimizer:
-                red += _ring(scenario, topology, op="reduce_scatter", size=count * grad,
-                             n=n, stride=stride)
-                gat += _ring(scenario, topology, op="all_gather", size=count * BF16, n=n,
-                             stride=stride)
+                red += ring("reduce_scatter", count * grad)
+                gat += ring("all_gather", count * BF16)
                 updated += count / n
             else:
-                red += _ring(scenario, topology, op="all_reduce", size=count * grad, n=n,
-                             stride=stride)
+                red += ring("all_reduce", count * grad)
                 updated += count
         reduce_s.append(red)
         gather_s.append(gat)
