@@ -6,7 +6,7 @@ from moesim.config.scenario import SERVING_MODES, Scenario
 from moesim.errors import InputError
 
 
-def _divisors(n: int) -> str:
+def divisors(n: int) -> str:
     divs = [d for d in range(1, n + 1) if n % d == 0]
     return ", ".join(map(str, divs))
 
@@ -338,7 +338,7 @@ def check_placement(scenario: Scenario) -> None:
         if E % p.ep:
             raise InputError(
                 f"EP size {p.ep} does not divide the {E} routed experts",
-                field="parallel.ep", allowed=f"{_divisors(E)}; or an eplb placement with "
+                field="parallel.ep", allowed=f"{divisors(E)}; or an eplb placement with "
                 f"redundant experts making E + R a multiple of {p.ep}")
         return
     if (E + R) % p.ep:

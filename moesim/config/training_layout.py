@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moesim.config.feasibility import divisors
 from moesim.config.model import ModelShape
 from moesim.config.scenario import Scenario
 from moesim.errors import InputError
@@ -47,6 +48,13 @@ class TrainingLayout:
     def tokens_per_step(self) -> int:
         """Tokens of the whole step, all replicas."""
         return self.dp * self.micro_batches * self.tokens_per_microbatch * self.tp * self.cp
+
+
+def training_precision(scenario: Scenario) -> str:
+    """The step's precision: ``training.precision``, else the model's GEMM type's
+    (``fp4`` GEMMs are NVFP4)."""
+    gemm = scenario.model.gemm_dtype
+    return scenario.training.precision or {"fp4": "nvfp4"}.get(gemm, gemm)
 
 
 def whole_step(scenario: Scenario) -> bool:
@@ -90,10 +98,6 @@ def check_schedule(schedule: str, *, pp: int, vp: int, micro_batches: int,
                              field=field("micro_batches"), allowed=f"even numbers >= {2 * pp}")
 
 
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
-
-
 def training_layout(scenario: Scenario) -> TrainingLayout:
     """Resolve the layout of a ``mode: train`` scenario (InputError naming the field)."""
     p, t, m = scenario.parallel, scenario.training, scenario.model
@@ -111,7 +115,7 @@ def training_layout(scenario: Scenario) -> TrainingLayout:
                                          "or set training.global_batch")
     if p.tp > 1 and m.num_heads % p.tp:
         raise InputError(f"tp {p.tp} does not divide the {m.num_heads} attention heads",
-                         field="parallel.tp", allowed=_divisors(m.num_heads))
+                         field="parallel.tp", allowed=divisors(m.num_heads))
     if p.tp > 1 and m.attention == "gqa" and m.num_kv_heads % p.tp and p.tp % m.num_kv_heads:
         ok = [d for d in range(1, m.num_heads + 1) if m.num_heads % d == 0
               and (m.num_kv_heads % d == 0 or d % m.num_kv_heads == 0)]
@@ -120,7 +124,7 @@ def training_layout(scenario: Scenario) -> TrainingLayout:
                          allowed=", ".join(map(str, ok)))
     if gpus % p.pp:
         raise InputError(f"{gpus} GPUs do not split into {p.pp} pipeline stages",
-                         field="parallel.pp", allowed=_divisors(gpus))
+                         field="parallel.pp", allowed=divisors(gpus))
     stage_gpus = gpus // p.pp
     if stage_gpus % (p.ep * p.moe_tp):
         raise InputError(f"a pipeline stage of {stage_gpus} GPUs is not a whole number of "

@@ -18,6 +18,7 @@ from typing import Annotated, Literal, Union
 from pydantic import ConfigDict, Field, ValidationError
 
 from moesim.config.parallel import KernelName
+from moesim.config.training import Precision, Schedule
 from moesim.errors import InputError
 from moesim.inputs import read_yaml
 from moesim.validation import StrictModel, field_names, input_error
@@ -94,7 +95,7 @@ class TrainingStep(StrictModel):
 
     kind: Literal["training-step"]
     model: str  # model preset
-    precision: Literal["bf16", "fp8", "fp8-block", "mxfp8", "nvfp4"]
+    precision: Precision
     global_batch: Positive
     micro_batch: Positive
     seq_len: Positive
@@ -104,7 +105,7 @@ class TrainingStep(StrictModel):
     cp: Positive = 1
     ep: Positive
     moe_tp: Positive = 1
-    schedule: Literal["1f1b", "interleaved", "dualpipe", "zero-bubble"] | None = None
+    schedule: Schedule | None = None
     routing: Literal["uniform"] = "uniform"
     dispatch_kernel: KernelName = "nccl-alltoall"
     overrides: list[str] = Field(default_factory=list)

@@ -27,7 +27,7 @@ import numpy as np
 
 from moesim.comm.collectives import strided_collective_time
 from moesim.config.scenario import Scenario
-from moesim.config.training_layout import TrainingLayout
+from moesim.config.training_layout import TrainingLayout, training_precision
 from moesim.cost.elementwise import weight_quantize_seconds
 
 BF16, FP32 = 2, 4
@@ -78,8 +78,7 @@ def step_tail(scenario: Scenario, topology, layout: TrainingLayout) -> StepTail:
     # expert-data-parallel ones.
     groups = (("dense", layout.dp * layout.cp, layout.tp),
               ("routed", layout.expert_dp, layout.ep * scenario.parallel.moe_tp))
-    precision = t.precision or {"fp4": "nvfp4"}.get(scenario.model.gemm_dtype,
-                                                      scenario.model.gemm_dtype)
+    precision = training_precision(scenario)
     reduce_s, gather_s, optimizer_s, grad_bytes = [], [], [], []
     for params in stage_params(scenario, layout):
         red = gat = updated = sent = 0.0

@@ -14,16 +14,11 @@ import dataclasses
 import numpy as np
 
 from moesim.config.scenario import Scenario
-from moesim.config.training_layout import training_layout
+from moesim.config.training_layout import training_layout, training_precision
 from moesim.cost import compute
 from moesim.output.result import SimResult
 from moesim.output.summary import check_summary
-from moesim.pipeline.whole_step import (
-    WholeStep,
-    micro_batch_scenario,
-    training_precision,
-    whole_step,
-)
+from moesim.pipeline.whole_step import WholeStep, micro_batch_scenario, whole_step
 
 # Per-GPU seconds of the micro-batch summary that scale to the step.
 PHASE_KEYS = ("dispatch_time_s", "combine_time_s", "expert_compute_time_s",

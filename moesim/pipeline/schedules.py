@@ -28,13 +28,13 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass
 from numbers import Integral
-from typing import Literal
+from typing import Literal, get_args
 
+from moesim.config.training import Schedule
 from moesim.config.training_layout import check_schedule
 from moesim.errors import InputError
 
-Schedule = Literal["1f1b", "interleaved", "dualpipe", "zero-bubble"]
-SCHEDULES: tuple[str, ...] = ("1f1b", "interleaved", "dualpipe", "zero-bubble")
+SCHEDULES: tuple[str, ...] = get_args(Schedule)
 WorkKind = Literal["F", "B", "W", "BW", "FB"]
 
 

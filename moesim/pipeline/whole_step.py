@@ -24,7 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from moesim.config.scenario import Scenario
-from moesim.config.training_layout import TrainingLayout, chunk_layers, training_layout
+from moesim.config.training_layout import (
+    TrainingLayout,
+    chunk_layers,
+    training_layout,
+    training_precision,
+)
 from moesim.cost import compute
 from moesim.cost.sequence_parallel import layer_comm
 from moesim.cost.training import mean_attention_seconds
@@ -120,12 +125,6 @@ def layer_parts(scenario: Scenario, inner: Scenario, layout: TrainingLayout, spa
 # The kernels between the GEMMs whose outputs selective recomputation drops.
 SELECTIVE_KERNELS = ("rmsnorm", "mla_latent_norm", "swiglu_routed", "swiglu_shared",
                      "swiglu_dense")
-
-
-def training_precision(scenario: Scenario) -> str:
-    """The step's precision: ``training.precision``, else the model's GEMM type's."""
-    gemm = scenario.model.gemm_dtype
-    return scenario.training.precision or {"fp4": "nvfp4"}.get(gemm, gemm)
 
 
 def mla_up_projection_seconds(m, hw, *, tokens: int) -> float:
