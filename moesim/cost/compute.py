@@ -416,9 +416,11 @@ def lm_head_seconds(m: ModelShape, hw: HardwareSpec, *, tokens: int, backward: b
     return seconds if grad is None else share * seconds
 
 
-def model_flops_per_token(m: ModelShape, seq_len: int) -> float:
+def model_flops_per_token(m: ModelShape, seq_len: int, *, mtp: bool = False) -> float:
     """Useful forward FLOPs of one token through the whole model (no padding); the
-    model's sliding-window layers attend within their window."""
+    model's sliding-window layers attend within their window. ``mtp``: the
+    ``mtp_layers`` MTP modules too, each a full-attention MoE layer, its ``2h x h``
+    projection and one more LM head pass (DeepSeek-V3 report sec. 2.2)."""
     params = attention_projection_params(m)
     attn = 2.0 * params + attention_core_flops(m, 1, seq_len)
     layers = m.num_layers * attn
@@ -429,4 +431,6 @@ def model_flops_per_token(m: ModelShape, seq_len: int) -> float:
     dense = ffn_flops(m, 1, m.dense_intermediate_size)
     moe = ffn_flops(m, 1, m.moe_intermediate_size) * (m.top_k + m.shared_experts)
     head = 2.0 * m.hidden_size * m.vocab_size
-    return layers + m.first_dense_layers * dense + m.moe_layers * moe + head
+    modules = (m.mtp_layers * (attn + moe + 2.0 * 2 * m.hidden_size * m.hidden_size + head)
+               if mtp else 0.0)
+    return layers + m.first_dense_layers * dense + m.moe_layers * moe + head + modules

@@ -215,24 +215,20 @@ def fixed_costs(scenario: Scenario, topology) -> dict[str, tuple[float, np.ndarr
 
 
 def expert_seconds(scenario: Scenario, topology, tokens_ge: np.ndarray,
-                   received_g: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                   received_g: np.ndarray, *, backward: bool = False
+                   ) -> tuple[np.ndarray, np.ndarray]:
     """(grouped GEMM seconds, MoE-TP all-reduce seconds), each [gpus], of one MoE layer
     and micro-batch from the assignments ``tokens_ge`` [gpus, local experts] and the
-    tokens ``received_g`` [gpus] each GPU's dispatch delivered."""
+    tokens ``received_g`` [gpus] each GPU's dispatch delivered (``backward``: its
+    backward pass).
+
+    With ``moe_tp`` > 1 every GPU of a MoE-TP group computes its ``1 / moe_tp`` of the
+    width for the tokens the group received, then the group all-reduces the outputs
+    (the input gradients in the backward)."""
     m, hw, p = scenario.model, scenario.hardware, scenario.parallel
     if p.moe_tp == 1:
-        return compute.grouped_expert_seconds(m, hw, tokens_ge), np.zeros(p.total_gpus)
-    return sharded_expert_seconds(scenario, topology, tokens_ge, received_g)
-
-
-def sharded_expert_seconds(scenario: Scenario, topology, tokens_ge: np.ndarray,
-                           received_g: np.ndarray, *, backward: bool = False
-                           ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`expert_seconds` with ``moe_tp`` > 1: every GPU of a MoE-TP group computes
-    its ``1 / moe_tp`` of the width for the tokens the group received, then the group
-    all-reduces the outputs (``backward``: the input gradients, after the backward
-    GEMMs)."""
-    m, hw, p = scenario.model, scenario.hardware, scenario.parallel
+        return (compute.grouped_expert_seconds(m, hw, tokens_ge, backward=backward),
+                np.zeros(p.total_gpus))
     shard = dataclasses.replace(m, moe_intermediate_size=m.moe_intermediate_size // p.moe_tp)
     instances = p.total_gpus // (p.ep * p.moe_tp)
 

@@ -3,11 +3,9 @@ forward pass (``mode: inference``) of ``parallel.tokens_per_gpu`` tokens per GPU
 
 from __future__ import annotations
 
-import numpy as np
-
 from moesim.config.scenario import Scenario
 from moesim.cost import compute
-from moesim.cost.serving import sharded_expert_seconds
+from moesim.cost.serving import expert_seconds
 from moesim.cost.step import Cost, StepCosts
 
 
@@ -51,14 +49,8 @@ class TrainingCosts(StepCosts):
         return fixed
 
     def experts(self, tokens_ge, received_g, *, backward):
-        m, hw = self.scenario.model, self.scenario.hardware
-        if self.scenario.parallel.moe_tp == 1:
-            seconds_g = compute.grouped_expert_seconds(m, hw, tokens_ge, backward=backward)
-            return seconds_g, np.zeros_like(seconds_g)
-        # Expert tensor parallelism: the experts' widths split over moe_tp GPUs, whose
-        # outputs (forward) and input gradients (backward) are summed over the group.
-        return sharded_expert_seconds(self.scenario, self.topology, tokens_ge, received_g,
-                                      backward=backward)
+        return expert_seconds(self.scenario, self.topology, tokens_ge, received_g,
+                              backward=backward)
 
     def step_tokens(self) -> int:
         p = self.scenario.parallel

@@ -34,16 +34,8 @@ def model_flops(scenario: Scenario, tokens: int) -> float:
     gradients (3x forward) of every layer's GEMMs over the routed top-k and shared
     experts, causal attention, the LM head, and each MTP module (one more MoE layer and
     head pass); no recomputation, no padding (docs/training.md)."""
-    m, seq = scenario.model, training_layout(scenario).seq_len
-    per_token = compute.model_flops_per_token(m, seq)
-    if m.mtp_layers:
-        layer = (2.0 * compute.attention_projection_params(m)
-                 + compute.attention_core_flops(m, 1, seq)
-                 + compute.ffn_flops(m, 1, m.moe_intermediate_size) * (m.top_k + m.shared_experts)
-                 + 2.0 * 2 * m.hidden_size * m.hidden_size  # the MTP projection
-                 + 2.0 * m.hidden_size * m.vocab_size)
-        per_token += m.mtp_layers * layer
-    return 3.0 * per_token * tokens
+    seq = training_layout(scenario).seq_len
+    return 3.0 * compute.model_flops_per_token(scenario.model, seq, mtp=True) * tokens
 
 
 def layer_breakdown(step: WholeStep, spans, layer: int) -> dict[str, float]:
