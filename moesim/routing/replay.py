@@ -62,24 +62,6 @@ def route_scores(scenario: Scenario, scores_te: np.ndarray, *, gpus_per_domain: 
     return routed.ids_tk, routed.weights_tk
 
 
-def route_logical(scenario: Scenario, trace, layer: int, tokens: np.ndarray,
-                  gpus_per_domain: int, bias_e: np.ndarray | None = None,
-                  scores_te: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Logical expert ids and gate weights ``[T, K]`` of trace ``tokens`` of ``layer``:
-    the captured choices, or the stored scores re-routed (with ``bias_e``, else the
-    trace's own selection bias; ``scores_te``: those scores when already gathered)."""
-    if scenario.routing.replay == "reroute":
-        if bias_e is None and trace.bias is not None:
-            bias_e = trace.bias[layer]
-        if scores_te is None:
-            routed = route_rows_of(scenario, trace.scores[layer], rows=tokens,
-                                   gpus_per_domain=gpus_per_domain, bias_e=bias_e)
-            return routed.ids_tk, routed.weights_tk
-        return route_scores(scenario, scores_te, gpus_per_domain=gpus_per_domain,
-                            bias_e=bias_e)
-    return trace.expert_ids[layer, tokens].astype(np.int64), trace.weights[layer, tokens]
-
-
 def route_tokens(scenario: Scenario, trace, layer: int, tokens: np.ndarray, *,
                  tokens_per_rank: int, gpus_per_domain: int, seed: int,
                  placement: LayerPlacement | None = None,
