@@ -94,12 +94,10 @@ def check_mode(scenario: Scenario) -> None:
         raise InputError(
             f"expert tensor parallelism is modelled in training and serving, not mode {mode}",
             field="parallel.moe_tp", allowed="1")
-    if p.moe_tp != 1 and (p.total_gpus % (p.ep * p.moe_tp)
-                          or scenario.model.moe_intermediate_size % p.moe_tp):
-        raise InputError(
-            f"moe_tp {p.moe_tp} needs whole MoE instances of ep x moe_tp GPUs and an "
-            f"expert width ({scenario.model.moe_intermediate_size}) it divides",
-            field="parallel.moe_tp", allowed="divisors of both")
+    width = scenario.model.moe_intermediate_size
+    if width % p.moe_tp:  # whole MoE instances: training_layout's check
+        raise InputError(f"moe_tp {p.moe_tp} does not divide the expert width {width}",
+                         field="parallel.moe_tp", allowed=divisors(width))
 
 
 def _attention_tp_ok(scenario: Scenario, tp: int) -> bool:
