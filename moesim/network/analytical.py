@@ -22,6 +22,8 @@ class ExchangeTime:
 
 
 def _seconds(nbytes: np.ndarray, bandwidth) -> np.ndarray:
+    if np.ndim(bandwidth) == 0 and bandwidth > 0:  # one rate for every link: most calls
+        return nbytes / bandwidth
     bandwidth = np.broadcast_to(np.asarray(bandwidth, dtype=float), nbytes.shape)
     assert not (nbytes[bandwidth <= 0] > 0).any(), "traffic routed over a missing link"
     return np.divide(nbytes, bandwidth, out=np.zeros_like(nbytes), where=bandwidth > 0)

@@ -17,6 +17,13 @@ def plain_records(frame: pd.DataFrame) -> list[dict]:
             for row in frame.to_dict(orient="records")]
 
 
+def _categorical(names_o: np.ndarray, index: np.ndarray) -> pd.Categorical:
+    """``pd.Categorical(names_o[index])``, built from codes: factorizing one string per
+    (op, GPU) took most of a sweep point's table time."""
+    categories, codes_o = np.unique(names_o, return_inverse=True)
+    return pd.Categorical.from_codes(codes_o[index], categories=categories)
+
+
 def spans_table(ops: list[Op], timeline: Timeline, *, ep: int) -> pd.DataFrame:
     n_ops, n_gpus = timeline.start_og.shape
     op_index = np.repeat(np.arange(n_ops), n_gpus)
@@ -28,8 +35,8 @@ def spans_table(ops: list[Op], timeline: Timeline, *, ep: int) -> pd.DataFrame:
         "ep_group": (gpu // ep).astype(np.int32),
         "layer": col["layer"][op_index].astype(np.int32),
         "microbatch": col["microbatch"][op_index].astype(np.int16),
-        "phase": pd.Categorical(col["phase"][op_index]),
-        "stream": pd.Categorical(col["stream"][op_index]),
+        "phase": _categorical(col["phase"], op_index),
+        "stream": _categorical(col["stream"], op_index),
         "backward": col["backward"][op_index],
         "arrive_s": timeline.arrive_og.ravel(),
         "start_s": timeline.start_og.ravel(),

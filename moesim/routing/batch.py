@@ -62,65 +62,23 @@ def expert_loads(ids: np.ndarray, n_experts: int) -> np.ndarray:
     return np.bincount(ids[ids >= 0], minlength=n_experts)
 
 
-def _first_seen(units_kt: np.ndarray, skip: int) -> np.ndarray:
-    """Slot-major units with repeats within a token (column) replaced by ``skip``."""
-    out_kt = units_kt.copy()
-    for k in range(1, units_kt.shape[0]):
-        repeat = np.zeros(units_kt.shape[1], dtype=bool)
-        for earlier in range(k):
-            repeat |= units_kt[earlier] == units_kt[k]
-        out_kt[k][repeat] = skip
-    return out_kt
-
-
-def _count_by_source(unit_kt: np.ndarray, n_src: int, n_units: int) -> np.ndarray:
-    """[n_src, n_units] counts of slot-major ``unit_kt`` entries per source (``n_units``
-    marks entries to skip).
-
-    Tokens are stored source by source, so one small bincount per source and slot
-    beats one big bincount over computed (source, unit) keys.
-    """
-    blocks = unit_kt.reshape(unit_kt.shape[0], n_src, -1)
-    counts = np.zeros((n_src, n_units + 1), dtype=np.int64)
-    for s in range(n_src):
-        for k in range(blocks.shape[0]):
-            counts[s] += np.bincount(blocks[k, s], minlength=n_units + 1)
-    return counts[:, :n_units]
-
-
 def count_batch(
     batch: RoutedBatch, *, n_experts: int, ep: int, gpus_per_node: int
 ) -> BatchCounts:
     """Count assignments and per-destination reach of ``batch`` (see BatchCounts);
     ``n_experts`` is the number of slots its ids index (the experts, without replicas)."""
-    # Slot-major copies: every per-slot operation then runs over contiguous memory.
-    ids_kt = np.ascontiguousarray(batch.ids_tk.T)
-    kept_kt = np.ascontiguousarray(batch.kept_tk.T)
-    experts_per_gpu = n_experts // ep
-    n_nodes = ep // gpus_per_node
+    from moesim.routing.kernels import count_by_source
 
-    all_kept = bool(kept_kt.all())
-    if all_kept:
-        kept_e = _count_by_source(ids_kt, ep, n_experts).sum(axis=0)
-        dropped_e = np.zeros(n_experts, dtype=np.int64)
-    else:
-        kept_e = np.bincount(ids_kt[kept_kt], minlength=n_experts)
-        dropped_e = expert_loads(ids_kt[~kept_kt], n_experts)
-
-    gpu_kt = ids_kt // experts_per_gpu
-    if not all_kept:
-        gpu_kt[~kept_kt] = ep  # dropped: the skipped bin
-    pairs_sg = _count_by_source(gpu_kt, ep, ep)
-    if experts_per_gpu == 1:  # a token's experts are distinct, so are its GPUs
-        reach_gpu_sg = pairs_sg
-    else:
-        reach_gpu_sg = _count_by_source(_first_seen(gpu_kt, ep), ep, ep)
-    if n_nodes == 1:
-        reach_node_sn = kept_kt.any(axis=0).reshape(ep, -1).sum(axis=1)[:, None]
-    else:
-        # The dropped marker ep maps to node n_nodes, the skipped bin.
-        node_kt = gpu_kt // gpus_per_node
-        reach_node_sn = _count_by_source(_first_seen(node_kt, n_nodes), ep, n_nodes)
+    n_tokens = batch.ids_tk.shape[0]
+    assert n_tokens % ep == 0 and n_experts % ep == 0
+    n_nodes = max(ep // gpus_per_node, 1)
+    gpu_s = np.arange(n_experts) // (n_experts // ep)
+    node_g = np.minimum(np.arange(ep) // gpus_per_node, n_nodes - 1)
+    kept_tk = (np.zeros((0, 0), dtype=bool) if batch.kept_tk.all()
+               else np.ascontiguousarray(batch.kept_tk))
+    kept_ss, dropped_ss, pairs_sg, reach_gpu_sg, reach_node_sn, unknown_s = count_by_source(
+        np.ascontiguousarray(batch.ids_tk), kept_tk, n_tokens // ep, gpu_s, node_g)
+    kept_e, dropped_e = kept_ss.sum(axis=0), dropped_ss.sum(axis=0)
     kept_s = kept_e
     if batch.phy2log_s is not None:  # physical slots -> their logical experts
         experts = int(batch.phy2log_s.max()) + 1
@@ -136,11 +94,11 @@ def count_batch(
         weight_routed=weight_routed,
         weight_dropped=weight_dropped,
         score_mass=batch.score_mass,
-        routed=int(ids_kt.size),
+        routed=int(batch.ids_tk.size),
         kept_e=kept_e,
         dropped_e=dropped_e,
         kept_s=kept_s,
-        dropped_unknown=int((ids_kt < 0).sum()),
+        dropped_unknown=int(unknown_s.sum()),
         pairs_sg=pairs_sg,
         reach_gpu_sg=reach_gpu_sg,
         reach_node_sn=reach_node_sn,

@@ -25,6 +25,13 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def _share_cores(threads: int) -> None:
+    """Worker start: the compiled routing loops (numba) use ``threads`` threads, so that
+    the workers together do not ask for more threads than there are cores. Results do
+    not depend on the number of threads."""
+    os.environ["NUMBA_NUM_THREADS"] = str(threads)
+
+
 class LocalExecutor:
     """``workers`` processes on this machine (1: everything in this process)."""
 
@@ -39,7 +46,9 @@ class LocalExecutor:
 
             # forkserver: workers start clean, without the parent's threads or files.
             self._pool = ProcessPoolExecutor(
-                max_workers=self.workers, mp_context=multiprocessing.get_context("forkserver"))
+                max_workers=self.workers, mp_context=multiprocessing.get_context("forkserver"),
+                initializer=_share_cores,
+                initargs=(max(1, default_workers() // self.workers),))
         return self
 
     def __exit__(self, *exc) -> None:

@@ -9,6 +9,7 @@ drops the lowest-priority surplus (docs/routing.md section 2.5).
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -171,6 +172,71 @@ def test_sampling_property_over_small_shapes(n_units, unit_size, data):
     assert_distinct_rows(ids)
     if max_units:
         assert units_per_token(ids, unit_size).max() <= max_units
+
+
+def gate_law(popularity_e: np.ndarray, *, top_k: int, unit_size: int, max_units: int
+             ) -> dict[tuple[int, ...], float]:
+    """The exact law of the expert set a group-limited gate picks on Gumbel-perturbed
+    log-popularity, by enumeration: the scores' order is a Plackett-Luce permutation
+    (each next expert in proportion to its popularity among the rest); the gate keeps
+    the ``max_units`` units whose best expert ranks highest and their ``top_k`` best."""
+    law: dict[tuple[int, ...], float] = {}
+    for order in itertools.permutations(range(popularity_e.shape[0])):
+        chance, left = 1.0, 1.0
+        for e in order:
+            chance *= popularity_e[e] / left
+            left -= popularity_e[e]
+        units = list(dict.fromkeys(e // unit_size for e in order))[:max_units]
+        picked = tuple(sorted([e for e in order if e // unit_size in units][:top_k]))
+        law[picked] = law.get(picked, 0.0) + chance
+    return law
+
+
+@pytest.mark.parametrize(("n_experts", "unit_size", "max_units", "top_k", "exponent"), [
+    (6, 2, 2, 3, 1.0),   # 3 units of 2, at most 2 of them: the limit binds
+    (6, 2, 3, 3, 1.5),   # no limit in effect
+    (6, 3, 1, 2, 0.0),   # one unit of 3, uniform
+    (7, 7, 1, 3, 2.0),   # no units: plain sequential sampling, strong skew
+])
+def test_draws_follow_the_gates_exact_law(n_experts, unit_size, max_units, top_k, exponent):
+    """Over 200,000 tokens the picked sets match the gate's enumerated law: a
+    chi-square test (fixed seed) with p > 0.001, and every set's frequency within 5
+    standard deviations of its chance."""
+    from scipy.stats import chisquare
+
+    popularity = (zipf(n_experts, exponent, seed=3) if exponent else uniform(n_experts))
+    law = gate_law(popularity, top_k=top_k, unit_size=unit_size, max_units=max_units)
+    n_tokens = 200_000
+    ids = sample_topk(popularity, n_tokens=n_tokens, top_k=top_k,
+                      rng=np.random.default_rng(17), unit_size=unit_size,
+                      max_units=max_units)
+    sets, seen = np.unique(np.sort(ids, axis=1), axis=0, return_counts=True)
+    observed = dict(zip(map(tuple, sets.tolist()), seen.tolist(), strict=True))
+    assert set(observed) <= set(law), "a set the gate can never pick"
+    keys = sorted(law)
+    expected = np.array([law[k] for k in keys]) * n_tokens
+    counts = np.array([observed.get(k, 0) for k in keys])
+    assert abs(expected.sum() - n_tokens) < 1e-6 * n_tokens
+    assert chisquare(counts, expected).pvalue > 1e-3
+    assert (np.abs(counts - expected) <= 5 * np.sqrt(expected) + 1).all()
+
+
+def test_draws_do_not_depend_on_the_number_of_threads():
+    """Every token has its own random stream: one thread or two give the same ids."""
+    import numba
+
+    popularity = zipf(64, 1.0)
+    before = numba.get_num_threads()
+    try:
+        draws = []
+        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+            numba.set_num_threads(threads)
+            draws.append(sample_topk(popularity, n_tokens=20_000, top_k=6,
+                                     rng=np.random.default_rng(9), unit_size=8,
+                                     max_units=2))
+    finally:
+        numba.set_num_threads(before)
+    assert np.array_equal(*draws)
 
 
 # ---------------------------------------------------------------- capacity dropping

@@ -1,0 +1,226 @@
+"""Compiled per-token loops (numba): the synthetic top-K draw and the counts by source.
+
+Both are single passes over the tokens with no per-slot temporaries, which is what
+numpy cannot do here: a vectorised draw needs a redraw pass per slot over every earlier
+slot, and counting the destinations a token reaches once needs a repeat mask per slot.
+
+Randomness is counter-based: token ``t`` of a draw with seed ``s`` uses its own
+SplitMix64 stream started at ``mix(s ^ mix(t))``, so the result is the same for any
+number of threads and any chunking of the tokens. Compiled code is cached beside the
+module (numba's ``cache=True``), so a process pays the compilation once per machine.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+_GAMMA = np.uint64(0x9E3779B97F4A7C15)
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_S30, _S27, _S31, _S11 = np.uint64(30), np.uint64(27), np.uint64(31), np.uint64(11)
+_TO_UNIT = 1.0 / 9007199254740992.0  # 2^-53
+_BELOW_ONE = 1.0 - 2.0**-53
+# Rejections before a slot is drawn exactly over the experts still allowed: only a
+# popularity where a few experts hold nearly all the mass gets there.
+_MAX_REJECTIONS = 64
+_CHUNK = 4096  # tokens per parallel work item (each allocates its scratch once)
+
+
+@njit(inline="always")
+def _mix(z):
+    z = (z ^ (z >> _S30)) * _M1
+    z = (z ^ (z >> _S27)) * _M2
+    return z ^ (z >> _S31)
+
+
+@njit(inline="always")
+def _uniform(state):
+    """The next state and a uniform float in [0, 1) (53 bits) from it."""
+    state = state + _GAMMA
+    return state, float(_mix(state) >> _S11) * _TO_UNIT
+
+
+@njit(inline="always")
+def _alias(prob, alias, u):
+    """One category of an alias table from one uniform (both loads made, so that the
+    choice compiles to a select rather than a branch the CPU mispredicts)."""
+    j = u * prob.shape[0]
+    i = min(int(j), prob.shape[0] - 1)
+    other = alias[i]
+    return i if j - i < prob[i] else other
+
+
+def alias_table(weight_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Walker's alias table (``prob_x`` float64, ``alias_x`` int64) of ``weight_x`` [X]
+    (non-negative, positive sum): category ``i`` with chance ``prob_x[i]``, else
+    ``alias_x[i]``, after a uniform pick of ``i``."""
+    n = weight_x.shape[0]
+    scaled = weight_x * (n / weight_x.sum())
+    prob, alias = np.ones(n), np.arange(n)
+    small = [i for i in range(n) if scaled[i] < 1.0]
+    large = [i for i in range(n) if scaled[i] >= 1.0]
+    while small and large:
+        s, g = small.pop(), large.pop()
+        prob[s], alias[s] = scaled[s], g
+        scaled[g] -= 1.0 - scaled[s]
+        (small if scaled[g] < 1.0 else large).append(g)
+    return prob, alias  # leftovers keep prob 1: only rounding put them in either list
+
+
+@njit
+def _exact_pick(p_e, taken_e, units_m, n_units, size, u):
+    """One expert in proportion to ``p_e`` among those not ``taken_e`` in the units
+    ``units_m[:n_units]`` of ``size`` experts; uniform when their popularity underflowed
+    to zero."""
+    total, count = 0.0, 0
+    for b in range(n_units):
+        for e in range(units_m[b] * size, (units_m[b] + 1) * size):
+            if not taken_e[e]:
+                total += p_e[e]
+                count += 1
+    target = u * total if total > 0 else u * count
+    last = -1
+    for b in range(n_units):
+        for e in range(units_m[b] * size, (units_m[b] + 1) * size):
+            if not taken_e[e]:
+                last = e
+                target -= p_e[e] if total > 0 else 1.0
+                if target < 0:
+                    return e
+    return last  # rounding left the target at the end
+
+
+@njit(inline="always")
+def _free_pick(p_e, prob_e, alias_e, taken_e, every_unit, state):
+    """The next expert of the token's sequence: by popularity among those not taken."""
+    for _ in range(_MAX_REJECTIONS):
+        state, u = _uniform(state)
+        cand = _alias(prob_e, alias_e, u)
+        if not taken_e[cand]:
+            return state, cand
+    state, u = _uniform(state)
+    return state, _exact_pick(p_e, taken_e, every_unit, 1, p_e.shape[0], u)
+
+
+@njit(inline="always")
+def _unit_pick(p_e, prob_ux, alias_ux, cum_m, taken_e, units_m, limit, state):
+    """The next expert in the token's ``limit`` units (cumulative masses ``cum_m``), by
+    popularity among those not taken: one uniform picks the unit and, rescaled, the
+    expert in it."""
+    size = prob_ux.shape[1]
+    for _ in range(_MAX_REJECTIONS):
+        state, u = _uniform(state)
+        target, j = u * cum_m[limit - 1], 0
+        for i in range(limit - 1):  # a count, not a search: no branch to mispredict
+            j += target >= cum_m[i]
+        lo = cum_m[j - 1] if j else 0.0
+        width = cum_m[j] - lo
+        v = min((target - lo) / width, _BELOW_ONE) if width > 0 else 0.0
+        unit = units_m[j]
+        cand = unit * size + _alias(prob_ux[unit], alias_ux[unit], v)
+        if not taken_e[cand]:
+            return state, cand
+    state, u = _uniform(state)
+    return state, _exact_pick(p_e, taken_e, units_m, limit, size, u)
+
+
+@njit(parallel=True, cache=True)
+def draw_topk(p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, n_tokens, top_k, max_units,
+              seed):
+    """``ids_tk`` [n_tokens, top_k] int16: per token, the experts of a group-limited
+    top-K on Gumbel-perturbed log-popularity (see ``moesim.routing.synthetic``).
+
+    ``p_e`` [E] is the popularity, ``(prob_e, alias_e)`` its alias table and
+    ``(prob_ux, alias_ux)`` [U, E/U] those of each unit's experts, ``mass_u`` [U] the
+    units' popularity. A token reaches at most ``max_units`` units (``max_units >= U``:
+    no limit).
+    """
+    n_experts = p_e.shape[0]
+    n_units, size = prob_ux.shape
+    unit_e = np.arange(n_experts) // size  # a table: integer division is slow
+    limit = min(max_units, n_units)
+    ids_tk = np.empty((n_tokens, top_k), dtype=np.int16)
+    n_chunks = (n_tokens + _CHUNK - 1) // _CHUNK
+    for c in prange(n_chunks):
+        taken_e = np.zeros(n_experts, dtype=np.bool_)
+        seen_u = np.zeros(n_units, dtype=np.bool_)
+        units_m = np.zeros(limit + 1, dtype=np.int64)
+        cum_m = np.zeros(limit)
+        every_unit = np.zeros(1, dtype=np.int64)  # all experts as one unit
+        for t in range(c * _CHUNK, min(n_tokens, (c + 1) * _CHUNK)):
+            state = _mix(np.uint64(seed) ^ _mix(np.uint64(t)))
+            slot = n_seen = 0
+            while slot < top_k:
+                state, e = _free_pick(p_e, prob_e, alias_e, taken_e, every_unit, state)
+                if limit < n_units:
+                    unit = unit_e[e]
+                    new = not seen_u[unit]
+                    if new and n_seen == limit:
+                        break  # an (M+1)-th unit: skipped, the rest stays in the M units
+                    units_m[n_seen] = unit  # overwritten unless new
+                    seen_u[unit] = True
+                    n_seen += new
+                taken_e[e] = True
+                ids_tk[t, slot] = e
+                slot += 1
+            if slot < top_k:
+                mass = 0.0
+                for j in range(limit):
+                    mass += mass_u[units_m[j]]
+                    cum_m[j] = mass
+            while slot < top_k:
+                state, e = _unit_pick(p_e, prob_ux, alias_ux, cum_m, taken_e, units_m, limit,
+                                      state)
+                taken_e[e] = True
+                ids_tk[t, slot] = e
+                slot += 1
+            for k in range(top_k):
+                taken_e[ids_tk[t, k]] = False
+            for j in range(n_seen):
+                seen_u[units_m[j]] = False
+    return ids_tk
+
+
+@njit(parallel=True, cache=True)
+def count_by_source(ids_tk, kept_tk, tokens_per_rank, gpu_s, node_g):
+    """Per source rank ``s`` of an EP group (token ``t`` on rank ``t // tokens_per_rank``),
+    with slot ``x`` on GPU ``gpu_s[x]`` and GPU ``g`` in node ``node_g[g]``:
+
+    * ``kept_ss``/``dropped_ss`` [ep, slots]: its assignments kept and dropped per slot,
+    * ``pairs_sg`` [ep, ep]: its kept assignments to each GPU,
+    * ``reach_gpu_sg`` [ep, ep] and ``reach_node_sn`` [ep, nodes]: its tokens with at
+      least one kept assignment on each GPU and node,
+    * ``unknown_s`` [ep]: its slots of id ``-1`` (dropped before a trace was recorded).
+
+    ``kept_tk`` [T, K] bool, or shape [0, 0] when every assignment is kept.
+    """
+    all_kept = kept_tk.shape[0] == 0
+    top_k = ids_tk.shape[1]
+    ep, n_slots, n_nodes = node_g.shape[0], gpu_s.shape[0], node_g.max() + 1
+    kept_ss = np.zeros((ep, n_slots), dtype=np.int64)
+    dropped_ss = np.zeros((ep, n_slots), dtype=np.int64)
+    pairs_sg = np.zeros((ep, ep), dtype=np.int64)
+    reach_gpu_sg = np.zeros((ep, ep), dtype=np.int64)
+    reach_node_sn = np.zeros((ep, n_nodes), dtype=np.int64)
+    unknown_s = np.zeros(ep, dtype=np.int64)
+    for s in prange(ep):
+        gpu_last = np.full(ep, -1, dtype=np.int64)  # the last token counted on each GPU
+        node_last = np.full(n_nodes, -1, dtype=np.int64)
+        for t in range(s * tokens_per_rank, (s + 1) * tokens_per_rank):
+            for k in range(top_k):
+                x = np.int64(ids_tk[t, k])
+                if x < 0:
+                    unknown_s[s] += 1
+                elif not all_kept and not kept_tk[t, k]:
+                    dropped_ss[s, x] += 1
+                else:
+                    kept_ss[s, x] += 1
+                    g = gpu_s[x]
+                    pairs_sg[s, g] += 1
+                    reach_gpu_sg[s, g] += gpu_last[g] != t
+                    gpu_last[g] = t
+                    n = node_g[g]
+                    reach_node_sn[s, n] += node_last[n] != t
+                    node_last[n] = t
+    return kept_ss, dropped_ss, pairs_sg, reach_gpu_sg, reach_node_sn, unknown_s
