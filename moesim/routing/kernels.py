@@ -8,12 +8,30 @@ Randomness is counter-based: token ``t`` of a draw with seed ``s`` uses its own
 SplitMix64 stream started at ``mix(s ^ mix(t))``, so the result is the same for any
 number of threads and any chunking of the tokens. Compiled code is cached beside the
 module (numba's ``cache=True``), so a process pays the compilation once per machine.
+
+The loops are ``prange`` loops (numba's threads; ``NUMBA_NUM_THREADS`` caps them):
+written as plain loops on Python threads they ran 2.6 times slower per token, since
+numba compiles a parallel loop's body with its arrays known not to overlap. Numba's
+built-in thread pool (``workqueue``, used here unless ``NUMBA_THREADING_LAYER`` says
+otherwise: the OpenMP one found on some machines hangs in forked children) aborts the
+process when two Python threads enter it at once (a threaded Dask worker, say), so
+every call goes through one lock: calls from several threads take turns, each using
+all the cores.
 """
 
 from __future__ import annotations
 
+import os
+import threading
+
+import numba
 import numpy as np
 from numba import njit, prange
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    numba.config.THREADING_LAYER = "workqueue"
+
+_ENTRY = threading.Lock()  # one parallel region at a time in this process
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -125,9 +143,21 @@ def _unit_pick(p_e, prob_ux, alias_ux, cum_m, taken_e, units_m, limit, state):
     return state, _exact_pick(p_e, taken_e, units_m, limit, size, u)
 
 
+def draw_topk(*args) -> np.ndarray:
+    """:func:`_draw_topk`, one call at a time in this process."""
+    with _ENTRY:
+        return _draw_topk(*args)
+
+
+def count_by_source(*args) -> tuple[np.ndarray, ...]:
+    """:func:`_count_by_source`, one call at a time in this process."""
+    with _ENTRY:
+        return _count_by_source(*args)
+
+
 @njit(parallel=True, cache=True)
-def draw_topk(p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, n_tokens, top_k, max_units,
-              seed):
+def _draw_topk(p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, n_tokens, top_k, max_units,
+               seed):
     """``ids_tk`` [n_tokens, top_k] int16: per token, the experts of a group-limited
     top-K on Gumbel-perturbed log-popularity (see ``moesim.routing.synthetic``).
 
@@ -183,7 +213,7 @@ def draw_topk(p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, n_tokens, top_k, 
 
 
 @njit(parallel=True, cache=True)
-def count_by_source(ids_tk, kept_tk, tokens_per_rank, gpu_s, node_g):
+def _count_by_source(ids_tk, kept_tk, tokens_per_rank, gpu_s, node_g):
     """Per source rank ``s`` of an EP group (token ``t`` on rank ``t // tokens_per_rank``),
     with slot ``x`` on GPU ``gpu_s[x]`` and GPU ``g`` in node ``node_g[g]``:
 

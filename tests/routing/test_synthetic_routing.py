@@ -222,21 +222,35 @@ def test_draws_follow_the_gates_exact_law(n_experts, unit_size, max_units, top_k
 
 
 def test_draws_do_not_depend_on_the_number_of_threads():
-    """Every token has its own random stream: one thread or two give the same ids."""
+    """Every token has its own random stream: one thread or all give the same ids."""
     import numba
 
     popularity = zipf(64, 1.0)
     before = numba.get_num_threads()
+    draws = []
     try:
-        draws = []
-        for threads in (1, min(2, numba.config.NUMBA_NUM_THREADS)):
+        for threads in (1, numba.config.NUMBA_NUM_THREADS):
             numba.set_num_threads(threads)
-            draws.append(sample_topk(popularity, n_tokens=20_000, top_k=6,
+            draws.append(sample_topk(popularity, n_tokens=100_000, top_k=6,
                                      rng=np.random.default_rng(9), unit_size=8,
                                      max_units=2))
     finally:
         numba.set_num_threads(before)
     assert np.array_equal(*draws)
+
+
+def test_draws_run_from_many_threads_at_once():
+    """The compiled draw may be entered by several Python threads together (a threaded
+    Dask worker): each gets what it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def draw(seed):
+        return sample_topk(zipf(64, 1.0), n_tokens=50_000, top_k=6,
+                           rng=np.random.default_rng(seed), unit_size=8, max_units=2)
+
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(draw, range(4)))
+    assert all(np.array_equal(draw(seed), ids) for seed, ids in enumerate(together))
 
 
 # ---------------------------------------------------------------- capacity dropping
