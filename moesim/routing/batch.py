@@ -70,14 +70,20 @@ def count_batch(
     from moesim.routing.kernels import count_by_source
 
     n_tokens = batch.ids_tk.shape[0]
-    assert n_tokens % ep == 0 and n_experts % ep == 0
-    n_nodes = max(ep // gpus_per_node, 1)
+    assert n_tokens % ep == 0 and n_experts % ep == 0 and ep % gpus_per_node == 0
+    # One id type per compiled loop: int16 (synthetic draws) or int64 (anything else).
+    ids_tk = batch.ids_tk
+    if ids_tk.dtype != np.int16 or not ids_tk.dtype.isnative:
+        ids_tk = ids_tk.astype(np.int64)
+    ids_tk = np.ascontiguousarray(ids_tk)
+    # The compiled loop indexes with the ids unchecked: none may lie past the slots.
+    assert not ids_tk.size or ids_tk.max() < n_experts, "an id past the slots"
     gpu_s = np.arange(n_experts) // (n_experts // ep)
-    node_g = np.minimum(np.arange(ep) // gpus_per_node, n_nodes - 1)
+    node_g = np.arange(ep) // gpus_per_node
     kept_tk = (np.zeros((0, 0), dtype=bool) if batch.kept_tk.all()
                else np.ascontiguousarray(batch.kept_tk))
     kept_ss, dropped_ss, pairs_sg, reach_gpu_sg, reach_node_sn, unknown_s = count_by_source(
-        np.ascontiguousarray(batch.ids_tk), kept_tk, n_tokens // ep, gpu_s, node_g)
+        ids_tk, kept_tk, n_tokens // ep, gpu_s, node_g)
     kept_e, dropped_e = kept_ss.sum(axis=0), dropped_ss.sum(axis=0)
     kept_s = kept_e
     if batch.phy2log_s is not None:  # physical slots -> their logical experts

@@ -9,14 +9,16 @@ SplitMix64 stream started at ``mix(s ^ mix(t))``, so the result is the same for 
 number of threads and any chunking of the tokens. Compiled code is cached beside the
 module (numba's ``cache=True``), so a process pays the compilation once per machine.
 
-The loops are ``prange`` loops (numba's threads; ``NUMBA_NUM_THREADS`` caps them):
-written as plain loops on Python threads they ran 2.6 times slower per token, since
-numba compiles a parallel loop's body with its arrays known not to overlap. Numba's
-built-in thread pool (``workqueue``, used here unless ``NUMBA_THREADING_LAYER`` says
-otherwise: the OpenMP one found on some machines hangs in forked children) aborts the
-process when two Python threads enter it at once (a threaded Dask worker, say), so
-every call goes through one lock: calls from several threads take turns, each using
-all the cores.
+The draw is a ``prange`` loop (numba's threads; ``NUMBA_NUM_THREADS`` caps them): the
+same body as a plain loop ran 2.6 times slower per token here (measured; numba
+compiles a parallel loop's body as a function of its own, which LLVM optimised better).
+The count is one plain loop: split over threads it cost more in launches than it saved.
+Numba's built-in thread pool (``workqueue``, chosen here unless ``NUMBA_THREADING_LAYER`` says
+otherwise: the OpenMP one found on some machines is not fork-safe; numba keeps whatever
+layer it started if parallel numba code ran before this module was imported) aborts
+the process when two Python threads enter it at once (a threaded Dask worker, say), so
+every draw goes through one lock: draws from several threads take turns, each using all
+the cores. A forked child starts with a fresh lock.
 """
 
 from __future__ import annotations
@@ -32,6 +34,15 @@ if "NUMBA_THREADING_LAYER" not in os.environ:
     numba.config.THREADING_LAYER = "workqueue"
 
 _ENTRY = threading.Lock()  # one parallel region at a time in this process
+
+
+def _fresh_lock() -> None:
+    """After a fork: a thread of the parent may have held the lock, and it is not here."""
+    global _ENTRY
+    _ENTRY = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock)
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -74,7 +85,7 @@ def alias_table(weight_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     (non-negative, positive sum): category ``i`` with chance ``prob_x[i]``, else
     ``alias_x[i]``, after a uniform pick of ``i``."""
     n = weight_x.shape[0]
-    scaled = weight_x * (n / weight_x.sum())
+    scaled = weight_x / weight_x.sum() * n  # n / sum overflows for a subnormal sum
     prob, alias = np.ones(n), np.arange(n)
     small = [i for i in range(n) if scaled[i] < 1.0]
     large = [i for i in range(n) if scaled[i] >= 1.0]
@@ -149,12 +160,6 @@ def draw_topk(*args) -> np.ndarray:
         return _draw_topk(*args)
 
 
-def count_by_source(*args) -> tuple[np.ndarray, ...]:
-    """:func:`_count_by_source`, one call at a time in this process."""
-    with _ENTRY:
-        return _count_by_source(*args)
-
-
 @njit(parallel=True, cache=True)
 def _draw_topk(p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, n_tokens, top_k, max_units,
                seed):
@@ -175,7 +180,7 @@ def _draw_topk(p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, n_tokens, top_k,
     for c in prange(n_chunks):
         taken_e = np.zeros(n_experts, dtype=np.bool_)
         seen_u = np.zeros(n_units, dtype=np.bool_)
-        units_m = np.zeros(limit + 1, dtype=np.int64)
+        units_m = np.zeros(limit, dtype=np.int64)
         cum_m = np.zeros(limit)
         every_unit = np.zeros(1, dtype=np.int64)  # all experts as one unit
         for t in range(c * _CHUNK, min(n_tokens, (c + 1) * _CHUNK)):
@@ -183,14 +188,12 @@ def _draw_topk(p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, n_tokens, top_k,
             slot = n_seen = 0
             while slot < top_k:
                 state, e = _free_pick(p_e, prob_e, alias_e, taken_e, every_unit, state)
-                if limit < n_units:
-                    unit = unit_e[e]
-                    new = not seen_u[unit]
-                    if new and n_seen == limit:
+                if limit < n_units and not seen_u[unit_e[e]]:
+                    if n_seen == limit:
                         break  # an (M+1)-th unit: skipped, the rest stays in the M units
-                    units_m[n_seen] = unit  # overwritten unless new
-                    seen_u[unit] = True
-                    n_seen += new
+                    seen_u[unit_e[e]] = True
+                    units_m[n_seen] = unit_e[e]
+                    n_seen += 1
                 taken_e[e] = True
                 ids_tk[t, slot] = e
                 slot += 1
@@ -212,8 +215,8 @@ def _draw_topk(p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, n_tokens, top_k,
     return ids_tk
 
 
-@njit(parallel=True, cache=True)
-def _count_by_source(ids_tk, kept_tk, tokens_per_rank, gpu_s, node_g):
+@njit(nogil=True, cache=True)
+def count_by_source(ids_tk, kept_tk, tokens_per_rank, gpu_s, node_g):
     """Per source rank ``s`` of an EP group (token ``t`` on rank ``t // tokens_per_rank``),
     with slot ``x`` on GPU ``gpu_s[x]`` and GPU ``g`` in node ``node_g[g]``:
 
@@ -234,7 +237,7 @@ def _count_by_source(ids_tk, kept_tk, tokens_per_rank, gpu_s, node_g):
     reach_gpu_sg = np.zeros((ep, ep), dtype=np.int64)
     reach_node_sn = np.zeros((ep, n_nodes), dtype=np.int64)
     unknown_s = np.zeros(ep, dtype=np.int64)
-    for s in prange(ep):
+    for s in range(ep):  # one thread: a parallel launch cost more than it saved
         gpu_last = np.full(ep, -1, dtype=np.int64)  # the last token counted on each GPU
         node_last = np.full(n_nodes, -1, dtype=np.int64)
         for t in range(s * tokens_per_rank, (s + 1) * tokens_per_rank):

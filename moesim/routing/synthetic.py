@@ -68,6 +68,7 @@ def sample_topk(
     """
     from moesim.routing.kernels import alias_table, draw_topk
 
+    popularity_e = np.ascontiguousarray(popularity_e, dtype=np.float64)
     n_experts = popularity_e.shape[0]
     assert top_k <= n_experts < 2**15
     if max_units is None:
@@ -82,5 +83,5 @@ def sample_topk(
     prob_ux = np.stack([prob for prob, _ in tables])
     alias_ux = np.stack([alias for _, alias in tables])
     seed = int(rng.integers(2**63))
-    return draw_topk(np.ascontiguousarray(popularity_e, dtype=np.float64), prob_e, alias_e,
-                     prob_ux, alias_ux, mass_u, n_tokens, top_k, max_units, seed)
+    return draw_topk(popularity_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, n_tokens,
+                     top_k, max_units, seed)

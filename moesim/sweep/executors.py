@@ -10,6 +10,7 @@ pay for starting them again.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -30,6 +31,8 @@ def _share_cores(threads: int) -> None:
     the workers together do not ask for more threads than there are cores. Results do
     not depend on the number of threads."""
     os.environ["NUMBA_NUM_THREADS"] = str(threads)
+    if "numba" in sys.modules:  # already started (a preloaded __main__): the env is read
+        sys.modules["numba"].set_num_threads(threads)  # at numba's import only
 
 
 class LocalExecutor:

@@ -69,3 +69,13 @@ def test_counts_match_a_token_by_token_count(data):
     assert np.array_equal(counts.reach_gpu_sg, reach_gpu)
     assert np.array_equal(counts.reach_node_sn, reach_node)
     assert counts.dropped_unknown == n_unknown
+
+
+def test_an_id_past_the_slots_is_refused_before_the_compiled_loop():
+    """The compiled loop does not check bounds: an id past the slots must stop first."""
+    import pytest
+
+    ids = np.array([[0, 4]], dtype=np.int16)
+    with pytest.raises(AssertionError, match="past the slots"):
+        count_batch(RoutedBatch(ids_tk=ids, kept_tk=np.ones(ids.shape, dtype=bool),
+                                tokens_per_rank=1), n_experts=4, ep=1, gpus_per_node=1)

@@ -182,29 +182,38 @@ def gate_law(popularity_e: np.ndarray, *, top_k: int, unit_size: int, max_units:
     the ``max_units`` units whose best expert ranks highest and their ``top_k`` best."""
     law: dict[tuple[int, ...], float] = {}
     for order in itertools.permutations(range(popularity_e.shape[0])):
-        chance, left = 1.0, 1.0
-        for e in order:
-            chance *= popularity_e[e] / left
-            left -= popularity_e[e]
+        chance = 1.0
+        for i, e in enumerate(order):
+            left = popularity_e[list(order[i:])].sum()
+            # Experts of no popularity come last, in a uniformly random order.
+            chance *= popularity_e[e] / left if left > 0 else 1 / len(order[i:])
         units = list(dict.fromkeys(e // unit_size for e in order))[:max_units]
         picked = tuple(sorted([e for e in order if e // unit_size in units][:top_k]))
         law[picked] = law.get(picked, 0.0) + chance
     return law
 
 
-@pytest.mark.parametrize(("n_experts", "unit_size", "max_units", "top_k", "exponent"), [
+@pytest.mark.parametrize(("n_experts", "unit_size", "max_units", "top_k", "popularity"), [
     (6, 2, 2, 3, 1.0),   # 3 units of 2, at most 2 of them: the limit binds
     (6, 2, 3, 3, 1.5),   # no limit in effect
     (6, 3, 1, 2, 0.0),   # one unit of 3, uniform
     (7, 7, 1, 3, 2.0),   # no units: plain sequential sampling, strong skew
+    (6, 2, 2, 4, 1.0),   # K = M x unit size: the token takes both units whole
+    (5, 1, 3, 2, 1.0),   # one expert per unit (a GPU per expert)
+    (6, 2, 2, 3, 12.0),  # a few experts hold nearly all the mass: the exact fallbacks
+    (6, 2, 2, 3, [0.6, 0.0, 0.4, 0.0, 0.0, 0.0]),  # some experts never chosen by score
 ])
-def test_draws_follow_the_gates_exact_law(n_experts, unit_size, max_units, top_k, exponent):
+def test_draws_follow_the_gates_exact_law(n_experts, unit_size, max_units, top_k, popularity):
     """Over 200,000 tokens the picked sets match the gate's enumerated law: a
     chi-square test (fixed seed) with p > 0.001, and every set's frequency within 5
     standard deviations of its chance."""
     from scipy.stats import chisquare
 
-    popularity = (zipf(n_experts, exponent, seed=3) if exponent else uniform(n_experts))
+    if isinstance(popularity, list):
+        popularity = np.array(popularity)
+    else:
+        popularity = (zipf(n_experts, popularity, seed=3) if popularity
+                      else uniform(n_experts))
     law = gate_law(popularity, top_k=top_k, unit_size=unit_size, max_units=max_units)
     n_tokens = 200_000
     ids = sample_topk(popularity, n_tokens=n_tokens, top_k=top_k,
@@ -213,7 +222,8 @@ def test_draws_follow_the_gates_exact_law(n_experts, unit_size, max_units, top_k
     sets, seen = np.unique(np.sort(ids, axis=1), axis=0, return_counts=True)
     observed = dict(zip(map(tuple, sets.tolist()), seen.tolist(), strict=True))
     assert set(observed) <= set(law), "a set the gate can never pick"
-    keys = sorted(law)
+    keys = sorted(k for k in law if law[k] > 0)
+    assert set(observed) <= set(keys), "a set of no chance"
     expected = np.array([law[k] for k in keys]) * n_tokens
     counts = np.array([observed.get(k, 0) for k in keys])
     assert abs(expected.sum() - n_tokens) < 1e-6 * n_tokens
@@ -372,3 +382,40 @@ def test_synthetic_device_limited_draws_spread_like_the_real_gates(gate, scores,
     for per_unit, rel in ((experts // units, unit_rel), (4, 0.03)):
         assert units_reached(synthetic, per_unit).mean() == pytest.approx(
             units_reached(real, per_unit).mean(), rel=rel)
+
+
+def test_a_child_forked_while_a_thread_draws_can_draw():
+    """A fork while another thread holds the kernels' lock: the child gets a fresh lock
+    (with the parent's it would wait forever)."""
+    import multiprocessing
+    import threading
+
+    from moesim.routing import kernels
+
+    def child(queue):
+        ids = sample_topk(uniform(16), n_tokens=100, top_k=2, rng=np.random.default_rng(0))
+        queue.put(ids.shape)
+
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with kernels._ENTRY:
+            held.set()
+            release.wait(60)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait(10)
+    try:
+        context = multiprocessing.get_context("fork")
+        queue = context.Queue()
+        process = context.Process(target=child, args=(queue,))
+        process.start()
+        process.join(60)
+        finished = process.exitcode == 0
+        if process.is_alive():
+            process.kill()
+    finally:
+        release.set()
+        holder.join()
+    assert finished and queue.get(timeout=5) == (100, 2)
