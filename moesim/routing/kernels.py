@@ -6,43 +6,24 @@ slot, and counting the destinations a token reaches once needs a repeat mask per
 
 Randomness is counter-based: token ``t`` of a draw with seed ``s`` uses its own
 SplitMix64 stream started at ``mix(s ^ mix(t))``, so the result is the same for any
-number of threads and any chunking of the tokens. Compiled code is cached beside the
+number of threads and any split of the tokens. Compiled code is cached beside the
 module (numba's ``cache=True``), so a process pays the compilation once per machine.
 
-The draw is a ``prange`` loop (numba's threads; ``NUMBA_NUM_THREADS`` caps them): the
-same body as a plain loop ran 2.6 times slower per token here (measured; numba
-compiles a parallel loop's body as a function of its own, which LLVM optimised better).
-The count is one plain loop: split over threads it cost more in launches than it saved.
-Numba's built-in thread pool (``workqueue``, chosen here unless ``NUMBA_THREADING_LAYER`` says
-otherwise: the OpenMP one found on some machines is not fork-safe; numba keeps whatever
-layer it started if parallel numba code ran before this module was imported) aborts
-the process when two Python threads enter it at once (a threaded Dask worker, say), so
-every draw goes through one lock: draws from several threads take turns, each using all
-the cores. A forked child starts with a fresh lock.
+The loops release the GIL and run on Python threads, each over its own range of tokens
+or source ranks (:func:`in_parallel`; ``MOESIM_THREADS`` sets how many, default the
+cores this process may use), so any number of threads may call them at once and a
+forked child may too; numba's own thread pools are not used. They allocate nothing:
+the caller hands them their outputs and scratch arrays, and they are compiled without
+numba's reference counting (``_nrt=False``), which made the draw 2.6 times slower.
 """
 
 from __future__ import annotations
 
 import os
-import threading
+from collections.abc import Callable
 
-import numba
 import numpy as np
-from numba import njit, prange
-
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    numba.config.THREADING_LAYER = "workqueue"
-
-_ENTRY = threading.Lock()  # one parallel region at a time in this process
-
-
-def _fresh_lock() -> None:
-    """After a fork: a thread of the parent may have held the lock, and it is not here."""
-    global _ENTRY
-    _ENTRY = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_fresh_lock)
+from numba import njit
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -53,7 +34,32 @@ _BELOW_ONE = 1.0 - 2.0**-53
 # Rejections before a slot is drawn exactly over the experts still allowed: only a
 # popularity where a few experts hold nearly all the mass gets there.
 _MAX_REJECTIONS = 64
-_CHUNK = 4096  # tokens per parallel work item (each allocates its scratch once)
+_MIN_PER_THREAD = 1 << 16  # assignments: below this a call stays on one thread
+
+
+def threads() -> int:
+    """Threads one call may use: ``MOESIM_THREADS``, else the cores of this process."""
+    wanted = os.environ.get("MOESIM_THREADS", "")
+    if wanted.isdigit() and int(wanted) > 0:
+        return int(wanted)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def in_parallel(work: Callable[[int, int], None], n_items: int, *, cost: int) -> None:
+    """``work(start, stop)`` over consecutive ranges of ``n_items`` items (``cost``
+    assignments each) on up to :func:`threads` threads."""
+    n = max(1, min(threads(), n_items, n_items * cost // _MIN_PER_THREAD))
+    if n == 1:
+        work(0, n_items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    bounds = [n_items * i // n for i in range(n + 1)]
+    with ThreadPoolExecutor(n) as pool:
+        list(pool.map(work, bounds[:-1], bounds[1:]))
 
 
 @njit(inline="always")
@@ -97,7 +103,7 @@ def alias_table(weight_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return prob, alias  # leftovers keep prob 1: only rounding put them in either list
 
 
-@njit
+@njit(_nrt=False)
 def _exact_pick(p_e, taken_e, units_m, n_units, size, u):
     """One expert in proportion to ``p_e`` among those not ``taken_e`` in the units
     ``units_m[:n_units]`` of ``size`` experts; uniform when their popularity underflowed
@@ -154,15 +160,8 @@ def _unit_pick(p_e, prob_ux, alias_ux, cum_m, taken_e, units_m, limit, state):
     return state, _exact_pick(p_e, taken_e, units_m, limit, size, u)
 
 
-def draw_topk(*args) -> np.ndarray:
-    """:func:`_draw_topk`, one call at a time in this process."""
-    with _ENTRY:
-        return _draw_topk(*args)
-
-
-@njit(parallel=True, cache=True)
-def _draw_topk(p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, n_tokens, top_k, max_units,
-               seed):
+def draw_topk(p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, *, n_tokens: int,
+              top_k: int, max_units: int, seed: int) -> np.ndarray:
     """``ids_tk`` [n_tokens, top_k] int16: per token, the experts of a group-limited
     top-K on Gumbel-perturbed log-popularity (see ``moesim.routing.synthetic``).
 
@@ -171,52 +170,61 @@ def _draw_topk(p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, n_tokens, top_k,
     units' popularity. A token reaches at most ``max_units`` units (``max_units >= U``:
     no limit).
     """
-    n_experts = p_e.shape[0]
-    n_units, size = prob_ux.shape
-    unit_e = np.arange(n_experts) // size  # a table: integer division is slow
+    n_experts, (n_units, size) = p_e.shape[0], prob_ux.shape
     limit = min(max_units, n_units)
+    unit_e = np.arange(n_experts) // size  # a table: integer division is slow
     ids_tk = np.empty((n_tokens, top_k), dtype=np.int16)
-    n_chunks = (n_tokens + _CHUNK - 1) // _CHUNK
-    for c in prange(n_chunks):
-        taken_e = np.zeros(n_experts, dtype=np.bool_)
-        seen_u = np.zeros(n_units, dtype=np.bool_)
-        units_m = np.zeros(limit, dtype=np.int64)
-        cum_m = np.zeros(limit)
-        every_unit = np.zeros(1, dtype=np.int64)  # all experts as one unit
-        for t in range(c * _CHUNK, min(n_tokens, (c + 1) * _CHUNK)):
-            state = _mix(np.uint64(seed) ^ _mix(np.uint64(t)))
-            slot = n_seen = 0
-            while slot < top_k:
-                state, e = _free_pick(p_e, prob_e, alias_e, taken_e, every_unit, state)
-                if limit < n_units and not seen_u[unit_e[e]]:
-                    if n_seen == limit:
-                        break  # an (M+1)-th unit: skipped, the rest stays in the M units
-                    seen_u[unit_e[e]] = True
-                    units_m[n_seen] = unit_e[e]
-                    n_seen += 1
-                taken_e[e] = True
-                ids_tk[t, slot] = e
-                slot += 1
-            if slot < top_k:
-                mass = 0.0
-                for j in range(limit):
-                    mass += mass_u[units_m[j]]
-                    cum_m[j] = mass
-            while slot < top_k:
-                state, e = _unit_pick(p_e, prob_ux, alias_ux, cum_m, taken_e, units_m, limit,
-                                      state)
-                taken_e[e] = True
-                ids_tk[t, slot] = e
-                slot += 1
-            for k in range(top_k):
-                taken_e[ids_tk[t, k]] = False
-            for j in range(n_seen):
-                seen_u[units_m[j]] = False
+
+    def work(start: int, stop: int) -> None:
+        _draw_into(ids_tk, start, stop, p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u,
+                   unit_e, limit, seed, np.zeros(n_experts, dtype=np.bool_),
+                   np.zeros(n_units, dtype=np.bool_), np.zeros(max(limit, 1), dtype=np.int64),
+                   np.zeros(max(limit, 1)), np.zeros(1, dtype=np.int64))
+
+    in_parallel(work, n_tokens, cost=top_k)
     return ids_tk
 
 
-@njit(nogil=True, cache=True)
-def count_by_source(ids_tk, kept_tk, tokens_per_rank, gpu_s, node_g):
+@njit(nogil=True, cache=True, _nrt=False)
+def _draw_into(ids_tk, start, stop, p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, unit_e,
+               limit, seed, taken_e, seen_u, units_m, cum_m, every_unit):
+    """Tokens ``start:stop`` of :func:`draw_topk` into ``ids_tk``; ``taken_e``,
+    ``seen_u`` (all False), ``units_m``, ``cum_m`` [limit] and ``every_unit`` ([0]) are
+    this call's scratch."""
+    n_units, top_k = prob_ux.shape[0], ids_tk.shape[1]
+    for t in range(start, stop):
+        state = _mix(np.uint64(seed) ^ _mix(np.uint64(t)))
+        slot = n_seen = 0
+        while slot < top_k:
+            state, e = _free_pick(p_e, prob_e, alias_e, taken_e, every_unit, state)
+            if limit < n_units and not seen_u[unit_e[e]]:
+                if n_seen == limit:
+                    break  # an (M+1)-th unit: skipped, the rest stays in the M units
+                seen_u[unit_e[e]] = True
+                units_m[n_seen] = unit_e[e]
+                n_seen += 1
+            taken_e[e] = True
+            ids_tk[t, slot] = e
+            slot += 1
+        if slot < top_k:
+            mass = 0.0
+            for j in range(limit):
+                mass += mass_u[units_m[j]]
+                cum_m[j] = mass
+        while slot < top_k:
+            state, e = _unit_pick(p_e, prob_ux, alias_ux, cum_m, taken_e, units_m, limit,
+                                  state)
+            taken_e[e] = True
+            ids_tk[t, slot] = e
+            slot += 1
+        for k in range(top_k):
+            taken_e[ids_tk[t, k]] = False
+        for j in range(n_seen):
+            seen_u[units_m[j]] = False
+
+
+def count_by_source(ids_tk: np.ndarray, kept_tk: np.ndarray, tokens_per_rank: int,
+                    gpu_s: np.ndarray, node_g: np.ndarray) -> tuple[np.ndarray, ...]:
     """Per source rank ``s`` of an EP group (token ``t`` on rank ``t // tokens_per_rank``),
     with slot ``x`` on GPU ``gpu_s[x]`` and GPU ``g`` in node ``node_g[g]``:
 
@@ -228,20 +236,30 @@ def count_by_source(ids_tk, kept_tk, tokens_per_rank, gpu_s, node_g):
 
     ``kept_tk`` [T, K] bool, or shape [0, 0] when every assignment is kept.
     """
+    ep, n_slots, n_nodes = node_g.shape[0], gpu_s.shape[0], int(node_g.max()) + 1
+    counts = tuple(np.zeros(shape, dtype=np.int64) for shape in (
+        (ep, n_slots), (ep, n_slots), (ep, ep), (ep, ep), (ep, n_nodes), (ep,)))
+
+    def work(start: int, stop: int) -> None:
+        _count_into(*counts, start, stop, ids_tk, kept_tk, tokens_per_rank, gpu_s, node_g,
+                    np.empty(ep, dtype=np.int64), np.empty(n_nodes, dtype=np.int64))
+
+    in_parallel(work, ep, cost=tokens_per_rank * ids_tk.shape[1])
+    return counts
+
+
+@njit(nogil=True, cache=True, _nrt=False)
+def _count_into(kept_ss, dropped_ss, pairs_sg, reach_gpu_sg, reach_node_sn, unknown_s,
+                start, stop, ids_tk, kept_tk, tokens_per_rank, gpu_s, node_g, gpu_last,
+                node_last):
+    """Source ranks ``start:stop`` of :func:`count_by_source` into its outputs;
+    ``gpu_last`` and ``node_last`` are this call's scratch."""
     all_kept = kept_tk.shape[0] == 0
-    top_k = ids_tk.shape[1]
-    ep, n_slots, n_nodes = node_g.shape[0], gpu_s.shape[0], node_g.max() + 1
-    kept_ss = np.zeros((ep, n_slots), dtype=np.int64)
-    dropped_ss = np.zeros((ep, n_slots), dtype=np.int64)
-    pairs_sg = np.zeros((ep, ep), dtype=np.int64)
-    reach_gpu_sg = np.zeros((ep, ep), dtype=np.int64)
-    reach_node_sn = np.zeros((ep, n_nodes), dtype=np.int64)
-    unknown_s = np.zeros(ep, dtype=np.int64)
-    for s in range(ep):  # one thread: a parallel launch cost more than it saved
-        gpu_last = np.full(ep, -1, dtype=np.int64)  # the last token counted on each GPU
-        node_last = np.full(n_nodes, -1, dtype=np.int64)
+    gpu_last[:] = -1  # the last token counted on each GPU and node
+    node_last[:] = -1
+    for s in range(start, stop):
         for t in range(s * tokens_per_rank, (s + 1) * tokens_per_rank):
-            for k in range(top_k):
+            for k in range(ids_tk.shape[1]):
                 x = np.int64(ids_tk[t, k])
                 if x < 0:
                     unknown_s[s] += 1
@@ -256,4 +274,3 @@ def count_by_source(ids_tk, kept_tk, tokens_per_rank, gpu_s, node_g):
                     n = node_g[g]
                     reach_node_sn[s, n] += node_last[n] != t
                     node_last[n] = t
-    return kept_ss, dropped_ss, pairs_sg, reach_gpu_sg, reach_node_sn, unknown_s

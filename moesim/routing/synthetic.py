@@ -83,5 +83,5 @@ def sample_topk(
     prob_ux = np.stack([prob for prob, _ in tables])
     alias_ux = np.stack([alias for _, alias in tables])
     seed = int(rng.integers(2**63))
-    return draw_topk(popularity_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, n_tokens,
-                     top_k, max_units, seed)
+    return draw_topk(popularity_e, prob_e, alias_e, prob_ux, alias_ux, mass_u,
+                     n_tokens=n_tokens, top_k=top_k, max_units=max_units, seed=seed)

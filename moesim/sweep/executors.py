@@ -10,7 +10,6 @@ pay for starting them again.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -27,12 +26,10 @@ def default_workers() -> int:
 
 
 def _share_cores(threads: int) -> None:
-    """Worker start: the compiled routing loops (numba) use ``threads`` threads, so that
-    the workers together do not ask for more threads than there are cores. Results do
-    not depend on the number of threads."""
-    os.environ["NUMBA_NUM_THREADS"] = str(threads)
-    if "numba" in sys.modules:  # already started (a preloaded __main__): the env is read
-        sys.modules["numba"].set_num_threads(threads)  # at numba's import only
+    """Worker start: the compiled routing loops (``moesim.routing.kernels``) use
+    ``threads`` threads, so that the workers together do not ask for more threads than
+    there are cores. Results do not depend on the number of threads."""
+    os.environ["MOESIM_THREADS"] = str(threads)
 
 
 class LocalExecutor:
