@@ -19,11 +19,12 @@ numba's reference counting (``_nrt=False``), which made the draw 2.6 times slowe
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import numpy as np
 from numba import njit
+
+from moesim.routing.threads import threads
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -35,17 +36,6 @@ _BELOW_ONE = 1.0 - 2.0**-53
 # popularity where a few experts hold nearly all the mass gets there.
 _MAX_REJECTIONS = 64
 _MIN_PER_THREAD = 1 << 16  # assignments: below this a call stays on one thread
-
-
-def threads() -> int:
-    """Threads one call may use: ``MOESIM_THREADS``, else the cores of this process."""
-    wanted = os.environ.get("MOESIM_THREADS", "")
-    if wanted.isdigit() and int(wanted) > 0:
-        return int(wanted)
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def in_parallel(work: Callable[[int, int], None], n_items: int, *, cost: int) -> None:

@@ -38,6 +38,7 @@ import pandas as pd
 
 from moesim.errors import InputError
 from moesim.routing.batch import expert_loads
+from moesim.routing.threads import threads
 from moesim.tracefile.format import RoutingTrace, release_pages
 
 
@@ -233,7 +234,7 @@ def _layer_rows(trace: RoutingTrace, *, rows_only: bool = False, **kwargs) -> li
         return (done[0], None, None) if rows_only else done
 
     layers_l = range(trace.num_layers)
-    workers = min(_cores(), trace.num_layers) if trace.scores is not None else 1
+    workers = min(threads(), trace.num_layers) if trace.scores is not None else 1
     if workers <= 1:
         return [layer_row(layer) for layer in layers_l]
     from concurrent.futures import ThreadPoolExecutor
@@ -304,15 +305,6 @@ def trace_stats(
         share_over_m_devices=share_over(all_dev),
         share_over_m_nodes=share_over(all_node),
     )
-
-
-def _cores() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 # Short headers keep the per-layer table within a terminal's width.
