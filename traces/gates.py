@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from moesim.config.gates import GATES, SCENARIO_GATES
+from moesim.cores import cores
 from moesim.errors import InputError
 
 ROUTE_KINDS = SCENARIO_GATES  # the DeepSeek gates: route() re-routes their scores
@@ -519,7 +520,7 @@ def route_rows(
         picked_tk[part] = picked
 
     starts = range(0, n_rows, ROWS_PER_CHUNK)
-    workers = min(threads or _cores(), len(starts)) if plan is not None else 1
+    workers = min(threads or cores(), len(starts)) if plan is not None else 1
     if workers > 1:
         from concurrent.futures import ThreadPoolExecutor
 
@@ -532,15 +533,6 @@ def route_rows(
                    normalize=normalize, scale=scale, out=torch.from_numpy(weights_tk))
     return RoutedRows(ids_tk=ids_tk, weights_tk=weights_tk, picked_tk=picked_tk,
                       top_tk=top_tk)
-
-
-def _cores() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

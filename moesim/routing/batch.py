@@ -74,7 +74,7 @@ def count_batch(
     # One id type per compiled loop: int16 (synthetic draws) or int64 (anything else).
     ids_tk = batch.ids_tk
     if ids_tk.dtype != np.int16 or not ids_tk.dtype.isnative:
-        ids_tk = ids_tk.astype(np.int64)
+        ids_tk = ids_tk.astype(np.int64, copy=False)  # no copy of native int64 ids
     ids_tk = np.ascontiguousarray(ids_tk)
     # The compiled loop indexes with the ids unchecked: none may lie past the slots.
     assert not ids_tk.size or ids_tk.max() < n_experts, "an id past the slots"

@@ -24,7 +24,7 @@ from collections.abc import Callable
 import numpy as np
 from numba import njit
 
-from moesim.routing.threads import threads
+from moesim.cores import threads
 
 _GAMMA = np.uint64(0x9E3779B97F4A7C15)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -168,8 +168,8 @@ def draw_topk(p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, *, n_tokens: int,
     def work(start: int, stop: int) -> None:
         _draw_into(ids_tk, start, stop, p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u,
                    unit_e, limit, seed, np.zeros(n_experts, dtype=np.bool_),
-                   np.zeros(n_units, dtype=np.bool_), np.zeros(max(limit, 1), dtype=np.int64),
-                   np.zeros(max(limit, 1)), np.zeros(1, dtype=np.int64))
+                   np.zeros(n_units, dtype=np.bool_), np.zeros(limit, dtype=np.int64),
+                   np.zeros(limit), np.zeros(1, dtype=np.int64))
 
     in_parallel(work, n_tokens, cost=top_k)
     return ids_tk

@@ -13,16 +13,15 @@ import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
+from moesim.cores import cores
+
 T = TypeVar("T")
 CONNECT_TIMEOUT = "10s"  # to reach a Dask scheduler
 
 
 def default_workers() -> int:
     """One worker per core this process may use."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
+    return cores()
 
 
 def _share_cores(threads: int) -> None:

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from moesim.cores import threads
 from moesim.errors import InputError
 from moesim.routing.batch import expert_loads
-from moesim.routing.threads import threads
 from moesim.tracefile.format import RoutingTrace, release_pages
 
 

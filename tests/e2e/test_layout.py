@@ -19,32 +19,33 @@ FOLDERS = {"topologies": "topologies", "traces": "traces", "cli": "cli", "report
 # reached from routing only lazily: the torch gates and dropping.
 ALLOWED = {
     "errors": set(),
+    "cores": set(),
     "inputs": {"errors"},
     "validation": {"errors"},
     "engine": set(),
     "topologies": {"errors", "inputs", "validation"},
     "config": {"errors", "inputs", "validation", "topologies"},
     "placement": {"config", "errors", "inputs"},
-    "routing": {"config", "errors", "placement", "traces"},
+    "routing": {"config", "cores", "errors", "placement", "traces"},
     "comm": {"config", "routing", "errors"},
     "network": {"comm", "config", "routing", "errors"},
     "cost": {"network", "comm", "config", "routing", "errors"},
     "memory": {"config", "cost", "comm", "errors"},
     "output": {"cost", "engine", "comm", "config", "errors"},
-    "tracefile": {"routing", "config", "errors", "traces"},
+    "tracefile": {"routing", "config", "cores", "errors", "traces"},
     # The whole training step: a micro-batch's timeline, then the pipeline, DP, optimizer.
     "pipeline": {"config", "comm", "cost", "output", "memory", "topologies", "errors"},
     "simulation": {"config", "placement", "routing", "comm", "network", "cost", "memory",
                    "engine", "output", "tracefile", "topologies", "errors", "pipeline"},
-    "traces": {"moesim", "config", "errors", "tracefile", "validation"},
+    "traces": {"moesim", "config", "cores", "errors", "tracefile", "validation"},
     # Sweeps and plans sit on top of the simulation: they only compose runs of it.
-    "sweep": {"config", "errors", "inputs", "validation", "memory", "simulation"},
+    "sweep": {"config", "cores", "errors", "inputs", "validation", "memory", "simulation"},
     "planning": {"sweep", "config", "cost", "engine", "errors", "inputs", "validation",
                  "memory", "simulation", "topologies", "pipeline"},
     "reports": set(),
 }
-CORE = {"errors", "inputs", "validation", "engine", "config", "placement", "routing", "comm",
-        "network", "cost", "memory",
+CORE = {"cores", "errors", "inputs", "validation", "engine", "config", "placement", "routing",
+        "comm", "network", "cost", "memory",
         "output", "tracefile", "simulation", "topologies", "pipeline"}
 
 
