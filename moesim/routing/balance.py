@@ -22,10 +22,10 @@ import pandas as pd
 
 from moesim.config.scenario import Scenario
 from moesim.placement.layout import LayerPlacement, scenario_placement
-from moesim.routing.batch import expert_loads
+from moesim.routing.batch import count_in_scenario, expert_loads
 from moesim.routing.dropping import capacity_of, routed_batch
 from moesim.routing.replay import route_scores
-from moesim.routing.source import DrawnSource, RoutingSource, TraceSource, count
+from moesim.routing.source import DrawnSource, RoutingSource, TraceSource
 from moesim.routing.synthetic_layers import draw_popularity, layer_draws
 
 SAMPLE_TOKENS = 16384  # per step and key: about 500 picks per expert of a 256 x top-8 gate
@@ -175,7 +175,7 @@ class ScoredSyntheticSource(DrawnSource):
                     placement=placement, capacity=capacity_of(scenario),
                     seq_id_t=np.arange(p.ep * per_mb) // min(p.seq_len, per_mb),
                     seed=int(rng.integers(2**31)), affinity_tk=weights_tk)
-                self.draws[key][mb] = count(scenario, batch, gpus_per_domain)
+                self.draws[key][mb] = count_in_scenario(scenario, batch, gpus_per_domain)
 
     @staticmethod
     def _placement(scenario: Scenario, offset_e: np.ndarray, bias_e: np.ndarray,

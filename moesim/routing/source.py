@@ -15,8 +15,8 @@ from moesim.config.feasibility import limit_units
 from moesim.config.gates import GATES
 from moesim.config.scenario import Scenario
 from moesim.placement.layout import LayerPlacement, scenario_placement
-from moesim.routing.batch import BatchCounts, count_batch, expert_loads
-from moesim.routing.synthetic_layers import draw_of, layer_draws, synthetic_batches
+from moesim.routing.batch import BatchCounts, count_in_scenario, expert_loads
+from moesim.routing.synthetic_layers import draw_of, layer_draws, synthetic_counts
 
 
 class RoutingSource(ABC):
@@ -34,14 +34,6 @@ class RoutingSource(ABC):
 
     def keys_per_layer(self, moe_layers: int) -> list[int]:
         return [self.key_of(li) for li in range(moe_layers)]
-
-
-def count(scenario: Scenario, batch, gpus_per_domain: int) -> BatchCounts:
-    """The counts of one routed batch of an EP group of ``scenario``."""
-    p = scenario.parallel
-    slots = scenario.model.routed_experts + scenario.placement.redundant_experts
-    return count_batch(batch, n_experts=slots, ep=p.ep,
-                       gpus_per_node=min(p.ep, gpus_per_domain))
 
 
 class DrawnSource(RoutingSource):
@@ -69,9 +61,9 @@ class SyntheticSource(DrawnSource):
 
     def __init__(self, scenario: Scenario, *, gpus_per_domain: int, rng: np.random.Generator):
         super().__init__(scenario)
-        for draw, mb, batch in synthetic_batches(scenario, gpus_per_domain=gpus_per_domain,
+        for draw, mb, counts in synthetic_counts(scenario, gpus_per_domain=gpus_per_domain,
                                                  rng=rng):
-            self.draws[draw][mb] = count(scenario, batch, gpus_per_domain)
+            self.draws[draw][mb] = counts
 
 
 class TraceSource(RoutingSource):
@@ -170,8 +162,9 @@ class TraceSource(RoutingSource):
                              gpus_per_domain=self.gpus_per_domain, bias_e=self.bias_of(layer),
                              buffers=self._buffers)
         placement = self._placement(routes, early)
-        out = [[count(self.scenario, routes.batch(tokens, tokens_per_rank=per_rank, seed=seed,
-                                                  placement=placement), self.gpus_per_domain)
+        out = [[count_in_scenario(self.scenario,
+                                  routes.batch(tokens, tokens_per_rank=per_rank, seed=seed,
+                                               placement=placement), self.gpus_per_domain)
                 for tokens, seed in row] for row in draws]
         release = getattr(self.trace, "release", None)
         if release is not None:  # a mapped trace's pages of this layer go back

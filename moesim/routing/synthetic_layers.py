@@ -18,9 +18,15 @@ import numpy as np
 from moesim.config.feasibility import limit_units
 from moesim.config.scenario import Scenario
 from moesim.placement.layout import LayerPlacement, scenario_placement
-from moesim.routing.batch import RoutedBatch, expert_loads
+from moesim.routing.batch import (
+    BatchCounts,
+    RoutedBatch,
+    count_in_scenario,
+    expert_loads,
+    scenario_slots,
+)
 from moesim.routing.dropping import Capacity, capacity_of, routed_batch
-from moesim.routing.synthetic import expert_popularity, sample_topk
+from moesim.routing.synthetic import expert_popularity, sample_topk, sample_topk_counts
 
 
 def layer_draws(scenario: Scenario) -> int:
@@ -70,10 +76,14 @@ def draw_batch(
                         seed=seed)
 
 
-def synthetic_batches(
+def synthetic_counts(
     scenario: Scenario, *, gpus_per_domain: int, rng: np.random.Generator
-) -> Iterator[tuple[int, int, RoutedBatch]]:
-    """Yield ``(draw, microbatch, batch)`` one batch at a time, so memory stays bounded."""
+) -> Iterator[tuple[int, int, BatchCounts]]:
+    """Yield ``(draw, microbatch, counts)`` one batch at a time, so memory stays bounded.
+
+    A batch with nothing to drop on contiguous slots is counted as it is drawn
+    (:func:`sample_topk_counts`, the counts of the same draw); any other is drawn
+    (:func:`draw_batch`), placed, dropped and then counted."""
     m, p, r = scenario.model, scenario.parallel, scenario.routing
     tokens_per_mb = p.tokens_per_gpu // p.micro_batches
     n_tokens = p.ep * tokens_per_mb
@@ -91,8 +101,15 @@ def synthetic_batches(
             loads_e = expert_loads(earlier, m.routed_experts)
         placement = scenario_placement(scenario, loads_e, gpus_per_domain=gpus_per_domain)
         for mb in range(p.micro_batches):
-            yield draw, mb, draw_batch(popularity_e, n_tokens=n_tokens,
-                                       tokens_per_rank=tokens_per_mb, top_k=m.top_k, rng=rng,
-                                       unit_size=unit_size, max_units=max_units,
-                                       capacity=capacity, placement=placement,
-                                       seq_len=p.seq_len)
+            if capacity is None and placement.identity:
+                counts = sample_topk_counts(
+                    popularity_e, ep=p.ep, tokens_per_rank=tokens_per_mb, top_k=m.top_k,
+                    rng=rng, gpus_per_node=scenario_slots(scenario, gpus_per_domain)[1],
+                    unit_size=unit_size, max_units=max_units)
+            else:
+                counts = count_in_scenario(scenario, draw_batch(
+                    popularity_e, n_tokens=n_tokens, tokens_per_rank=tokens_per_mb,
+                    top_k=m.top_k, rng=rng, unit_size=unit_size, max_units=max_units,
+                    capacity=capacity, placement=placement, seq_len=p.seq_len),
+                    gpus_per_domain)
+            yield draw, mb, counts

@@ -23,7 +23,7 @@ from moesim.config.kernels import KERNEL_NAMES
 from moesim.network.analytical import exchange_time
 from moesim.routing.batch import RoutedBatch, count_batch
 from moesim.routing.synthetic import expert_popularity, sample_topk
-from moesim.routing.synthetic_layers import synthetic_batches
+from moesim.routing.synthetic_layers import synthetic_counts
 from moesim.topologies import load_topology
 
 LINK_FIELDS = ("nvl_out", "nvl_in", "nic_out", "nic_in", "up", "down")
@@ -142,9 +142,9 @@ def test_step_rdma_bytes_are_per_exchange_bytes_times_exchanges():
 
     # C, replayed from the scenario's seed with the same routing and traffic functions.
     scenario = _rdma_scenario(mode="inference", num_layers=3)
-    ((_, _, batch),) = synthetic_batches(scenario, gpus_per_domain=8,
+    ((_, _, counts),) = synthetic_counts(scenario, gpus_per_domain=8,
                                          rng=np.random.default_rng(scenario.seed))
-    copies = dispatch_loads(count_batch(batch, n_experts=64, ep=32, gpus_per_node=8),
+    copies = dispatch_loads(counts,
                             kernel="deepep-normal", first_gpu=0, gpus_per_node=8,
                             topology=load_topology("h800-cluster", gpus=32)).nic_total
 
