@@ -17,6 +17,7 @@ from moesim.errors import InputError
 
 MAX_FILE_BYTES = 16 * 2**20  # a scenario, topology or recorded-run file is a few kB
 MAX_DEPTH = 32  # the deepest schema (recorded runs) nests 5 levels
+MAX_DIGITS = 100  # an integer longer than this is a mistake (and Python's own limit is 4300)
 
 
 def read_text(path: str | Path, *, what: str = "file",
@@ -63,6 +64,11 @@ class _BoundedLoader(yaml.SafeLoader):
         finally:
             self.depth -= 1
 
+    def construct_yaml_int(self, node):
+        if len(node.value) > MAX_DIGITS:
+            raise _Refused(f"an integer of more than {MAX_DIGITS} digits", node.start_mark)
+        return super().construct_yaml_int(node)
+
     def construct_mapping(self, node, deep=False):
         seen = set()
         for key_node, _ in node.value:
@@ -75,6 +81,9 @@ class _BoundedLoader(yaml.SafeLoader):
                 raise _Refused(f"duplicate key {key!r}", key_node.start_mark)
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
+
+
+_BoundedLoader.add_constructor("tag:yaml.org,2002:int", _BoundedLoader.construct_yaml_int)
 
 
 def _where(mark) -> str:
@@ -98,3 +107,42 @@ def load_yaml(text: str, *, source: str) -> Any:
 def read_yaml(path: str | Path, *, what: str = "YAML file") -> Any:
     """Read and parse a YAML file (see :func:`read_text` and :func:`load_yaml`)."""
     return load_yaml(read_text(path, what=what), source=str(path))
+
+
+def load_json(text: str | bytes, *, source: str) -> Any:
+    """Parse JSON ``text`` (a trace's metadata, a Megatron line, a results file) with the
+    limits YAML has: nesting depth, integer length; every problem is one InputError
+    naming ``source``."""
+    import json
+
+    def bounded_int(digits: str) -> int:
+        if len(digits) > MAX_DIGITS:
+            raise InputError(f"an integer of more than {MAX_DIGITS} digits", source=source)
+        return int(digits)
+
+    try:
+        value = json.loads(text, parse_int=bounded_int)
+    except RecursionError:
+        raise InputError(f"nested deeper than {MAX_DEPTH} levels", source=source) from None
+    except json.JSONDecodeError as err:
+        raise InputError(f"broken JSON at line {err.lineno}, column {err.colno}: {err.msg}",
+                         source=source) from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"not UTF-8 text (byte {err.start})", source=source) from None
+    if _depth(value) > MAX_DEPTH:
+        raise InputError(f"nested deeper than {MAX_DEPTH} levels", source=source)
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
+    deepest, todo = 0, [(value, 0)]
+    while todo:
+        item, depth = todo.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, depth + 1)
+            if depth + 1 > MAX_DEPTH:
+                break
+            todo.extend((child, depth + 1)
+                        for child in (item.values() if isinstance(item, dict) else item))
+    return deepest

@@ -9,11 +9,12 @@ from typer.testing import CliRunner
 
 from moesim.cli.main import app
 from moesim.errors import InputError
-from moesim.inputs import MAX_DEPTH, load_yaml, read_text
+from moesim.inputs import MAX_DEPTH, load_json, load_yaml, read_text
 
 HOSTILE = {
     "not-utf8.yaml": (b"name: x\n\xff\xfe\n", "not UTF-8 text"),
     "deep.yaml": (("a: " + "[" * 100 + "]" * 100 + "\n").encode(), "nested deeper than"),
+    "long-integer.yaml": (("seed: " + "9" * 5000 + "\n").encode(), "more than 100 digits"),
     "laughs.yaml": (b'a: &a ["x", "x"]\nb: &b [*a, *a]\nc: [*b, *b]\n', "aliases"),
     "twice.yaml": (b"model: deepseek-v3\nmodel: mixtral-8x7b\n", "duplicate key 'model'"),
     "broken.yaml": (b"model: [unclosed\n", "broken YAML at line"),
@@ -46,3 +47,18 @@ def test_depth_limit_leaves_room_for_every_schema():
     assert load_yaml(nested, source="x") is not None
     with pytest.raises(InputError, match="nested deeper"):
         load_yaml("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), source="x")
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("[" * 100_000, "nested deeper than 32"),
+    ("[" * (MAX_DEPTH + 1) + "]" * (MAX_DEPTH + 1), "nested deeper than 32"),
+    ("{\"n\": " + "9" * 5000 + "}", "more than 100 digits"),
+    ("{\"n\": 1", "broken JSON at line 1, column 8"),
+    (b"\xff", "not UTF-8 text"),
+])
+def test_json_has_the_limits_yaml_has(text, problem):
+    with pytest.raises(InputError, match=problem):
+        load_json(text, source="x")
+    nested = "[" * MAX_DEPTH + "]" * MAX_DEPTH
+    assert load_json(nested, source="x") is not None
+    assert load_json('{"n": 12345678901234567890}', source="x") == {"n": 12345678901234567890}
