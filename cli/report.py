@@ -109,6 +109,6 @@ def report_folder(folder: Path, out: Path | None = None) -> None:
 
     blocks, figures, title = build(folder)
     target = out or folder
-    with staged_folder(target) as stage:
+    with staged_folder(target, adding=out is None or out.resolve() == folder.resolve()) as stage:
         write_report(stage, blocks, figures, title=title)
     typer.echo(f"wrote {target}/report.html, report.md")

@@ -70,7 +70,7 @@ def run_points(points, *, out: Path, spec_text: str, stored: list[dict], pool, l
         TimeRemainingColumn,
     )
 
-    from moesim.cli.output import write_json, write_parquet, write_text
+    from moesim.cli.output import mark_results_folder, write_json, write_parquet, write_text
     from moesim.sweep.run import results_frame, simulate_point
 
     written = len(stored)
@@ -78,6 +78,7 @@ def run_points(points, *, out: Path, spec_text: str, stored: list[dict], pool, l
     def store(rows: list[dict]) -> None:
         """The sweep file, the rows so far, then how many of the points they are."""
         nonlocal written
+        mark_results_folder(out)
         write_text(out / "sweep.yaml", spec_text)
         write_parquet(results_path(out), results_frame(rows))
         write_json(out / "progress.json", {"points_total": len(points),
