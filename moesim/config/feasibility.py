@@ -151,8 +151,18 @@ def check_serving_layout(scenario: Scenario) -> None:
 # timeline and its tables.
 MAX_ASSIGNMENTS = 2**28
 MAX_OP_ROWS = 2**26
+# Each routed batch keeps its [ep, ep] traffic matrices: ~17 bytes a pair (measured:
+# 2.6 GB for 32 batches of EP 2048, 0.85 GB for 8).
+MAX_BATCH_PAIRS = 2**28
 # The whole training step's schedule: about 35 us per item and stage on these machines.
 MAX_PIPELINE_ITEMS = 2**18
+
+
+def layer_draws(scenario: Scenario) -> int:
+    """How many independent synthetic layer draws the scenario makes (``S``)."""
+    moe_layers = scenario.model.moe_layers
+    wanted = scenario.routing.layer_samples
+    return moe_layers if wanted is None else min(wanted, moe_layers)
 
 
 def check_precision(scenario: Scenario) -> None:
@@ -198,6 +208,15 @@ def check_size(scenario: Scenario) -> None:
             f"{gpus} GPUs x {tokens:,} tokens x top-{m.top_k} = {assignments:,} "
             "token-expert assignments per layer, more than one simulation holds",
             field=field, allowed=f"at most {MAX_ASSIGNMENTS:,} assignments per layer")
+    # The routed batches held at once: every synthetic draw's, or a trace layer's groups.
+    batches = micro_batches * (gpus // p.ep if scenario.trace else layer_draws(scenario))
+    pairs = p.ep * p.ep * batches
+    if pairs > MAX_BATCH_PAIRS:
+        raise InputError(
+            f"{batches} routed batches of EP {p.ep} keep {pairs:,} (source, destination) "
+            "counts, more than one simulation holds", field="parallel.ep",
+            allowed=f"ep x ep x batches at most {MAX_BATCH_PAIRS:,} (batches: micro-batches "
+            "x routing.layer_samples, or x EP groups for a trace)")
     rows = gpus * m.num_layers * micro_batches * 16
     if rows > MAX_OP_ROWS:
         raise InputError(

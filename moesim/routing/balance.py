@@ -20,13 +20,14 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from moesim.config.feasibility import layer_draws
 from moesim.config.scenario import Scenario
 from moesim.placement.layout import LayerPlacement, scenario_placement
 from moesim.routing.batch import count_in_scenario, expert_loads
 from moesim.routing.dropping import capacity_of, routed_batch
 from moesim.routing.replay import route_scores
 from moesim.routing.source import DrawnSource, RoutingSource, TraceSource
-from moesim.routing.synthetic_layers import draw_popularity, layer_draws
+from moesim.routing.synthetic_layers import draw_popularity
 
 SAMPLE_TOKENS = 16384  # per step and key: about 500 picks per expert of a 256 x top-8 gate
 CHECKPOINTS = (0, 1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)

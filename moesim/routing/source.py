@@ -11,12 +11,12 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
-from moesim.config.feasibility import limit_units
+from moesim.config.feasibility import layer_draws, limit_units
 from moesim.config.gates import GATES
 from moesim.config.scenario import Scenario
 from moesim.placement.layout import LayerPlacement, scenario_placement
 from moesim.routing.batch import BatchCounts, count_in_scenario, expert_loads
-from moesim.routing.synthetic_layers import draw_of, layer_draws, synthetic_counts
+from moesim.routing.synthetic_layers import draw_of, synthetic_counts
 
 
 class RoutingSource(ABC):
@@ -104,7 +104,10 @@ class TraceSource(RoutingSource):
         ranks = trace.src_rank
         self.rank_tokens = None
         if ranks is not None:
-            self.rank_tokens = [np.flatnonzero(ranks == r) for r in np.unique(ranks)]
+            # One stable sort, not a scan per rank (a trace may hold a rank per token);
+            # stable keeps each rank's tokens in trace order.
+            order = np.argsort(ranks, kind="stable")
+            self.rank_tokens = np.split(order, np.flatnonzero(np.diff(ranks[order])) + 1)
 
     def key_of(self, moe_layer: int) -> int:
         return moe_layer

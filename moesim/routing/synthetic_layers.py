@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from moesim.config.feasibility import limit_units
+from moesim.config.feasibility import layer_draws, limit_units
 from moesim.config.scenario import Scenario
 from moesim.placement.layout import LayerPlacement, scenario_placement
 from moesim.routing.batch import (
@@ -27,13 +27,6 @@ from moesim.routing.batch import (
 )
 from moesim.routing.dropping import Capacity, capacity_of, routed_batch
 from moesim.routing.synthetic import expert_popularity, sample_topk, sample_topk_counts
-
-
-def layer_draws(scenario: Scenario) -> int:
-    """How many independent layer draws the scenario makes (``S``)."""
-    moe_layers = scenario.model.moe_layers
-    wanted = scenario.routing.layer_samples
-    return moe_layers if wanted is None else min(wanted, moe_layers)
 
 
 def draw_popularity(scenario: Scenario, rng: np.random.Generator) -> np.ndarray:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from moesim.config.feasibility import MAX_ASSIGNMENTS, MAX_OP_ROWS
+from moesim.config.feasibility import MAX_ASSIGNMENTS, MAX_BATCH_PAIRS, MAX_OP_ROWS
 from moesim.config.loading import load_scenario
 from moesim.errors import InputError
 
@@ -58,8 +58,21 @@ def test_a_step_too_large_for_one_simulation_names_its_size():
 
 
 def test_the_largest_shipped_case_stays_inside_the_limits():
-    # DeepSeek-V3, 2048 GPUs, 4096 tokens per GPU: what `make bench` runs.
-    load_scenario(None, overrides=["parallel.gpus=2048", "parallel.ep=256"])
+    # DeepSeek-V3, 2048 GPUs, 4096 tokens per GPU, every MoE layer routed on its own:
+    # what `make bench` runs.
+    load_scenario(None, overrides=["parallel.gpus=2048", "parallel.ep=256",
+                                   "routing.layer_samples=null"])
+
+
+def test_an_ep_group_too_wide_for_its_traffic_matrices_names_the_ep_size():
+    # Few tokens, so the assignments are in range: 13 MoE layers x 2 micro-batches of
+    # 4096 x 4096 pairs are not.
+    err = refusal("topology=dgx-b300-superpod", "parallel.gpus=4096", "parallel.ep=4096",
+                  "model.routed_experts=4096", "parallel.tokens_per_gpu=16",
+                  "model.num_layers=16", "routing.layer_samples=null")
+    assert err.field == "parallel.ep" and f"{MAX_BATCH_PAIRS:,}" in err.allowed
+    load_scenario(None, overrides=[*SMALL, "parallel.gpus=2048", "parallel.ep=2048",
+                                   "model.routed_experts=2048", "parallel.tokens_per_gpu=16"])
 
 
 def test_a_whole_step_with_too_many_micro_batches_names_the_global_batch():
