@@ -19,8 +19,9 @@ class InputError(ValueError):
         allowed: str | None = None,
         source: str | None = None,
     ) -> None:
-        self.problem = problem
-        self.field = field
+        # A value or key from the input may be megabytes long: the line stays readable.
+        self.problem = _clipped(problem, 500)
+        self.field = None if field is None else _clipped(field, 200)
         self.allowed = allowed
         self.source = source
         super().__init__(str(self))
@@ -37,3 +38,7 @@ class InputError(ValueError):
         if self.allowed:
             text += f" (allowed: {self.allowed})"
         return text
+
+
+def _clipped(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."

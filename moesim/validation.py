@@ -96,7 +96,7 @@ def input_error(err: ValidationError, *, schema: type, source: str | None = None
     elif kind in ("missing", "missing_keyword_argument"):
         problem = "missing required field"
     elif kind == "union_tag_invalid":
-        problem = f"unknown {_name(field)} kind {ctx['tag']!r}"
+        problem = f"unknown {_name(field)} kind {_shown(ctx['tag'])}"
         field += ".kind"
         allowed = ", ".join(_tags(_walk(schema, loc)[1]))
     elif kind == "union_tag_not_found":
@@ -104,7 +104,7 @@ def input_error(err: ValidationError, *, schema: type, source: str | None = None
         field += ".kind"
         allowed = ", ".join(_tags(_walk(schema, loc)[1]))
     elif kind == "literal_error":
-        problem = f"invalid value {first.get('input')!r}"
+        problem = f"invalid value {_shown(first.get('input'))}"
         allowed = ctx.get("expected")
     elif kind == "too_short":
         problem = "must not be empty"

@@ -62,3 +62,13 @@ def test_json_has_the_limits_yaml_has(text, problem):
     nested = "[" * MAX_DEPTH + "]" * MAX_DEPTH
     assert load_json(nested, source="x") is not None
     assert load_json('{"n": 12345678901234567890}', source="x") == {"n": 12345678901234567890}
+
+
+@pytest.mark.parametrize("text", ["mode: " + "x" * 1_000_000, "x" * 1_000_000 + ": 1"])
+def test_a_huge_value_or_key_is_not_echoed_whole(tmp_path, text):
+    path = tmp_path / "huge.yaml"
+    path.write_text(text + "\n")
+    result = CliRunner().invoke(app, ["simulate", str(path)])
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"moesim: error: {path}") and len(line) < 1000
