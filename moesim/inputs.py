@@ -8,6 +8,7 @@ never reaches the parser's corners or silently keeps the last value.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,11 @@ def read_text(path: str | Path, *, what: str = "file",
     """The UTF-8 text of ``path``, at most ``limit`` bytes."""
     source = str(path)
     try:
-        with open(path, "rb") as fh:
+        # A named pipe with no writer would block open() forever; opened without
+        # blocking it reads as empty instead, and a writer's data still arrives.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as fh:
             data = fh.read(limit + 1)
     except IsADirectoryError:
         raise InputError(f"is a folder, not a {what}", source=source) from None

@@ -72,3 +72,13 @@ def test_a_huge_value_or_key_is_not_echoed_whole(tmp_path, text):
     assert result.exit_code == 2
     (line,) = result.output.strip().splitlines()
     assert line.startswith(f"moesim: error: {path}") and len(line) < 1000
+
+
+def test_a_named_pipe_without_a_writer_reads_as_empty_rather_than_waiting(tmp_path):
+    import os
+
+    pipe = tmp_path / "scenario.yaml"
+    os.mkfifo(pipe)
+    assert read_text(pipe) == ""
+    with pytest.raises(InputError, match="is a folder"):
+        read_text(tmp_path)
