@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from moesim.cli.common import guarded, write_trace
+from moesim.errors import InputError
 
 trace_app = typer.Typer(help="Routing traces (schema moesim.trace/1).", no_args_is_help=True)
+
+MAX_CAPACITY_FACTOR = 10_000  # as a scenario's routing.capacity_factor
+# synthetic_trace's arguments, as `trace synth` spells them
+_SYNTH_FLAGS = {"num_experts": "--experts", "top_k": "--top-k", "num_layers": "--layers",
+                "num_tokens": "--tokens", "seq_len": "--seq-len", "skew": "--skew",
+                "correlation": "--correlation", "layer_correlation": "--layer-correlation",
+                "seed": "--seed"}
+
+
+def _check_capacity_factor(value: float | None) -> None:
+    # An infinite or astronomical factor overflows the integer capacity per device.
+    if value is not None and not (math.isfinite(value) and 0 < value <= MAX_CAPACITY_FACTOR):
+        raise InputError(f"got {value!r}", field="--capacity-factor",
+                         allowed=f"a finite number > 0 and <= {MAX_CAPACITY_FACTOR:,}")
 
 
 @trace_app.command("stats")
@@ -48,6 +64,7 @@ def stats(
         trace_warnings,
     )
 
+    _check_capacity_factor(capacity_factor)
     loaded = RoutingTrace.load(trace)
     for warning in trace_warnings(loaded):
         typer.echo(f"moesim: warning: {warning}", err=True)
@@ -156,8 +173,12 @@ def synth(
                        ("layer_correlation", layer_correlation)):
         if value is not None:
             params[key] = value
-    trace = synthetic_trace(num_experts=experts, top_k=top_k, num_layers=layers,
-                            num_tokens=tokens, seq_len=seq_len, seed=seed, **params)
+    try:
+        trace = synthetic_trace(num_experts=experts, top_k=top_k, num_layers=layers,
+                                num_tokens=tokens, seq_len=seq_len, seed=seed, **params)
+    except InputError as err:  # name the flag, not the library's argument
+        raise InputError(err.problem, field=_SYNTH_FLAGS.get(err.field, err.field),
+                         allowed=err.allowed, source=err.source) from None
     if fit is not None:
         trace.metadata["source"]["fitted_to"] = str(fit)
     write_trace(out, trace)

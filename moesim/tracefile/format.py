@@ -38,7 +38,9 @@ from typing import Any
 
 import numpy as np
 
+from moesim.config.feasibility import MAX_ASSIGNMENTS
 from moesim.errors import InputError
+from moesim.inputs import MAX_DEPTH, MAX_FILE_BYTES, load_json
 
 SCHEMA = "moesim.trace/1"
 _REQUIRED_META = ("schema", "num_experts", "top_k", "layer_indices", "gate", "source")
@@ -46,10 +48,19 @@ _ARRAYS = ("expert_ids", "weights", "scores", "bias", "seq_id", "pos", "src_rank
 MAP_BYTES = 1 << 20  # stored members at least this large are mapped, not read
 _ALIGN = 64  # a stored array's data starts at a multiple of this in the file
 _PAD_ID = 0xD935  # the zip extra field that pads a local header (as zipalign's)
-# What damaged archives raise: in zip and zlib, in a member's .npy header (numpy
-# parses it as Python literals).
+# What damaged archives raise: in zip and zlib (RuntimeError: a member flagged as
+# encrypted), in a member's .npy header (numpy parses it as Python literals).
 _READ_ERRORS = (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error,
-                NotImplementedError, struct.error, SyntaxError, tokenize.TokenError)
+                NotImplementedError, struct.error, SyntaxError, tokenize.TokenError,
+                RuntimeError)
+# What a trace may declare (README: Limits), checked on each member's .npy header before
+# anything is allocated: a simulation's own bounds on layers and on one layer's routed
+# assignments (moesim.config: 1,024 and MAX_ASSIGNMENTS), and for members read into
+# memory rather than mapped (deflated ones, small ones) a total that fits beside a run.
+MAX_LAYERS = 1024
+MAX_READ_BYTES = 4 * 2**30
+_LAYERED = ("expert_ids", "weights", "scores", "bias")  # axis 0: layers
+_PER_TOKEN = ("seq_id", "pos", "src_rank")
 
 
 @dataclass(frozen=True, kw_only=True, eq=False)
@@ -130,33 +141,15 @@ class RoutingTrace:
         stored members are mapped rather than read."""
         try:
             with np.load(file, allow_pickle=False) as archive:
-                arrays = {}
-                for name in archive.files:
-                    mapped = None if path is None else _mapped(archive.zip, name, path)
-                    arrays[name] = archive[name] if mapped is None else mapped
+                names = _member_names(archive.zip, source=source)
+                arrays = _read_members(archive, names, source=source, path=path)
+        except InputError:
+            raise
         # Damaged members fail inside zlib or with an unknown compression method.
         except _READ_ERRORS as err:
             raise InputError(f"not a moesim trace archive ({err})", source=source,
                              allowed=f"a .npz written by moesim ({SCHEMA})") from None
-        try:
-            raw = arrays.pop("metadata")
-        except KeyError:
-            raise InputError("no metadata in the archive", field="metadata",
-                             source=source) from None
-        try:
-            metadata = json.loads(raw.astype(np.uint8).tobytes().decode("utf-8"))
-        except (ValueError, UnicodeDecodeError):
-            raise InputError("metadata is not JSON", field="metadata", source=source) from None
-        if not isinstance(metadata, dict):
-            raise InputError(f"metadata is a JSON {type(metadata).__name__}", field="metadata",
-                             source=source, allowed="a JSON object")
-        unknown = sorted(set(arrays) - set(_ARRAYS))
-        if unknown:
-            raise InputError(f"unknown arrays {unknown}", field=unknown[0], source=source,
-                             allowed=", ".join(_ARRAYS))
-        for name in ("expert_ids", "weights", "seq_id", "pos"):
-            if name not in arrays:
-                raise InputError("missing array", field=name, source=source)
+        metadata = _metadata(arrays.pop("metadata"), source=source)
         try:
             return cls(metadata=metadata, **arrays)
         except InputError as err:
@@ -194,6 +187,116 @@ class RoutingTrace:
         for array in (self.scores, self.expert_ids, self.weights):
             if array is not None:
                 release_pages(array[layer])
+
+
+def _member_names(archive: zipfile.ZipFile, *, source: str) -> list[str]:
+    """The arrays the archive holds, each a ``{name}.npy`` member; any other member, or a
+    missing required one, is refused before anything is read."""
+    names = [member[:-4] if member.endswith(".npy") else member
+             for member in archive.namelist()]
+    unknown = sorted({name for name, member in zip(names, archive.namelist(), strict=True)
+                      if name not in (*_ARRAYS, "metadata") or not member.endswith(".npy")})
+    if unknown:
+        raise InputError(f"unknown arrays {unknown}", field=unknown[0], source=source,
+                         allowed=", ".join(_ARRAYS))
+    if "metadata" not in names:
+        raise InputError("no metadata in the archive", field="metadata", source=source)
+    for name in ("expert_ids", "weights", "seq_id", "pos"):
+        if name not in names:
+            raise InputError("missing array", field=name, source=source)
+    return list(dict.fromkeys(names))
+
+
+def _read_members(archive, names: list[str], *, source: str,
+                  path: str | None) -> dict[str, np.ndarray]:
+    """Every member as an array: mapped where it can be, else read, after its header
+    has been checked against the member's size and the limits."""
+    arrays, in_memory = {}, 0
+    for name in names:
+        nbytes = _declared_bytes(archive.zip, name, source=source)
+        mapped = None if path is None else _mapped(archive.zip, name, path)
+        if mapped is None:
+            in_memory += nbytes
+            if in_memory > MAX_READ_BYTES:
+                raise InputError(
+                    f"arrays to read into memory reach {_gib(in_memory)} at {name}",
+                    field=name, source=source,
+                    allowed=f"at most {_gib(MAX_READ_BYTES)} of arrays read into memory "
+                            "(deflated ones; stored ones, as moesim writes them, are mapped)")
+            arrays[name] = archive[name]
+        else:
+            arrays[name] = mapped
+    return arrays
+
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.3g} GiB"
+
+
+def _declared_bytes(archive: zipfile.ZipFile, name: str, *, source: str) -> int:
+    """The bytes member ``name``'s .npy header declares, read from the header alone;
+    numpy would allocate them before reading a byte of data, so a size the member
+    cannot hold, or beyond what a trace may be, is refused here."""
+    info = archive.getinfo(f"{name}.npy")
+    with archive.open(info) as member:
+        version = np.lib.format.read_magic(member)
+        if version == (1, 0):
+            shape, _fortran, dtype = np.lib.format.read_array_header_1_0(member)
+        elif version in ((2, 0), (3, 0)):  # 3.0 differs only in the header's encoding
+            shape, _fortran, dtype = np.lib.format.read_array_header_2_0(member)
+        else:
+            raise ValueError(f"{name}.npy: unknown .npy format version {version}")
+        held = info.file_size - member.tell()
+    if any(size < 0 for size in shape):
+        raise InputError(f"its header declares the shape {shape}", field=name, source=source,
+                         allowed="sizes >= 0")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes > held:
+        raise InputError(
+            f"its .npy header declares shape {shape} of {dtype}, {nbytes:,} bytes, but the "
+            f"member holds {max(held, 0):,}", field=name, source=source,
+            allowed="arrays no larger than the data the archive holds")
+    _check_declared_shape(name, shape, nbytes, source=source)
+    return nbytes
+
+
+def _check_declared_shape(name: str, shape: tuple[int, ...], nbytes: int, *,
+                          source: str) -> None:
+    """The trace limits, on a shape before its array exists (the exact shapes are
+    checked after loading, by validate)."""
+    layers = shape[0] if shape else 1
+    per_layer = math.prod(shape[1:])
+    if name in _LAYERED and layers > MAX_LAYERS:
+        raise InputError(f"{layers:,} layers (shape {shape})", field=name, source=source,
+                         allowed=f"at most {MAX_LAYERS:,} layers")
+    if name in ("expert_ids", "weights") and per_layer > MAX_ASSIGNMENTS:
+        raise InputError(f"{per_layer:,} assignments (tokens x K) per layer (shape {shape})",
+                         field=name, source=source,
+                         allowed=f"at most {MAX_ASSIGNMENTS:,} assignments per layer")
+    if name in _PER_TOKEN and math.prod(shape) > MAX_ASSIGNMENTS:
+        raise InputError(f"{math.prod(shape):,} tokens (shape {shape})", field=name,
+                         source=source, allowed=f"at most {MAX_ASSIGNMENTS:,} tokens")
+    if name == "metadata" and nbytes > MAX_FILE_BYTES:
+        raise InputError(f"{_gib(nbytes)} of metadata", field=name, source=source,
+                         allowed=f"at most {MAX_FILE_BYTES // 2**20} MiB of JSON")
+
+
+def _metadata(raw: np.ndarray, *, source: str) -> dict[str, Any]:
+    """The metadata member's JSON object (bounded in depth and numbers, as every input)."""
+    try:
+        text = raw.astype(np.uint8).tobytes().decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        raise InputError("metadata is not JSON", field="metadata", source=source,
+                         allowed="UTF-8 JSON text") from None
+    try:
+        metadata = load_json(text, source=source)
+    except InputError as err:
+        raise InputError(err.problem, field="metadata", source=source,
+                         allowed=f"a JSON object nested at most {MAX_DEPTH} levels") from None
+    if not isinstance(metadata, dict):
+        raise InputError(f"metadata is a JSON {type(metadata).__name__}", field="metadata",
+                         source=source, allowed="a JSON object")
+    return metadata
 
 
 def _mapped(archive: zipfile.ZipFile, name: str, path: str) -> np.ndarray | None:
@@ -370,6 +473,9 @@ def validate(trace: RoutingTrace) -> None:
         if size == 0:
             _fail(f"no {what}: expert_ids has shape {ids.shape}", "expert_ids",
                   "at least one layer, one token and one expert per token")
+    if n_layers > MAX_LAYERS or n_tokens * top_k > MAX_ASSIGNMENTS:
+        _fail(f"{n_layers:,} layers of {n_tokens:,} tokens x top-{top_k}", "expert_ids",
+              f"at most {MAX_LAYERS:,} layers and {MAX_ASSIGNMENTS:,} assignments per layer")
     n_experts = meta["num_experts"]
     if not _is_int(n_experts) or n_experts < 1 or n_experts >= 2**15:
         _fail(f"bad expert count {n_experts!r}", "metadata.num_experts", "1..32767")

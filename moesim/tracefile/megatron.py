@@ -26,28 +26,34 @@ How records become a trace (:func:`import_megatron`):
   renormalised); without logits, the weights are unknown and set to ``1/K``, and
   ``metadata.weights.known`` is false.
 
-Every record of every step is checked; each problem is an :class:`InputError` naming the
-file and line (``router_trace_rank0.jsonl:17``), the field and what is allowed.
+Every record of every step is checked, a line at a time (at most ``MAX_LINE_BYTES``);
+only the imported step's expert ids are kept. Each problem is an :class:`InputError`
+naming the file and line (``router_trace_rank0.jsonl:17``), the field and what is allowed.
 """
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from moesim.errors import InputError
+from moesim.inputs import load_json
 from moesim.tracefile.format import RoutingTrace
 
 _FILE_RE = re.compile(r"router_trace_rank(\d+)\.jsonl$")
 _FIELDS = ("step", "block", "layer", "rank", "num_tokens", "topk", "top_indices")
 _LOGIT_FIELDS = ("logit_offset", "logit_bytes", "logit_shape")
 _BLOCKS = ("decoder", "mtp")
+# One record holds one micro-batch of one layer on one rank: 32,768 tokens x top-8 is
+# about 1.3 MB of JSON, 64 MiB about 2 million tokens x top-8. A longer line is a
+# mistake (or /dev/zero), refused before it is parsed: parsing takes about 12 bytes of
+# memory per byte of JSON (measured: 0.5 GB and 10 s for a 44 MiB line).
+MAX_LINE_BYTES = 64 * 2**20
 SCORE_FUNCTIONS = ("softmax", "sigmoid", "sqrtsoftplus")
 
 LayerKey = tuple[int, int, int]  # (0 decoder / 1 mtp, mtp_idx or -1, layer): sorts as wanted
@@ -60,7 +66,7 @@ class _Record:
     key: LayerKey
     rank: int
     topk: int
-    ids_tk: np.ndarray  # int16 [num_tokens, topk]
+    ids_tk: np.ndarray | None  # int16 [num_tokens, topk]; None for a step not imported
     logits: tuple[int, int] | None  # (offset, bytes) in the rank's logits sidecar
 
 
@@ -79,9 +85,9 @@ def _int_field(rec: dict, name: str, where: str, lo: int = 0) -> int:
 
 def _parse_record(line: str, where: str, *, num_experts: int) -> _Record:
     try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise InputError(f"not JSON ({err.msg} at column {err.colno})", source=where,
+        rec = load_json(line, source=where)
+    except InputError as err:
+        raise InputError(err.problem, source=where,
                          allowed="one JSON object per line") from None
     if not isinstance(rec, dict):
         raise InputError(f"a JSON {type(rec).__name__}, not an object", source=where,
@@ -123,6 +129,9 @@ def _parse_record(line: str, where: str, *, num_experts: int) -> _Record:
         raise InputError(f"expert ids range {ids_tk.min()}..{ids_tk.max()}",
                          field="top_indices", source=where,
                          allowed=f"0..{num_experts - 1} (num_experts = {num_experts})")
+    if _repeats(ids_tk):
+        raise InputError("a token chooses the same expert twice", field="top_indices",
+                         source=where, allowed=f"{topk} distinct experts per token")
 
     logits = None
     present = [name for name in _LOGIT_FIELDS if name in rec]
@@ -144,28 +153,68 @@ def _parse_record(line: str, where: str, *, num_experts: int) -> _Record:
                    ids_tk=ids_tk.astype(np.int16), logits=logits)
 
 
-def _read_file(path: Path, *, num_experts: int) -> list[_Record]:
-    """Every record of one rank's file, checked; records keep only what import needs."""
+def _repeats(ids_tk: np.ndarray) -> bool:
+    """Whether a token (row) names an expert twice."""
+    ordered = np.sort(ids_tk, axis=1)
+    return bool((ordered[:, 1:] == ordered[:, :-1]).any())
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """The file's non-blank lines with their numbers, read one at a time (a rank's file
+    holds every step); a line longer than MAX_LINE_BYTES, or not UTF-8, is refused."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise InputError(f"cannot read file ({err})", source=str(path)) from None
+        with path.open("rb") as handle:
+            for number, line in enumerate(iter(lambda: handle.readline(MAX_LINE_BYTES + 1),
+                                               b""), start=1):
+                if len(line) > MAX_LINE_BYTES and not line.endswith(b"\n"):
+                    raise InputError(f"a line longer than {MAX_LINE_BYTES // 2**20} MiB",
+                                     source=f"{path}:{number}",
+                                     allowed="one JSON record per line")
+                if line.strip():
+                    yield number, _decoded(line, f"{path}:{number}")
+    except OSError as err:
+        raise InputError(f"cannot read file ({err.strerror or err})", source=str(path)
+                         ) from None
+
+
+def _decoded(line: bytes, where: str) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"not UTF-8 text (byte {err.start})", source=where,
+                         allowed="UTF-8 JSON lines") from None
+
+
+def _read_file(path: Path, *, num_experts: int, step: int | None) -> list[_Record]:
+    """Every record of one rank's file, checked; records keep only what import needs,
+    and the expert ids only of the records of the step that can be imported (``step``,
+    or the file's first: the import needs every rank's first step to be the same)."""
     match = _FILE_RE.search(path.name)
     name_rank = int(match.group(1)) if match else None
     records: list[_Record] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
+    kept, holding = step, []  # the step whose ids are kept, the records that hold them
+    for number, line in _lines(path):
         rec = _parse_record(line, f"{path}:{number}", num_experts=num_experts)
         expected = records[0].rank if records else name_rank
         if expected is not None and rec.rank != expected:
             raise InputError(f"rank {rec.rank} in the file of rank {expected}", field="rank",
                              source=rec.where, allowed=str(expected))
-        records.append(rec)
+        if step is None and (kept is None or rec.step < kept):
+            for index in holding:  # each record loses its ids at most once
+                records[index] = _dropped(records[index])
+            kept, holding = rec.step, []
+        if rec.step == kept:
+            holding.append(len(records))
+        records.append(rec if rec.step == kept else _dropped(rec))
     if not records:
         raise InputError("no records", source=str(path),
                          allowed="one JSON record per (step, block, layer)")
     return records
+
+
+def _dropped(rec: _Record) -> _Record:
+    """``rec`` without its expert ids (a step that is not imported)."""
+    return replace(rec, ids_tk=None)
 
 
 def _bf16_to_float32(raw: bytes) -> np.ndarray:
@@ -252,7 +301,7 @@ def import_megatron(
         raise InputError(f"got {step!r}", field="step", allowed="an integer >= 0 or None")
 
     files = _resolve(paths)
-    by_file = {path: _read_file(path, num_experts=num_experts) for path in files}
+    by_file = {path: _read_file(path, num_experts=num_experts, step=step) for path in files}
     chosen = step if step is not None else min(r.step for recs in by_file.values() for r in recs)
 
     ranks: dict[int, tuple[Path, list[_Record]]] = {}
@@ -267,6 +316,7 @@ def import_megatron(
             raise InputError(f"no {'' if include_mtp else 'decoder '}records for step {chosen}",
                              field="step", source=str(path),
                              allowed=", ".join(map(str, steps)))
+        assert all(r.ids_tk is not None for r in wanted), "_read_file keeps this step's ids"
         ranks[rank] = (path, wanted)
 
     # The first rank's layers and micro-batch sizes are the reference for the others.
@@ -325,6 +375,9 @@ def import_megatron(
                              num_experts=num_experts)
                 for rank in rank_order for r in layout[rank][key]]))
     ids_ltk = np.stack(ids_l)
+    if not ids_ltk.shape[1]:
+        raise InputError(f"step {chosen} has no tokens: every record of it has num_tokens 0",
+                         field="num_tokens", source=_files(ranks), allowed="records with tokens")
     seq_parts, pos_parts, rank_parts = [], [], []
     for rank in rank_order:
         for rec in layout[rank][keys[0]]:
@@ -368,12 +421,21 @@ def import_megatron(
         },
         "weights": weights_meta,
     }
-    return RoutingTrace(
-        expert_ids=ids_ltk,
-        weights=weights_ltk.astype(np.float32),
-        scores=scores,
-        seq_id=np.concatenate(seq_parts),
-        pos=np.concatenate(pos_parts),
-        src_rank=np.concatenate(rank_parts),
-        metadata=metadata,
-    )
+    try:
+        return RoutingTrace(
+            expert_ids=ids_ltk,
+            weights=weights_ltk.astype(np.float32),
+            scores=scores,
+            seq_id=np.concatenate(seq_parts),
+            pos=np.concatenate(pos_parts),
+            src_rank=np.concatenate(rank_parts),
+            metadata=metadata,
+        )
+    except InputError as err:  # the records are checked one by one above; this names them
+        raise err.with_source(_files(ranks)) from None
+
+
+def _files(ranks: dict[int, tuple[Path, list[_Record]]]) -> str:
+    """The imported files, as an error's source: the first rank's, and how many more."""
+    first = ranks[min(ranks)][0]
+    return str(first) if len(ranks) == 1 else f"{first} (and {len(ranks) - 1} more files)"

@@ -32,7 +32,7 @@ ALLOWED = {
     "cost": {"network", "comm", "config", "routing", "errors"},
     "memory": {"config", "cost", "comm", "errors"},
     "output": {"cost", "engine", "comm", "config", "errors"},
-    "tracefile": {"routing", "config", "cores", "errors", "traces"},
+    "tracefile": {"routing", "config", "cores", "errors", "inputs", "traces"},
     # The whole training step: a micro-batch's timeline, then the pipeline, DP, optimizer.
     "pipeline": {"config", "comm", "cost", "output", "memory", "topologies", "errors"},
     "simulation": {"config", "placement", "routing", "comm", "network", "cost", "memory",
