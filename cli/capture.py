@@ -13,6 +13,37 @@ from moesim.errors import InputError
 
 GATES = GATE_NAMES
 
+# What a capture may ask for: a CPU training step of the small DeepSeekMoE model takes
+# ~0.3 s with 64 experts, ~0.7 s with 256 and ~5 s with 1,024; capturing 262,144 tokens
+# of 256 experts takes ~20 s and ~3.5 GiB (the scores are [layers, tokens, experts]).
+MAX_EXPERTS = 256  # DeepSeek-V3's count; the small model is meant for a few hundred
+MAX_SHARED = 16
+MAX_STEPS = 10_000  # the default is 600
+MAX_TOKENS = 262_144  # the held-out text has about 278,000 tokens
+MAX_SEQ_LEN = 32_768
+MAX_SEED = 2**32 - 1  # numpy's and torch's seeds are unsigned
+
+
+def _check_range(value: int, lo: int, hi: int, flag: str, why: str = "") -> None:
+    if not lo <= value <= hi:
+        raise InputError(f"{value:,} is out of range", field=flag,
+                         allowed=f"{lo:,} to {hi:,}{why}")
+
+
+def _check_flags(*, train: bool, experts: int, top_k: int, shared: int, steps: int,
+                 tokens: int, seq_len: int, seed: int) -> None:
+    """Every size before anything is loaded or trained: a bad one is refused at once,
+    not after minutes of training or in a torch allocation."""
+    _check_range(seed, 0, MAX_SEED, "--seed")
+    _check_range(tokens, 1, MAX_TOKENS, "--tokens")
+    _check_range(seq_len, 1, MAX_SEQ_LEN, "--seq-len")
+    if train:
+        _check_range(experts, 1, MAX_EXPERTS, "--experts",
+                     " for the small model; more takes seconds a step and GiBs")
+        _check_range(top_k, 1, experts, "--top-k", ", the routed experts")
+        _check_range(shared, 0, MAX_SHARED, "--shared")
+        _check_range(steps, 1, MAX_STEPS, "--steps")
+
 
 @guarded
 def capture(
@@ -49,15 +80,13 @@ def capture(
     if (hf is None) == (not train):
         raise InputError("choose one source: --train (our model) or --hf PATH",
                          field="--train/--hf")
+    _check_flags(train=train, experts=experts, top_k=top_k, shared=shared, steps=steps,
+                 tokens=tokens, seq_len=seq_len, seed=seed)
     if hf is not None:
+        from moesim.inputs import read_text
         from moesim.traces.hf_capture import capture_hf
 
-        words = None
-        if text is not None:
-            try:
-                words = text.read_text(encoding="utf-8")
-            except OSError as err:
-                raise InputError(f"cannot read file ({err.strerror})", source=str(text)) from None
+        words = None if text is None else read_text(text, what="text file")
         trace = capture_hf(hf, text=words, num_tokens=tokens, seq_len=seq_len, seed=seed,
                            device=device)
     else:

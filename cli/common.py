@@ -53,17 +53,32 @@ class OneLineErrors(TyperGroup):
              **extra):
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        _name_a_command(self)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False,
                                 **extra)
         except TyperException as err:  # typer's usage errors (its own copy of click's)
             if not hasattr(err, "format_message"):
                 raise
-            where = f"{err.ctx.command_path}: " if getattr(err, "ctx", None) else ""
+            ctx = getattr(err, "ctx", None)
+            where = f"{ctx.command_path}: " if ctx else ""
             message = " ".join(err.format_message().split())
+            if message == "Missing command." and ctx and hasattr(ctx.command, "commands"):
+                message = (f"missing command (allowed: {', '.join(ctx.command.commands)}; "
+                           f"see {ctx.command_path} --help)")
             typer.echo(f"moesim: error: {where}{message}", err=True)
             sys.exit(err.exit_code)
         except typer.Abort:
             typer.echo("moesim: error: aborted", err=True)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+def _name_a_command(group) -> None:
+    """A group called without a command fails with "Missing command." (one line, exit 2),
+    not with typer's no-args help: that help printed itself and left click an empty
+    error message to show."""
+    group.no_args_is_help = False
+    for command in getattr(group, "commands", {}).values():
+        if hasattr(command, "commands"):
+            _name_a_command(command)

@@ -28,20 +28,56 @@ def _loads(path: Path):
     return read_loads(path)
 
 
-def _check(experts: int, *, gpus: int, nodes: int, groups: int, slots: int,
+SLOTS_PER_EXPERT = 4  # replicas beyond 4 per expert even out nothing a real EP group sees
+MAX_PLACED = 2**22  # layers x slots: about 15 s of placing on one core
+MAX_TABLE = 2**24  # log2phy entries: 128 MiB, and seconds of JSON
+
+
+def _slot_range(experts: int, gpus: int) -> tuple[int, int]:
+    """The fewest and the most slots: multiples of ``gpus``, at least one per expert, at
+    most ``SLOTS_PER_EXPERT`` per expert (or the fewest, when that is more)."""
+    fewest = -(-experts // gpus) * gpus
+    return fewest, max(fewest, SLOTS_PER_EXPERT * experts // gpus * gpus)
+
+
+def _check(loads_le, *, gpus: int, nodes: int, groups: int, slots: int,
            hierarchical: bool) -> None:
+    from moesim.config.parallel import MAX_GPUS  # README "Limits"
+
+    layers, experts = loads_le.shape
+    if gpus > MAX_GPUS:
+        raise InputError(f"{gpus:,} GPUs", field="--gpus", allowed=f"1 to {MAX_GPUS:,}")
     if gpus % nodes:
         raise InputError(f"{gpus} GPUs do not split over {nodes} nodes", field="--nodes",
                          allowed=f"divisors of {gpus}")
-    if slots < experts or slots % gpus:
+    fewest, most = _slot_range(experts, gpus)
+    if not fewest <= slots <= most or slots % gpus:
         raise InputError(f"{slots} slots for {experts} experts on {gpus} GPUs",
                          field="--slots",
-                         allowed=f"multiples of {gpus} that are at least {experts}")
+                         allowed=f"multiples of {gpus} from {fewest:,} (one per expert) to "
+                                 f"{most:,} ({SLOTS_PER_EXPERT} per expert)")
+    if layers * slots > MAX_PLACED:
+        raise InputError(f"{layers} layers x {slots:,} slots", field="--slots",
+                         allowed=f"layers x slots at most {MAX_PLACED:,}")
     if hierarchical and (experts % groups or groups % nodes):
         raise InputError(f"{groups} groups of {experts} experts cannot be packed whole onto "
                          f"{nodes} nodes", field="--groups",
                          allowed=f"divisors of {experts} that {nodes} divides, or --mode "
                                  "global")
+
+
+def _check_table(phy2log_ls, experts: int) -> None:
+    """``log2phy`` is [layers, experts, most replicas]: one very hot expert can get
+    almost every extra slot and make it quadratic in the experts."""
+    import numpy as np
+
+    most = max(int(np.bincount(p, minlength=experts).max()) for p in phy2log_ls)
+    entries = phy2log_ls.shape[0] * experts * most
+    if entries > MAX_TABLE:
+        raise InputError(f"an expert gets {most:,} replicas: a log2phy table of "
+                         f"{entries:,} entries", field="--slots",
+                         allowed=f"layers x experts x the most replicas of one expert at "
+                                 f"most {MAX_TABLE:,}: fewer slots")
 
 
 @guarded
@@ -77,15 +113,17 @@ def placement(
     """
     import numpy as np
 
-    from moesim.placement.eplb import gpu_loads, rebalance
+    from moesim.placement.eplb import from_phy2log, gpu_loads, place_layers
 
     loads_le = _loads(loads)
     experts = loads_le.shape[1]
     hierarchical = mode == "hierarchical"
-    _check(experts, gpus=gpus, nodes=nodes, groups=groups, slots=slots,
+    _check(loads_le, gpus=gpus, nodes=nodes, groups=groups, slots=slots,
            hierarchical=hierarchical)
-    placed = rebalance(loads_le, slots=slots, groups=groups, nodes=nodes, gpus=gpus,
-                       hierarchical=hierarchical)
+    phy2log_ls = place_layers(loads_le, slots=slots, groups=groups, nodes=nodes, gpus=gpus,
+                              hierarchical=hierarchical)
+    _check_table(phy2log_ls, experts)
+    placed = from_phy2log(phy2log_ls, experts=experts)
 
     def balance(gpu_lg) -> list[float]:
         mean = gpu_lg.mean(axis=1)

@@ -26,50 +26,46 @@ def write_report(out: Path, blocks, figures: dict, *, title: str) -> None:
 
 def _simulation(folder: Path):
     """The SimResult a `moesim simulate --out` folder holds."""
-    import json
-
-    import pandas as pd
-
+    from moesim.cli.folders import read_json, read_parquet
     from moesim.config.loading import scenario_from_dict
-    from moesim.inputs import read_text, read_yaml
+    from moesim.inputs import read_yaml
     from moesim.output.result import SimResult
 
     scenario = scenario_from_dict(read_yaml(folder / "scenario.yaml"),
                                   source=str(folder / "scenario.yaml"))
-    summary = json.loads(read_text(folder / "summary.json"))
+    summary = read_json(folder / "summary.json")
     warnings_file = folder / "warnings.json"
-    warnings = tuple(json.loads(read_text(warnings_file))) if warnings_file.exists() else ()
+    warnings = tuple(read_json(warnings_file, kind=list)) if warnings_file.exists() else ()
     balance = folder / "balance.parquet"
     return SimResult(scenario=scenario, summary=summary,
-                     spans=pd.read_parquet(folder / "spans.parquet"),
-                     links=pd.read_parquet(folder / "links.parquet"),
-                     experts=pd.read_parquet(folder / "experts.parquet"),
-                     balance=pd.read_parquet(balance) if balance.exists() else None,
+                     spans=read_parquet(folder / "spans.parquet"),
+                     links=read_parquet(folder / "links.parquet"),
+                     experts=read_parquet(folder / "experts.parquet"),
+                     balance=read_parquet(balance) if balance.exists() else None,
                      warnings=warnings)
 
 
 def build(folder: Path):
     """(blocks, figures, title) of whatever ``folder`` holds."""
-    import json
-
-    import pandas as pd
-    import yaml
-
-    from moesim.inputs import read_text
+    from moesim.cli.folders import read_json, read_parquet
+    from moesim.inputs import read_yaml
 
     if (folder / "plan.json").exists():
         from moesim.reports.plan_report import build_plan_report
 
-        document = json.loads(read_text(folder / "plan.json"))
-        blocks, figures = build_plan_report(document, pd.read_parquet(folder / "plan.parquet"))
+        document = read_json(folder / "plan.json")
+        blocks, figures = build_plan_report(document, read_parquet(folder / "plan.parquet"))
         return blocks, figures, "moesim plan"
     if (folder / "results.parquet").exists():
         from moesim.reports.sweep_report import build_sweep_report
 
-        spec = yaml.safe_load(read_text(folder / "sweep.yaml"))
+        spec = read_yaml(folder / "sweep.yaml", what="sweep file")
+        if not isinstance(spec, dict):
+            raise InputError("not a sweep file (a YAML mapping)", source=str(folder /
+                                                                            "sweep.yaml"))
         progress = folder / "progress.json"
-        progress = json.loads(read_text(progress)) if progress.exists() else None
-        blocks, figures = build_sweep_report(pd.read_parquet(folder / "results.parquet"), spec,
+        progress = read_json(progress) if progress.exists() else None
+        blocks, figures = build_sweep_report(read_parquet(folder / "results.parquet"), spec,
                                              progress=progress)
         return blocks, figures, "moesim sweep"
     if (folder / "summary.json").exists():

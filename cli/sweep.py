@@ -31,8 +31,8 @@ def read_stored(out: Path, spec_text: str, points, *, resume: bool,
                 marker: str) -> list[dict]:
     """The rows a previous run of the same sweep stored in ``out`` (with ``--resume``);
     refuses to write over another run's results, or to mix them with this one's."""
-    import pandas as pd
-
+    from moesim.cli.folders import read_parquet
+    from moesim.inputs import read_text
     from moesim.output.tables import plain_records
 
     done = results_path(out)
@@ -42,10 +42,11 @@ def read_stored(out: Path, spec_text: str, points, *, resume: bool,
         raise InputError(f"{out} already holds results; pass --resume to continue that "
                          "run, or choose another --out", field="--out")
     stored_spec = out / marker
-    if not stored_spec.exists() or stored_spec.read_text("utf-8") != spec_text:
+    if not stored_spec.exists() or read_text(stored_spec, what=marker) != spec_text:
         raise InputError(f"{out} holds the results of a different {marker}; --resume "
                          "continues the same one", field="--resume")
-    frame = pd.read_parquet(done)
+    # A damaged results.parquet is one line naming it, not pyarrow's traceback.
+    frame = read_parquet(done, columns=("scenario_hash",))
     stray = set(frame["scenario_hash"]) - {p.key for p in points}
     if stray:
         raise InputError(f"{len(stray)} of the {len(frame)} points stored in {out} are not "

@@ -81,8 +81,16 @@ def memory_by_point(results: pd.DataFrame, labels: list[str], capacity_gib: floa
 
 def frontier(points: pd.DataFrame, front: pd.DataFrame, winner: pd.Series | None, *,
              x: str, y: str, x_label: str, y_label: str, target: float | None = None):
-    """Every simulated setup, the Pareto frontier through the best ones and the winner."""
+    """Every simulated setup, the Pareto frontier through the best ones and the winner.
+
+    Setups whose coordinates are not finite (an overflowing cost) are left out: matplotlib
+    refuses infinite axis limits, and no scale shows them."""
     plt = _plt()
+    points, front = _finite(points, x, y), _finite(front, x, y)
+    if winner is not None and not np.isfinite([winner[x], winner[y]]).all():
+        winner = None
+    if target is not None and not np.isfinite(target):
+        target = None
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.scatter(points[x], points[y], color="0.65", s=18, label="simulated setups")
     ordered = front.sort_values(x)
@@ -93,11 +101,19 @@ def frontier(points: pd.DataFrame, front: pd.DataFrame, winner: pd.Series | None
     if target is not None:
         ax.axhline(target, color="tab:green", ls="--", lw=1, label="target")
     ax.set_ylim(bottom=0)
-    if (points[x] >= 0).all():
-        ax.set_xlim(left=0, right=points[x].max() * 1.1)
+    if len(points) and (points[x] >= 0).all() and np.isfinite(points[x].max() * 1.1):
+        ax.set_xlim(left=0, right=points[x].max() * 1.1 or None)
     ax.set_xlabel(x_label)
     ax.set_ylabel(y_label)
     ax.set_title("Plan: simulated setups and their frontier")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     return fig
+
+
+def _finite(frame: pd.DataFrame, x: str, y: str) -> pd.DataFrame:
+    """The rows of ``frame`` with finite ``x`` and ``y`` (an empty frontier has no columns)."""
+    if x not in frame or y not in frame:
+        return pd.DataFrame(columns=[x, y], dtype=float)
+    values = frame[[x, y]].to_numpy(dtype=float, na_value=np.nan)
+    return frame[np.isfinite(values).all(axis=1)]

@@ -21,7 +21,14 @@ from moesim.validation import StrictModel, field_names, input_error
 
 SCHEMA = "moesim.topology/1"
 FABRIC_KINDS = ("none", "rail-optimized", "multi-plane")
+MAX_SPINES = 4096  # per fabric (or per plane): far beyond a two-layer fat tree
+# Leaf-to-spine links at max_gpus: each is a networkx edge, ~10 s per 131,072 built.
+MAX_UPLINKS = 2**18
 _PACKAGE = "moesim.topologies"
+
+# README: Limits. The scenario's own bound (moesim.config.parallel.MAX_GPUS) is the same;
+# config imports topologies, not the other way round, so each states it.
+MAX_GPUS = 65_536
 
 
 class _Strict(StrictModel):
@@ -52,10 +59,11 @@ class LinksSpec(_Strict):
 
 class FabricSpec(_Strict):
     kind: Literal["none", "rail-optimized", "multi-plane"]
-    rails: int = Field(default=1, ge=1, description="NIC rails per domain (= planes)")
-    domains_per_leaf: int | None = Field(default=None, ge=1)
-    spines: int | None = Field(default=None, ge=1, description="rail-optimized only")
-    spines_per_plane: int | None = Field(default=None, ge=1, description="multi-plane only")
+    rails: int = Field(default=1, ge=1, le=MAX_GPUS, description="NIC rails per domain (= planes)")
+    domains_per_leaf: int | None = Field(default=None, ge=1, le=MAX_GPUS)
+    spines: int | None = Field(default=None, ge=1, le=MAX_SPINES, description="rail-optimized only")
+    spines_per_plane: int | None = Field(default=None, ge=1, le=MAX_SPINES,
+                                         description="multi-plane only")
     oversubscription: float = Field(default=1.0, gt=0, description="leaf down / leaf up bw")
 
 
@@ -65,9 +73,9 @@ class TopologySpec(_Strict):
     description: str = ""
     source: str
     gpu: str = Field(min_length=1, description="GPU hardware preset name")
-    gpus_per_domain: int = Field(ge=1)
-    default_gpus: int = Field(ge=1)
-    max_gpus: int = Field(ge=1)
+    gpus_per_domain: int = Field(ge=1, le=MAX_GPUS)
+    default_gpus: int = Field(ge=1, le=MAX_GPUS)
+    max_gpus: int = Field(ge=1, le=MAX_GPUS, description="README Limits: 65,536 GPUs")
     links: LinksSpec
     fabric: FabricSpec
 
@@ -159,6 +167,11 @@ def _check(spec: TopologySpec, source: str) -> None:
             fail(f"fabric kind {fabric.kind!r} needs it", f"fabric.{needed}")
         if getattr(fabric, other) is not None:
             fail(f"not used by fabric kind {fabric.kind!r}", f"fabric.{other}", needed)
+        uplinks = _uplinks_at_most(spec)
+        if uplinks > MAX_UPLINKS:
+            fail(f"{uplinks:,} leaf-spine links at max_gpus {spec.max_gpus:,}",
+                 f"fabric.{needed}",
+                 f"leaves x {needed} at most {MAX_UPLINKS:,} (fewer spines or max_gpus)")
     if spec.max_gpus > gpd and spec.max_gpus % gpd:
         fail(
             f"more than one domain must be whole domains of {gpd} GPUs",
@@ -166,6 +179,19 @@ def _check(spec: TopologySpec, source: str) -> None:
             f"1..{gpd} or a multiple of {gpd}",
         )
     domains_for(spec, spec.default_gpus, source=source, field="default_gpus")
+
+
+def _uplinks_at_most(spec: TopologySpec) -> int:
+    """Leaf-spine links of the topology built with ``max_gpus`` (as topologies/build.py
+    lays them out), so that no GPU count a file allows builds a graph too big to hold."""
+    fabric = spec.fabric
+    assert fabric.domains_per_leaf is not None
+    domains = -(-spec.max_gpus // spec.gpus_per_domain)
+    leaves_per_rail = -(-domains // fabric.domains_per_leaf)
+    leaves = min(fabric.rails, spec.max_gpus) * leaves_per_rail
+    if fabric.kind == "multi-plane":
+        return leaves * (fabric.spines_per_plane or 0) if leaves_per_rail > 1 else 0
+    return leaves * (fabric.spines or 0) if leaves > 1 else 0
 
 
 def domains_for(spec: TopologySpec, gpus: Any, *, source: str | None, field: str = "gpus") -> int:

@@ -203,16 +203,23 @@ def recorded_files(
     """Files named, and the ``*.yaml`` and ``*.parquet`` (recorded-run tables) of folders
     named; a folder's ``known_gaps.yaml`` only with ``include_known_gaps`` (naming that
     file directly always runs it)."""
+    allowed = "recorded-run YAML or Parquet files, or folders of them"
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += [f for f in sorted([*p.glob("*.yaml"), *p.glob("*.parquet")])
-                      if include_known_gaps or f.name != KNOWN_GAPS]
+            found = [f for f in sorted([*p.glob("*.yaml"), *p.glob("*.parquet")])
+                     if include_known_gaps or f.name != KNOWN_GAPS]
+            if not found:  # nothing compared must not read as "all passed"
+                other = "" if include_known_gaps else f" other than {KNOWN_GAPS}"
+                raise InputError(f"a folder without recorded runs (*.yaml or *.parquet{other})",
+                                 source=str(p), allowed=allowed)
+            files += found
         elif p.is_file():
             files.append(p)
+        elif p.exists():
+            raise InputError("not a regular file or a folder", source=str(p), allowed=allowed)
         else:
-            raise InputError("no such file or folder", source=str(p),
-                             allowed="recorded-run YAML or Parquet files, or folders of them")
+            raise InputError("no such file or folder", source=str(p), allowed=allowed)
     return files
 
 

@@ -17,7 +17,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import ConfigDict, Field, ValidationError
 
-from moesim.config.parallel import KernelName
+from moesim.config.model import MAX_EXPERTS
+from moesim.config.parallel import MAX_GPUS, KernelName
 from moesim.config.training import Precision, Schedule
 from moesim.errors import InputError
 from moesim.inputs import read_yaml
@@ -26,7 +27,15 @@ from moesim.validation import StrictModel, field_names, input_error
 SCHEMA = "moesim.recorded-run/1"
 KNOWN_GAPS = "known_gaps.yaml"  # runs the model is known to miss; run only on request
 
-Positive = Annotated[int, Field(gt=0)]
+# The scenario's limits (README "Limits"): a recorded run is simulated like a scenario, and
+# its sizes reach numpy allocations (an array per expert, per GPU, per routed pick).
+Gpus = Annotated[int, Field(gt=0, le=MAX_GPUS)]
+Experts = Annotated[int, Field(gt=0, le=MAX_EXPERTS)]
+Tokens = Annotated[int, Field(gt=0, le=1_048_576)]  # per rank / GPU
+Width = Annotated[int, Field(gt=0, le=65_536)]  # hidden size, top-k, SMs, pipeline stages
+Rows = Annotated[int, Field(gt=0, le=2**24)]  # a GEMM's M, a batch, a sequence
+Inner = Annotated[int, Field(gt=0, le=2**20)]  # a GEMM's N and K
+Bytes = Annotated[int, Field(gt=0, le=2**40)]  # an all-to-all buffer per rank: 1 TiB
 
 
 class Source(StrictModel):
@@ -43,13 +52,13 @@ class EpDispatchCombine(StrictModel):
 
     kind: Literal["ep-dispatch-combine"]
     kernel: KernelName
-    tokens_per_rank: Positive
-    hidden: Positive
-    experts: Positive
-    top_k: Positive
-    topk_groups: Positive | None = None  # max nodes a token may reach; None = no limit
+    tokens_per_rank: Tokens
+    hidden: Width
+    experts: Experts
+    top_k: Annotated[int, Field(gt=0, le=1024)]  # the scenario's model.top_k limit
+    topk_groups: Gpus | None = None  # max nodes a token may reach; None = no limit
     routing: Literal["uniform-random"] = "uniform-random"
-    comm_sms: Positive | None = None  # SMs the kernel ran on (DeepEP: slower below its need)
+    comm_sms: Width | None = None  # SMs the kernel ran on (DeepEP: slower below its need)
     dispatch_dtype: Literal["fp8", "bf16"] = "fp8"
     combine_dtype: Literal["bf16"] = "bf16"
     nvlink: bool = True  # low-latency kernels: False = same-node copies over RDMA too
@@ -59,10 +68,10 @@ class GroupedGemm(StrictModel):
     """``groups`` GEMMs of ``m_per_group x n x k`` in one kernel (DeepGEMM's MoE GEMMs)."""
 
     kind: Literal["grouped-gemm"]
-    groups: Positive
-    m_per_group: Positive
-    n: Positive
-    k: Positive
+    groups: Experts
+    m_per_group: Rows
+    n: Inner
+    k: Inner
     dtype: Literal["fp8", "bf16"] = "fp8"
     layout: Literal["contiguous", "masked"]
 
@@ -71,9 +80,9 @@ class DenseGemm(StrictModel):
     """One ``m x n x k`` GEMM."""
 
     kind: Literal["dense-gemm"]
-    m: Positive
-    n: Positive
-    k: Positive
+    m: Rows
+    n: Inner
+    k: Inner
     dtype: Literal["fp8", "bf16"] = "fp8"
 
 
@@ -82,7 +91,7 @@ class AllToAll(StrictModel):
     over all ranks (itself included)."""
 
     kind: Literal["alltoall"]
-    bytes_per_rank: Positive
+    bytes_per_rank: Bytes
 
 
 class TrainingStep(StrictModel):
@@ -96,15 +105,15 @@ class TrainingStep(StrictModel):
     kind: Literal["training-step"]
     model: str  # model preset
     precision: Precision
-    global_batch: Positive
-    micro_batch: Positive
-    seq_len: Positive
-    tp: Positive = 1
-    pp: Positive = 1
-    vp: Positive = 1
-    cp: Positive = 1
-    ep: Positive
-    moe_tp: Positive = 1
+    global_batch: Rows
+    micro_batch: Width
+    seq_len: Rows
+    tp: Gpus = 1
+    pp: Width = 1
+    vp: Width = 1
+    cp: Gpus = 1
+    ep: Gpus
+    moe_tp: Gpus = 1
     schedule: Schedule | None = None
     routing: Literal["uniform"] = "uniform"
     dispatch_kernel: KernelName = "nccl-alltoall"
@@ -136,7 +145,7 @@ class Measured(StrictModel):
 class Run(StrictModel):
     id: str = Field(min_length=1)
     topology: str  # preset name or path (relative paths are found beside the file)
-    gpus: Positive
+    gpus: Gpus
     workload: Workload
     measured: dict[str, Measured] = Field(min_length=1)
     tolerance: float = Field(gt=0, le=1)  # relative: |sim - measured| / measured
@@ -236,3 +245,12 @@ def _check_ep(run: Run, at: str, source: str) -> None:
         raise InputError(f"top_k {w.top_k} exceeds the {w.experts} experts",
                          field=f"{at}.workload.top_k", source=source,
                          allowed=f"1..{w.experts}")
+    from moesim.config.feasibility import MAX_ASSIGNMENTS
+    from moesim.fidelity.benchmarks import SAMPLED_TOKENS
+
+    picks = run.gpus * min(w.tokens_per_rank, SAMPLED_TOKENS) * w.top_k
+    if picks > MAX_ASSIGNMENTS:  # the routing is drawn for every rank's sampled tokens
+        raise InputError(f"{picks:,} routed picks to draw", field=f"{at}.workload.top_k",
+                         source=source, allowed=f"gpus x min(tokens_per_rank, "
+                                                f"{SAMPLED_TOKENS}) x top_k at most "
+                                                f"{MAX_ASSIGNMENTS:,}")

@@ -18,6 +18,7 @@ replicas any expert has.
 
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,14 +47,16 @@ def balanced_packing(weight_n: np.ndarray, packs: int) -> tuple[np.ndarray, np.n
     rank_n = np.zeros(n, dtype=np.int64)
     if per_pack == 1:
         return np.arange(n), rank_n
-    load_p = np.zeros(packs)
-    count_p = np.zeros(packs, dtype=np.int64)
-    for item in np.argsort(-weight_n, kind="stable"):
-        room = np.flatnonzero(count_p < per_pack)
-        pack = room[np.argmin(load_p[room])]  # argmin: the lowest pack id on ties
+    # A heap of (load, pack) pops the lightest pack, the lowest id on ties, in
+    # O(log packs): a scan of every pack per item was quadratic on thousands of GPUs.
+    heap = [(0.0, pack) for pack in range(packs)]
+    count_p = [0] * packs
+    for item in np.argsort(-weight_n, kind="stable").tolist():
+        load, pack = heapq.heappop(heap)
         pack_n[item], rank_n[item] = pack, count_p[pack]
-        load_p[pack] += weight_n[item]
         count_p[pack] += 1
+        if count_p[pack] < per_pack:  # a full pack leaves the heap
+            heapq.heappush(heap, (load + float(weight_n[item]), pack))
     return pack_n, rank_n
 
 
@@ -69,10 +72,15 @@ def replicate(weight_n: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray,
     expert_s = np.concatenate([np.arange(n), np.zeros(slots - n, dtype=np.int64)])
     rank_s = np.zeros(slots, dtype=np.int64)
     replicas_n = np.ones(n, dtype=np.int64)
+    # A heap of (-load per replica, expert) pops the heaviest, the lowest id on ties,
+    # in O(log n) per slot instead of a scan of every expert.
+    heap = [(-float(w), expert) for expert, w in enumerate(weight_n.tolist())]
+    heapq.heapify(heap)
     for slot in range(n, slots):
-        expert = int(np.argmax(weight_n / replicas_n))
+        _, expert = heapq.heappop(heap)
         expert_s[slot], rank_s[slot] = expert, replicas_n[expert]
         replicas_n[expert] += 1
+        heapq.heappush(heap, (-float(weight_n[expert]) / replicas_n[expert], expert))
     return expert_s, rank_s, replicas_n
 
 
@@ -115,12 +123,20 @@ def rebalance(weight_le: np.ndarray, *, slots: int, groups: int, nodes: int, gpu
               hierarchical: bool = True) -> Rebalanced:
     """The placement of every layer of ``weight_le`` [L, E] (loads, e.g. tokens per expert)
     on ``gpus`` GPUs in ``nodes`` nodes with ``slots`` slots in all."""
+    phy2log_ls = place_layers(weight_le, slots=slots, groups=groups, nodes=nodes, gpus=gpus,
+                              hierarchical=hierarchical)
+    return from_phy2log(phy2log_ls, experts=np.shape(weight_le)[1])
+
+
+def place_layers(weight_le: np.ndarray, *, slots: int, groups: int, nodes: int, gpus: int,
+                 hierarchical: bool = True) -> np.ndarray:
+    """``phy2log_ls`` [L, S] of :func:`rebalance`, before its ``log2phy`` table (whose size
+    depends on the most replicas one expert got)."""
     weight_le = np.asarray(weight_le, dtype=np.float64)
     if not hierarchical:
         groups = nodes = 1
-    phy2log_ls = np.stack([rebalance_layer(w, slots=slots, groups=groups, nodes=nodes,
-                                           gpus=gpus) for w in weight_le])
-    return from_phy2log(phy2log_ls, experts=weight_le.shape[1])
+    return np.stack([rebalance_layer(w, slots=slots, groups=groups, nodes=nodes, gpus=gpus)
+                     for w in weight_le])
 
 
 def from_phy2log(phy2log_ls: np.ndarray, *, experts: int) -> Rebalanced:

@@ -9,6 +9,11 @@ import numpy as np
 from moesim.errors import InputError
 from moesim.inputs import read_text
 
+# The scenario's own limits (README "Limits"): checked before a number is parsed, so a
+# 16 MiB file of one-digit loads never becomes millions of Python floats.
+MAX_LAYERS = 1024
+MAX_EXPERTS = 16384
+
 
 def read_loads(path: str | Path, *, experts: int | None = None) -> np.ndarray:
     """``loads_le`` [L, E] from a CSV file without a header (tokens, or any non-negative
@@ -18,6 +23,7 @@ def read_loads(path: str | Path, *, experts: int | None = None) -> np.ndarray:
     rows = [line for line in text.splitlines() if line.strip()]
     if not rows:
         raise InputError("no rows", source=source, allowed="one row per MoE layer")
+    _check_size(rows, source)
     try:
         loads = np.array([[float(v) for v in row.split(",")] for row in rows])
     except ValueError:
@@ -30,3 +36,13 @@ def read_loads(path: str | Path, *, experts: int | None = None) -> np.ndarray:
         raise InputError("a load that is negative or not finite", source=source,
                          allowed="finite numbers >= 0")
     return loads
+
+
+def _check_size(rows: list[str], source: str) -> None:
+    if len(rows) > MAX_LAYERS:
+        raise InputError(f"{len(rows):,} rows", source=source,
+                         allowed=f"at most {MAX_LAYERS:,} rows, one per MoE layer")
+    columns = max(row.count(",") for row in rows) + 1
+    if columns > MAX_EXPERTS:
+        raise InputError(f"{columns:,} columns", source=source,
+                         allowed=f"at most {MAX_EXPERTS:,} columns, one per logical expert")

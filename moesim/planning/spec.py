@@ -33,6 +33,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 from pydantic.dataclasses import dataclass
 
+from moesim.config.parallel import MAX_GPUS
 from moesim.errors import InputError
 from moesim.sweep.spec import Grid, parse_file
 from moesim.validation import STRICT, Checked
@@ -46,11 +47,12 @@ AT_MOST = ("step_time_s", "ttft_s", "tpot_s")
 class Target(Checked):
     """Bounds the winner must meet: throughputs at least, times at most."""
 
-    tokens_per_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    tokens_per_s_per_gpu: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    step_time_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    ttft_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    tpot_s: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # Finite, sensible ranges: a cost or a figure built from 1e308 overflows to inf.
+    tokens_per_s: float | None = Field(default=None, ge=1e-6, le=1e15)
+    tokens_per_s_per_gpu: float | None = Field(default=None, ge=1e-6, le=1e10)
+    step_time_s: float | None = Field(default=None, ge=1e-9, le=1e7)  # 1e7 s: 4 months
+    ttft_s: float | None = Field(default=None, ge=1e-9, le=1e7)
+    tpot_s: float | None = Field(default=None, ge=1e-9, le=1e7)
 
     def given(self) -> dict[str, float]:
         return {k: v for k, v in vars(self).items() if v is not None}
@@ -59,16 +61,18 @@ class Target(Checked):
 @dataclass(frozen=True, kw_only=True, config=STRICT)
 class Constraints(Checked):
     memory: bool = True
-    max_gpus: int | None = Field(default=None, gt=0)
-    max_nodes: int | None = Field(default=None, gt=0)
+    max_gpus: int | None = Field(default=None, gt=0, le=MAX_GPUS)
+    max_nodes: int | None = Field(default=None, gt=0, le=MAX_GPUS)
     topologies: list[str] | None = Field(default=None, min_length=1)
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)
 class Cost(Checked):
     metric: Literal["gpus", "gpu_hours", "dollars"] = "gpus"
-    token_budget: float | None = Field(default=None, gt=0, allow_inf_nan=False)
-    price_per_gpu_hour: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # 1e18 tokens is 100,000 times a frontier model's training; with 65,536 GPUs and
+    # the price bound every cost stays finite.
+    token_budget: float | None = Field(default=None, ge=1, le=1e18)
+    price_per_gpu_hour: float | None = Field(default=None, ge=1e-6, le=1e6)
 
     @property
     def unit(self) -> str:

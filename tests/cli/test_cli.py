@@ -392,3 +392,19 @@ def test_usage_mistakes_are_one_line_and_exit_2(args, needle):
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("moesim: error: moesim"), result.output
     assert needle in lines[0]
+
+
+@pytest.mark.parametrize(("args", "commands"), [
+    ([], "simulate, capture, regress"),
+    (["trace"], "stats, import, synth"),
+    (["topo"], "show, list"),
+    (["perfdb"], "import, fit, subset"),
+])
+def test_a_group_without_a_command_is_one_line_naming_its_commands(args, commands):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    path = " ".join(["moesim", *args])
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith(f"moesim: error: {path}: missing command (allowed: {commands}")
+    assert lines[0].endswith(f"see {path} --help)")

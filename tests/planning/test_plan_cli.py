@@ -71,3 +71,27 @@ def test_the_frontier_holds_only_setups_that_meet_the_target(tmp_path, repo):
     document = json.loads((out / "plan.json").read_text())
     assert document["counts"].get("misses target", 0) > 0
     assert all(r["tokens_per_s"] >= 2.0e6 for r in document["frontier"])
+
+
+@pytest.mark.parametrize(("text", "needle"), [
+    ("cost: {metric: dollars, token_budget: 1.0e+308, price_per_gpu_hour: 1.0e+308}\n",
+     "cost.token_budget: input should be less than or equal to"),
+    ("cost: {metric: gpu_hours, token_budget: 1.0e+308}\n", "(allowed: >= 1 and <= 1e+18)"),
+    ("cost: {metric: dollars, token_budget: 1.0e+9, price_per_gpu_hour: 1.0e+308}\n",
+     "cost.price_per_gpu_hour"),
+    ("target: {tokens_per_s: 1.0e-300}\n", "target.tokens_per_s: input should be greater"),
+    ("target: {step_time_s: 1.0e+300}\n", "target.step_time_s: input should be less"),
+    ("constraints: {max_gpus: 1000000000000}\n", "constraints.max_gpus"),
+])
+def test_plan_costs_and_targets_are_bounded_so_no_figure_sees_inf(tmp_path, text, needle):
+    path = tmp_path / "plan.yaml"
+    path.write_text("base:\n  model: {preset: deepseek-v2-lite, num_layers: 4}\n"
+                    "  parallel: {ep: 8, tokens_per_gpu: 64}\n"
+                    "search: {parallel.gpus: [8, 16]}\nseeds: 1\n" + text)
+    result = runner.invoke(app, ["plan", str(path), "--out", str(tmp_path / "o"),
+                                 "--workers", "1"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"moesim: error: {path}: "), result.output
+    assert needle in lines[0]
+    assert not (tmp_path / "o").exists()

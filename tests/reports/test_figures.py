@@ -121,3 +121,16 @@ def test_bar_axes_start_at_zero(close_all):
     assert figures.step_breakdown(SUMMARY).axes[0].get_xlim()[0] == 0
     left, right = figures.balance_series(BALANCE).axes[:2]
     assert left.get_ylim()[0] == 1 and right.get_ylim()[0] == 0
+
+
+def test_the_plan_frontier_leaves_out_infinite_costs_and_draws_an_empty_frontier(close_all):
+    from moesim.reports import planning_figures
+
+    points = pd.DataFrame({"cost": [np.inf, 2.0, np.nan], "tokens_per_s": [5.0, 6.0, 1.0]})
+    fig = planning_figures.frontier(points, points, points.iloc[0], x="cost",
+                                    y="tokens_per_s", x_label="cost", y_label="tokens/s",
+                                    target=np.inf)
+    assert np.isfinite(fig.axes[0].get_xlim()).all()
+    empty = planning_figures.frontier(points, pd.DataFrame([]), None, x="cost",
+                                      y="tokens_per_s", x_label="cost", y_label="tokens/s")
+    assert empty.axes[0].get_title()

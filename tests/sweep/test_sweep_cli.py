@@ -182,3 +182,20 @@ def test_the_table_is_not_rewritten_after_every_point(tmp_path, monkeypatch):
                       seeds=1)
     assert run([str(spec), "--out", str(tmp_path / "o"), "--workers", "1"]).exit_code == 0
     assert writes[0] == 1 and writes[-1] == 6 and len(writes) < 6
+
+
+def test_resuming_over_a_corrupt_results_file_is_one_line_naming_it(tmp_path):
+    from moesim.cli.output import mark_results_folder
+
+    spec = sweep_file(tmp_path, {"parallel.ep": [8]}, seeds=1)
+    out = tmp_path / "out"
+    mark_results_folder(out)
+    (out / "sweep.yaml").write_text(spec.read_text())
+    (out / "results.parquet").write_bytes(b"garbage, not Parquet")
+    result = run([str(spec), "--out", str(out), "--resume", "--workers", "1"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith(f"moesim: error: {out / 'results.parquet'}: not a readable "
+                               "Parquet table"), lines[0]
+    assert (out / "results.parquet").read_bytes() == b"garbage, not Parquet"

@@ -444,3 +444,44 @@ def test_big_cluster_figure_says_it_shows_a_sample():
 
     fig = figure(load_topology("h800-cluster", gpus=2048))
     assert "showing 8 of 256 domains" in fig.axes[0].get_title()
+
+
+def _h800_with(tmp_path, *changes: tuple[str, str]) -> str:
+    text = Path("topologies/h800-cluster.yaml").read_text()
+    for old, new in changes:
+        assert old in text
+        text = text.replace(old, new)
+    path = tmp_path / "t.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+@pytest.mark.parametrize(("changes", "needle"), [
+    ([("max_gpus: 2048", "max_gpus: 1000000000000")],
+     "max_gpus: input should be less than or equal to 65536"),
+    ([("default_gpus: 64", "default_gpus: 3200000000")], "default_gpus: input should be less"),
+    ([("gpus_per_domain: 8", "gpus_per_domain: 100000")], "gpus_per_domain: input should be"),
+    ([("spines_per_plane: 4", "spines_per_plane: 1000000")], "spines_per_plane: input should"),
+    ([("max_gpus: 2048", "max_gpus: 65536"), ("spines_per_plane: 4", "spines_per_plane: 4096")],
+     "fabric.spines_per_plane: 8,388,608 leaf-spine links at max_gpus 65,536"),
+    ([("max_gpus: 2048", "max_gpus: 65536")], "gpus: 3200000000 GPUs is more than the "
+                                              "topology has (65536)"),
+])
+def test_topology_sizes_are_bounded_by_the_gpu_limit(tmp_path, changes, needle):
+    from typer.testing import CliRunner
+
+    from moesim.cli.main import app
+
+    path = _h800_with(tmp_path, *changes)
+    result = CliRunner().invoke(app, ["topo", "show", path, "--gpus", "3200000000"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"moesim: error: {path}: "), result.output
+    assert needle in lines[0]
+
+
+def test_the_topology_gpu_limit_is_the_scenarios():
+    from moesim.config.parallel import MAX_GPUS
+    from moesim.topologies.spec import MAX_GPUS as TOPOLOGY_MAX_GPUS
+
+    assert TOPOLOGY_MAX_GPUS == MAX_GPUS

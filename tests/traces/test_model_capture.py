@@ -237,3 +237,27 @@ def test_training_and_capture_run_on_a_gpu_and_the_trace_says_so():
     trace = capture_heldout(model, num_tokens=256)
     assert trace.metadata["device"].startswith("cuda:0 ")
     assert len(history) == 3
+
+
+@pytest.mark.parametrize(("flags", "line"), [
+    (["--experts", "1099511627776"], "--experts: 1,099,511,627,776 is out of range (allowed: "
+                                     "1 to 256 for the small model; more takes seconds a "
+                                     "step and GiBs)"),
+    (["--experts", "100000"], "--experts: 100,000 is out of range"),
+    (["--seed", "-1"], "--seed: -1 is out of range (allowed: 0 to 4,294,967,295)"),
+    (["--tokens", "10000000"], "--tokens: 10,000,000 is out of range (allowed: 1 to 262,144)"),
+    (["--steps", "100000"], "--steps: 100,000 is out of range (allowed: 1 to 10,000)"),
+    (["--top-k", "100"], "--top-k: 100 is out of range (allowed: 1 to 64, the routed experts)"),
+])
+def test_capture_sizes_are_refused_before_training(tmp_path, flags, line):
+    from typer.testing import CliRunner
+
+    from moesim.cli.main import app
+
+    out = tmp_path / "c.npz"
+    result = CliRunner().invoke(app, ["capture", "--train", "--steps", "1", "--tokens", "256",
+                                      "--out", str(out), *flags])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"moesim: error: {line}"), result.output
+    assert not out.exists()

@@ -24,6 +24,7 @@ import numpy as np
 import pandas as pd
 
 from moesim.errors import InputError
+from moesim.inputs import load_json
 
 SCHEMA = "moesim.recorded-table/1"
 SCHEMA_KEY = "moesim.schema"  # Parquet key-value metadata: the schema name
@@ -50,6 +51,16 @@ ID_COLUMNS = ("id", "system", "op", "phase")
 INT_COLUMNS = ("m", "n", "k", "tokens", "hidden", "inter", "topk", "experts", "moe_tp",
                "moe_ep", "batch", "isl", "step", "heads", "kv_heads", "head_dim", "window",
                "tp", "gpus", "bytes", "nodes", "sms")
+# The largest size each column may hold: the scenario's limits (README "Limits") where
+# there is one, else far beyond any measured kernel. The predictions allocate per expert
+# and per GPU, so a row of 10**12 experts must stop here.
+MAX_INTS: dict[str, int] = {
+    "m": 2**24, "n": 2**20, "k": 2**20, "tokens": 2**24, "hidden": 65_536, "inter": 2**20,
+    "topk": 1024, "experts": 16_384, "moe_tp": 65_536, "moe_ep": 65_536,
+    "batch": 2**24, "isl": 2**24, "step": 2**24, "heads": 4096, "kv_heads": 4096,
+    "head_dim": 65_536, "window": 2**24, "tp": 65_536, "gpus": 65_536, "bytes": 2**40,
+    "nodes": 8192, "sms": 10_000,
+}
 TEXT_COLUMNS = ("dtype", "kv_dtype", "distribution", "kernel", "framework",
                 "framework_version", "device", "file")
 FLOAT_COLUMNS = ("latency_us", "tolerance")
@@ -116,6 +127,7 @@ def validate_table(df: pd.DataFrame, *, source: str) -> pd.DataFrame:
                 f"phase {phase[bad].iloc[0]!r} for op {name} (row id {ids[bad].iloc[0]!r})",
                 field="phase", allowed=", ".join(repr(p) for p in allowed), source=source)
 
+    _check_exchanges(out, ids, source)
     latency = out["latency_us"].to_numpy()
     bad = ~(np.isfinite(latency) & (latency > 0))
     if bad.any():
@@ -131,6 +143,30 @@ def validate_table(df: pd.DataFrame, *, source: str) -> pd.DataFrame:
                                  "or NaN for none",
                          source=source)
     return pd.DataFrame(out, columns=list(COLUMNS), copy=False)
+
+
+def _check_exchanges(out: dict[str, pd.Series], ids: pd.Series, source: str) -> None:
+    """A DeepEP row is predicted by drawing its routing on every rank: its picks must fit
+    the scenario limit, or the draw would not fit in memory."""
+    from moesim.config.feasibility import MAX_ASSIGNMENTS
+    from moesim.fidelity.benchmarks import SAMPLED_TOKENS
+    from moesim.fidelity.perfdb.predict import GPUS_PER_NODE
+
+    def sizes(name: str) -> np.ndarray:  # <NA> as NaN: predict() leaves such a row out
+        return out[name].to_numpy(dtype="float64", na_value=np.nan)
+
+    deepep = out["op"].isin(["deepep_normal", "deepep_ll"]).to_numpy()
+    # The columns are bounded, so the product stays below 2**53: exact in float64.
+    gpus = GPUS_PER_NODE * sizes("nodes")
+    picks = gpus * np.minimum(sizes("tokens"), SAMPLED_TOKENS) * sizes("topk")
+    with np.errstate(invalid="ignore"):
+        bad = deepep & (picks > MAX_ASSIGNMENTS)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise InputError(
+            f"{int(picks[i]):,} routed picks to draw (row id {ids.iloc[i]!r})", field="topk",
+            allowed=f"{GPUS_PER_NODE} x nodes x min(tokens, {SAMPLED_TOKENS}) x topk at "
+                    f"most {MAX_ASSIGNMENTS:,}", source=source)
 
 
 def _duplicate(ids: pd.Series) -> str | None:
@@ -195,8 +231,9 @@ def _ints(col: pd.Series, name: str, source: str, ids: pd.Series) -> pd.Series:
                 bad = ~np.isnan(values) & ~(np.isfinite(values) & (values == np.round(values))
                                             & (np.abs(values) < 2.0**63))
             if bad.any():
-                raise InputError(f"not a whole number ({_first_row(bad, ids)})", field=name,
-                                 allowed=allowed, source=source)
+                raise InputError(f"{values[bad][0]} is not a whole number "
+                                 f"({_first_row(bad, ids)})", field=name, allowed=allowed,
+                                 source=source)
         try:
             cast = col.astype("Int64")
         except (TypeError, ValueError, OverflowError):
@@ -206,6 +243,11 @@ def _ints(col: pd.Series, name: str, source: str, ids: pd.Series) -> pd.Series:
     if negative.any():
         raise InputError(f"negative value ({_first_row(negative, ids)})", field=name,
                          allowed=allowed, source=source)
+    most = MAX_INTS[name]
+    huge = (cast > most).fillna(False).to_numpy(dtype=bool)
+    if huge.any():
+        raise InputError(f"{cast[huge].iloc[0]} ({_first_row(huge, ids)})", field=name,
+                         allowed=f"whole numbers from 0 to {most:,}, or <NA>", source=source)
     return cast
 
 
@@ -252,30 +294,49 @@ def read_table(path: str | Path) -> tuple[pd.DataFrame, dict]:
     try:
         parquet = pq.ParquetFile(path)
         schema = parquet.schema_arrow
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
-        raise InputError(f"not a Parquet file ({_short(err)})", allowed=allowed,
-                         source=source) from None
-    except OSError as err:
+    except OSError as err:  # pyarrow's I/O errors among them
         raise InputError(f"cannot read file ({err.strerror or _short(err)})",
+                         source=source) from None
+    except (pa.ArrowException, ValueError, TypeError) as err:
+        raise InputError(f"not a Parquet file ({_short(err)})", allowed=allowed,
                          source=source) from None
     meta = schema.metadata or {}
     found = meta.get(SCHEMA_KEY.encode())
     if found != SCHEMA.encode():
         what = "missing" if found is None else repr(found.decode("utf-8", "replace"))
         raise InputError(f"schema is {what}", field=SCHEMA_KEY, allowed=SCHEMA, source=source)
-    try:
-        provenance = json.loads(meta.get(PROVENANCE_KEY.encode(), b"{}"))
-    except ValueError:
-        provenance = None
+    try:  # bounded: the metadata is as hostile as the rest of the file
+        provenance = load_json(meta.get(PROVENANCE_KEY.encode(), b"{}"), source=source)
+    except InputError as err:
+        raise InputError(err.problem, field=PROVENANCE_KEY, allowed="a JSON object",
+                         source=source) from None
     if not isinstance(provenance, dict):
         raise InputError("provenance is not a JSON object", field=PROVENANCE_KEY,
                          allowed="a JSON object", source=source)
     try:
         table = parquet.read()
-    except (pa.ArrowException, OSError) as err:
+    except (pa.ArrowException, OSError, ValueError, TypeError) as err:
         raise InputError(f"cannot read the table ({_short(err)})", source=source) from None
-    frame = table.to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
-    return validate_table(frame, source=source), provenance
+    return validate_table(_to_pandas(table, source), source=source), provenance
+
+
+def _to_pandas(table, source: str) -> pd.DataFrame:
+    """The Arrow table as a frame of its stored types. The pandas dtypes a writer put in
+    the metadata are ignored: "Int64" over a float column of inf failed inside pyarrow;
+    :func:`validate_table` casts and names the column and row instead."""
+    import pyarrow as pa
+
+    ints = {pa.int64(): pd.Int64Dtype()}.get
+    try:
+        return table.to_pandas(types_mapper=ints, ignore_metadata=True)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError) as err:
+        for name in table.column_names:  # which column: convert them one at a time
+            try:
+                table.select([name]).to_pandas(types_mapper=ints, ignore_metadata=True)
+            except (pa.ArrowException, ValueError, TypeError, OverflowError):
+                raise InputError(f"cannot convert the column ({_short(err)})", field=name,
+                                 allowed=_ALLOWED_COLUMNS, source=source) from None
+        raise InputError(f"cannot convert the table ({_short(err)})", source=source) from None
 
 
 def _short(err: Exception) -> str:
