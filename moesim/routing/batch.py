@@ -113,14 +113,8 @@ def count_batch(
 
 def count_in_scenario(scenario, batch: RoutedBatch, gpus_per_domain: int) -> BatchCounts:
     """:func:`count_batch` of one routed batch of an EP group of ``scenario`` (a
-    :class:`~moesim.config.scenario.Scenario`), on its slots and nodes."""
-    slots, per_node = scenario_slots(scenario, gpus_per_domain)
-    return count_batch(batch, n_experts=slots, ep=scenario.parallel.ep, gpus_per_node=per_node)
-
-
-def scenario_slots(scenario, gpus_per_domain: int) -> tuple[int, int]:
-    """``(slots, gpus_per_node)`` of an EP group of ``scenario``: its experts with their
-    replicas, and the GPUs of a node its ranks count in (a group smaller than the
-    domain is one node)."""
+    :class:`~moesim.config.scenario.Scenario`): its experts with their replicas, its
+    ranks in nodes of the domain's GPUs (a group smaller than the domain is one node)."""
+    p = scenario.parallel
     slots = scenario.model.routed_experts + scenario.placement.redundant_experts
-    return slots, min(scenario.parallel.ep, gpus_per_domain)
+    return count_batch(batch, n_experts=slots, ep=p.ep, gpus_per_node=min(p.ep, gpus_per_domain))

@@ -212,98 +212,46 @@ def draw_topk(p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, *, n_tokens: int,
     return ids_tk
 
 
-@njit(inline="always")
-def _draw_token(ids_tk, row, t, p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, unit_e,
-                limit, seed, taken_e, seen_u, units_m, cum_m, every_unit):
-    """Token ``t``'s experts into ``ids_tk[row]``; the scratch arrays are left as found."""
-    n_units, top_k = prob_ux.shape[0], ids_tk.shape[1]
-    state = _mix(np.uint64(seed) ^ _mix(np.uint64(t)))
-    slot = n_seen = 0
-    while slot < top_k:
-        state, e = _free_pick(p_e, prob_e, alias_e, taken_e, every_unit, state)
-        if limit < n_units:
-            # Whether the unit is new is a coin flip a branch would mispredict: the
-            # place after the units seen is written every time and kept only by a
-            # new unit (so ``units_m`` has one spare place).
-            unit = unit_e[e]
-            new = np.int64(not seen_u[unit])
-            if new & np.int64(n_seen == limit):
-                break  # an (M+1)-th unit: skipped, the rest stays in the M units
-            seen_u[unit] = True
-            units_m[n_seen] = unit
-            n_seen += new
-        taken_e[e] = True
-        ids_tk[row, slot] = e
-        slot += 1
-    if slot < top_k:
-        mass = 0.0
-        for j in range(limit):
-            mass += mass_u[units_m[j]]
-            cum_m[j] = mass
-    while slot < top_k:
-        state, e = _unit_pick(p_e, prob_ux, alias_ux, cum_m, taken_e, units_m, limit, state)
-        taken_e[e] = True
-        ids_tk[row, slot] = e
-        slot += 1
-    for k in range(top_k):
-        taken_e[ids_tk[row, k]] = False
-    for j in range(n_seen):
-        seen_u[units_m[j]] = False
-
-
 @njit(nogil=True, cache=True, _nrt=False)
 def _draw_into(ids_tk, start, stop, p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, unit_e,
                limit, seed, taken_e, seen_u, units_m, cum_m, every_unit):
     """Tokens ``start:stop`` of :func:`draw_topk` into ``ids_tk``; ``taken_e``,
     ``seen_u`` (all False), ``units_m`` [limit + 1], ``cum_m`` [limit] and
     ``every_unit`` ([0]) are this call's scratch."""
+    n_units, top_k = prob_ux.shape[0], ids_tk.shape[1]
     for t in range(start, stop):
-        _draw_token(ids_tk, t, t, p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, unit_e,
-                    limit, seed, taken_e, seen_u, units_m, cum_m, every_unit)
-
-
-def draw_and_count(p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u, *, n_ranks: int,
-                   tokens_per_rank: int, top_k: int, max_units: int, seed: int,
-                   gpu_s: np.ndarray, node_g: np.ndarray) -> tuple[np.ndarray, ...]:
-    """:func:`count_by_source` of the ids :func:`draw_topk` would draw for ``n_ranks x
-    tokens_per_rank`` tokens (the same ids: token ``t`` has the same stream), every
-    assignment kept, without the ids ever being stored: ``(kept_ss, pairs_sg,
-    reach_gpu_sg, reach_node_sn)``."""
-    n_experts, (n_units, size) = p_e.shape[0], prob_ux.shape
-    limit = min(max_units, n_units)
-    unit_e = np.arange(n_experts) // size
-    ep, n_nodes = node_g.shape[0], int(node_g.max()) + 1
-    assert n_ranks == ep and gpu_s.shape[0] == n_experts
-    counts = tuple(np.zeros(shape, dtype=np.int64)
-                   for shape in ((ep, n_experts), (ep, ep), (ep, ep), (ep, n_nodes)))
-
-    def work(start: int, stop: int) -> None:
-        _draw_count_into(*counts, start, stop, tokens_per_rank, gpu_s, node_g,
-                         np.full(ep, -1, dtype=np.int64), np.full(n_nodes, -1, dtype=np.int64),
-                         np.empty((1, top_k), dtype=np.int16), p_e, prob_e, alias_e, prob_ux,
-                         alias_ux, mass_u, unit_e, limit, seed,
-                         np.zeros(n_experts, dtype=np.bool_), np.zeros(n_units, dtype=np.bool_),
-                         np.zeros(limit + 1, dtype=np.int64), np.zeros(limit),
-                         np.zeros(1, dtype=np.int64))
-
-    in_parallel(work, ep, cost=tokens_per_rank * top_k)
-    return counts
-
-
-@njit(nogil=True, cache=True, _nrt=False)
-def _draw_count_into(kept_ss, pairs_sg, reach_gpu_sg, reach_node_sn, start, stop,
-                     tokens_per_rank, gpu_s, node_g, gpu_last, node_last, row_1k, p_e, prob_e,
-                     alias_e, prob_ux, alias_ux, mass_u, unit_e, limit, seed, taken_e, seen_u,
-                     units_m, cum_m, every_unit):
-    """Source ranks ``start:stop`` of :func:`draw_and_count`: each token drawn into
-    ``row_1k`` [1, K] and counted at once."""
-    for s in range(start, stop):
-        for t in range(s * tokens_per_rank, (s + 1) * tokens_per_rank):
-            _draw_token(row_1k, 0, t, p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u,
-                        unit_e, limit, seed, taken_e, seen_u, units_m, cum_m, every_unit)
-            for k in range(row_1k.shape[1]):
-                _count_kept(kept_ss, pairs_sg, reach_gpu_sg, reach_node_sn, s, t,
-                            np.int64(row_1k[0, k]), gpu_s, node_g, gpu_last, node_last)
+        state = _mix(np.uint64(seed) ^ _mix(np.uint64(t)))
+        slot = n_seen = 0
+        while slot < top_k:
+            state, e = _free_pick(p_e, prob_e, alias_e, taken_e, every_unit, state)
+            if limit < n_units:
+                # Whether the unit is new is a coin flip a branch would mispredict: the
+                # place after the units seen is written every time and kept only by a
+                # new unit (so ``units_m`` has one spare place).
+                unit = unit_e[e]
+                new = np.int64(not seen_u[unit])
+                if new & np.int64(n_seen == limit):
+                    break  # an (M+1)-th unit: skipped, the rest stays in the M units
+                seen_u[unit] = True
+                units_m[n_seen] = unit
+                n_seen += new
+            taken_e[e] = True
+            ids_tk[t, slot] = e
+            slot += 1
+        if slot < top_k:
+            mass = 0.0
+            for j in range(limit):
+                mass += mass_u[units_m[j]]
+                cum_m[j] = mass
+        while slot < top_k:
+            state, e = _unit_pick(p_e, prob_ux, alias_ux, cum_m, taken_e, units_m, limit, state)
+            taken_e[e] = True
+            ids_tk[t, slot] = e
+            slot += 1
+        for k in range(top_k):
+            taken_e[ids_tk[t, k]] = False
+        for j in range(n_seen):
+            seen_u[units_m[j]] = False
 
 
 def count_by_source(ids_tk: np.ndarray, kept_tk: np.ndarray, tokens_per_rank: int,
@@ -349,20 +297,11 @@ def _count_into(kept_ss, dropped_ss, pairs_sg, reach_gpu_sg, reach_node_sn, unkn
                 elif not all_kept and not kept_tk[t, k]:
                     dropped_ss[s, x] += 1
                 else:
-                    _count_kept(kept_ss, pairs_sg, reach_gpu_sg, reach_node_sn, s, t, x,
-                                gpu_s, node_g, gpu_last, node_last)
-
-
-@njit(inline="always")
-def _count_kept(kept_ss, pairs_sg, reach_gpu_sg, reach_node_sn, s, t, x, gpu_s, node_g,
-                gpu_last, node_last):
-    """Kept assignment of token ``t`` of source ``s`` to slot ``x``; ``gpu_last`` and
-    ``node_last`` hold the last token counted on each GPU and node."""
-    kept_ss[s, x] += 1
-    g = gpu_s[x]
-    pairs_sg[s, g] += 1
-    reach_gpu_sg[s, g] += gpu_last[g] != t
-    gpu_last[g] = t
-    n = node_g[g]
-    reach_node_sn[s, n] += node_last[n] != t
-    node_last[n] = t
+                    kept_ss[s, x] += 1
+                    g = gpu_s[x]
+                    pairs_sg[s, g] += 1
+                    reach_gpu_sg[s, g] += gpu_last[g] != t
+                    gpu_last[g] = t
+                    n = node_g[g]
+                    reach_node_sn[s, n] += node_last[n] != t
+                    node_last[n] = t

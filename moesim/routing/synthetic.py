@@ -20,16 +20,11 @@ is an alias-table pick with repeats rejected, which is exactly sampling from the
 experts not chosen yet; after 64 rejections (only when a few experts hold nearly all
 the mass) the slot is drawn exactly over the allowed experts. A test holds the result
 to the gate's exact law, enumerated over every score order of small cases.
-
-Where nothing downstream needs the ids themselves (every assignment kept, experts on
-contiguous slots), :func:`sample_topk_counts` counts each token as it is drawn.
 """
 
 from __future__ import annotations
 
 import numpy as np
-
-from moesim.routing.batch import BatchCounts
 
 
 def expert_popularity(
@@ -77,39 +72,6 @@ def sample_topk(
                                 max_units=max_units)
     seed = int(rng.integers(2**63))
     return draw_topk(*tables, n_tokens=n_tokens, top_k=top_k, max_units=max_units, seed=seed)
-
-
-def sample_topk_counts(
-    popularity_e: np.ndarray,
-    *,
-    ep: int,
-    tokens_per_rank: int,
-    top_k: int,
-    rng: np.random.Generator,
-    gpus_per_node: int,
-    unit_size: int | None = None,
-    max_units: int | None = None,
-) -> BatchCounts:
-    """The counts of :func:`sample_topk`'s ``ep x tokens_per_rank`` tokens (token ``t``
-    on rank ``t // tokens_per_rank``) on contiguous slots with every assignment kept,
-    equal to ``count_batch`` of those ids, without storing the ids
-    (:func:`moesim.routing.kernels.draw_and_count`)."""
-    from moesim.routing.kernels import draw_and_count
-
-    tables, max_units = _tables(popularity_e, top_k=top_k, unit_size=unit_size,
-                                max_units=max_units)
-    seed = int(rng.integers(2**63))
-    n_experts = tables[0].shape[0]
-    assert n_experts % ep == 0 and ep % gpus_per_node == 0
-    kept_se, pairs_sg, reach_gpu_sg, reach_node_sn = draw_and_count(
-        *tables, n_ranks=ep, tokens_per_rank=tokens_per_rank, top_k=top_k,
-        max_units=max_units, seed=seed, gpu_s=np.arange(n_experts) // (n_experts // ep),
-        node_g=np.arange(ep) // gpus_per_node)
-    kept_e = kept_se.sum(axis=0)
-    return BatchCounts(routed=ep * tokens_per_rank * top_k, kept_e=kept_e,
-                       dropped_e=np.zeros_like(kept_e), kept_s=kept_e, dropped_unknown=0,
-                       pairs_sg=pairs_sg, reach_gpu_sg=reach_gpu_sg,
-                       reach_node_sn=reach_node_sn)
 
 
 def _tables(popularity_e: np.ndarray, *, top_k: int, unit_size: int | None,

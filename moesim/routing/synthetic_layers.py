@@ -23,10 +23,9 @@ from moesim.routing.batch import (
     RoutedBatch,
     count_in_scenario,
     expert_loads,
-    scenario_slots,
 )
 from moesim.routing.dropping import Capacity, capacity_of, routed_batch
-from moesim.routing.synthetic import expert_popularity, sample_topk, sample_topk_counts
+from moesim.routing.synthetic import expert_popularity, sample_topk
 
 
 def draw_popularity(scenario: Scenario, rng: np.random.Generator) -> np.ndarray:
@@ -72,11 +71,8 @@ def draw_batch(
 def synthetic_counts(
     scenario: Scenario, *, gpus_per_domain: int, rng: np.random.Generator
 ) -> Iterator[tuple[int, int, BatchCounts]]:
-    """Yield ``(draw, microbatch, counts)`` one batch at a time, so memory stays bounded.
-
-    A batch with nothing to drop on contiguous slots is counted as it is drawn
-    (:func:`sample_topk_counts`, the counts of the same draw); any other is drawn
-    (:func:`draw_batch`), placed, dropped and then counted."""
+    """Yield ``(draw, microbatch, counts)`` one batch at a time, so memory stays bounded:
+    each batch is drawn (:func:`draw_batch`), placed, dropped and counted."""
     m, p, r = scenario.model, scenario.parallel, scenario.routing
     tokens_per_mb = p.tokens_per_gpu // p.micro_batches
     n_tokens = p.ep * tokens_per_mb
@@ -94,15 +90,8 @@ def synthetic_counts(
             loads_e = expert_loads(earlier, m.routed_experts)
         placement = scenario_placement(scenario, loads_e, gpus_per_domain=gpus_per_domain)
         for mb in range(p.micro_batches):
-            if capacity is None and placement.identity:
-                counts = sample_topk_counts(
-                    popularity_e, ep=p.ep, tokens_per_rank=tokens_per_mb, top_k=m.top_k,
-                    rng=rng, gpus_per_node=scenario_slots(scenario, gpus_per_domain)[1],
-                    unit_size=unit_size, max_units=max_units)
-            else:
-                counts = count_in_scenario(scenario, draw_batch(
-                    popularity_e, n_tokens=n_tokens, tokens_per_rank=tokens_per_mb,
-                    top_k=m.top_k, rng=rng, unit_size=unit_size, max_units=max_units,
-                    capacity=capacity, placement=placement, seq_len=p.seq_len),
-                    gpus_per_domain)
+            counts = count_in_scenario(scenario, draw_batch(
+                popularity_e, n_tokens=n_tokens, tokens_per_rank=tokens_per_mb,
+                top_k=m.top_k, rng=rng, unit_size=unit_size, max_units=max_units,
+                capacity=capacity, placement=placement, seq_len=p.seq_len), gpus_per_domain)
             yield draw, mb, counts

@@ -1,5 +1,4 @@
-"""``count_batch`` against a token-by-token count written the slow, obvious way, and
-the counts taken while drawing against ``count_batch`` of the same draw.
+"""``count_batch`` against a token-by-token count written the slow, obvious way.
 
 The compiled loop (``moesim.routing.kernels.count_by_source``) counts every kept
 assignment once per slot and GPU, and every token once per GPU and node it reaches;
@@ -79,42 +78,3 @@ def test_an_id_past_the_slots_is_refused_before_the_compiled_loop():
     with pytest.raises(AssertionError, match="past the slots"):
         count_batch(RoutedBatch(ids_tk=ids, kept_tk=np.ones(ids.shape, dtype=bool),
                                 tokens_per_rank=1), n_experts=4, ep=1, gpus_per_node=1)
-
-
-@settings(max_examples=60, deadline=None)
-@given(data=st.data())
-def test_counting_while_drawing_gives_the_counts_of_the_draw(data):
-    """``sample_topk_counts`` (each token counted as it is drawn, on up to 3 threads)
-    equals ``count_batch`` of the ids ``sample_topk`` draws from the same generator."""
-    from moesim.routing import kernels
-    from moesim.routing.synthetic import sample_topk, sample_topk_counts
-
-    ep = data.draw(st.sampled_from([1, 2, 4, 8, 16]), label="ep")
-    n_experts = ep * data.draw(st.sampled_from([1, 2, 4, 8]), label="experts per GPU")
-    gpus_per_node = min(ep, data.draw(st.sampled_from([1, 2, 4, 8]), label="per node"))
-    unit_size = data.draw(st.sampled_from([None, n_experts // ep,
-                                           n_experts // ep * gpus_per_node]), label="unit")
-    n_units = 1 if unit_size is None else n_experts // unit_size
-    max_units = None if unit_size is None else data.draw(st.integers(1, n_units), label="M")
-    reach = n_experts if unit_size is None else max_units * unit_size
-    top_k = data.draw(st.integers(1, min(reach, 8)), label="top_k")
-    per_rank = data.draw(st.integers(1, 300), label="tokens per rank")
-    seed = data.draw(st.integers(0, 2**16), label="seed")
-    threads = data.draw(st.sampled_from(["1", "3"]), label="MOESIM_THREADS")
-    popularity = np.random.default_rng(seed).random(n_experts) ** 4
-    popularity /= popularity.sum()
-    limit = dict(unit_size=unit_size, max_units=max_units)
-    ids = sample_topk(popularity, n_tokens=ep * per_rank, top_k=top_k,
-                      rng=np.random.default_rng(seed), **limit)
-    expected = count_batch(RoutedBatch(ids_tk=ids, kept_tk=np.ones(ids.shape, dtype=bool),
-                                       tokens_per_rank=per_rank),
-                           n_experts=n_experts, ep=ep, gpus_per_node=gpus_per_node)
-    with pytest.MonkeyPatch.context() as patch:  # threads even for a small batch
-        patch.setenv("MOESIM_THREADS", threads)
-        patch.setattr(kernels, "_MIN_PER_THREAD", 1)
-        counts = sample_topk_counts(popularity, ep=ep, tokens_per_rank=per_rank, top_k=top_k,
-                                    rng=np.random.default_rng(seed),
-                                    gpus_per_node=gpus_per_node, **limit)
-    for name in ("routed", "kept_e", "dropped_e", "kept_s", "dropped_unknown", "pairs_sg",
-                 "reach_gpu_sg", "reach_node_sn"):
-        assert np.array_equal(getattr(counts, name), getattr(expected, name)), name
