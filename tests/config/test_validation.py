@@ -96,7 +96,7 @@ def test_a_tagged_union_names_its_kinds(tmp_path):
 def test_a_quoted_number_is_a_mistake_in_a_topology(tmp_path):
     path = topology_file(tmp_path, lambda d: d.update(gpus_per_domain="8"))
     err = error_of(load_topology, path)
-    assert (err.field, err.allowed) == ("gpus_per_domain", "int, >= 1")
+    assert (err.field, err.allowed) == ("gpus_per_domain", "int, >= 1 and <= 65536")
 
 
 @pytest.mark.parametrize("command, kind", [
