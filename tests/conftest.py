@@ -38,3 +38,23 @@ def pytest_collection_modifyitems(config, items):
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in gpu_items:
         item.add_marker(skip)
+
+
+@pytest.fixture
+def one_error_line():
+    """``run(args, *names)``: invoke ``moesim args``, assert exit code 2 and exactly one
+    ``moesim: error:`` line naming each of ``names``, and return that line."""
+    from typer.testing import CliRunner
+
+    from moesim.cli.main import app
+
+    def run(args: list[str], *names: str) -> str:
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("moesim: error: "), result.output
+        for name in names:
+            assert name in lines[0], (name, lines[0])
+        return lines[0]
+
+    return run

@@ -5,21 +5,11 @@ from __future__ import annotations
 
 import pytest
 import yaml
-from typer.testing import CliRunner
 
-from moesim.cli.main import app
 from moesim.config.loading import load_scenario
 
 DEEP = "[" * 5000 + "]" * 5000
 HUGE = '{"step_time_s": ' + "9" * 5000 + "}"
-
-
-def _one_error_line(args) -> str:
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moesim: error: "), result.output
-    return lines[0]
 
 
 def _simulation_folder(tmp_path):
@@ -41,11 +31,11 @@ def _simulation_folder(tmp_path):
     ("spans.parquet", None, "not a readable Parquet table (Parquet magic bytes not found"),
 ])
 def test_a_damaged_simulation_folder_is_one_line_naming_the_file(tmp_path, name, text,
-                                                                 problem):
+                                                                 problem, one_error_line):
     folder = _simulation_folder(tmp_path)
     if text is not None:
         (folder / name).write_text(text)
-    line = _one_error_line(["report", str(folder), "--out", str(tmp_path / "r")])
+    line = one_error_line(["report", str(folder), "--out", str(tmp_path / "r")])
     assert line.startswith(f"moesim: error: {folder / name}: {problem}"), line
     assert not (tmp_path / "r").exists()
 
@@ -54,19 +44,20 @@ def test_a_damaged_simulation_folder_is_one_line_naming_the_file(tmp_path, name,
     ("progress.json", DEEP, "nested deeper than 32 levels"),
     ("results.parquet", "garbage", "not a readable Parquet table"),
 ])
-def test_a_damaged_sweep_folder_is_one_line_naming_the_file(tmp_path, name, text, problem):
+def test_a_damaged_sweep_folder_is_one_line_naming_the_file(tmp_path, name, text, problem,
+                                                            one_error_line):
     folder = tmp_path / "sweep"
     folder.mkdir()
     (folder / "sweep.yaml").write_text("axes: {parallel.ep: [8]}\n")
     (folder / "results.parquet").write_bytes(b"garbage")
     (folder / name).write_text(text)
-    line = _one_error_line(["report", str(folder), "--out", str(tmp_path / "r")])
+    line = one_error_line(["report", str(folder), "--out", str(tmp_path / "r")])
     assert line.startswith(f"moesim: error: {folder / name}: {problem}"), line
 
 
-def test_a_plan_folder_with_a_deep_plan_json_is_one_line(tmp_path):
+def test_a_plan_folder_with_a_deep_plan_json_is_one_line(tmp_path, one_error_line):
     folder = tmp_path / "plan"
     folder.mkdir()
     (folder / "plan.json").write_text(DEEP)
-    line = _one_error_line(["report", str(folder), "--out", str(tmp_path / "r")])
+    line = one_error_line(["report", str(folder), "--out", str(tmp_path / "r")])
     assert line == f"moesim: error: {folder / 'plan.json'}: nested deeper than 32 levels"

@@ -154,18 +154,6 @@ def test_bad_values_say_what_is_allowed(tmp_path):
         load_runs(write(tmp_path, data))
 
 
-def _one_error_line(args) -> str:
-    from typer.testing import CliRunner
-
-    from moesim.cli.main import app
-
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moesim: error: "), result.output
-    return lines[0]
-
-
 @pytest.mark.parametrize(("changes", "field"), [
     ({"experts": 10**18}, "runs[0].workload.experts: input should be less than or equal to "
                           "16384"),
@@ -174,7 +162,7 @@ def _one_error_line(args) -> str:
     ({"gpus": 256, "topology": "h800-cluster", "top_k": 1024},
      "runs[0].workload.top_k: 536,870,912 routed picks to draw"),
 ])
-def test_recorded_run_sizes_are_bounded(tmp_path, changes, field):
+def test_recorded_run_sizes_are_bounded(tmp_path, changes, field, one_error_line):
     run = {"id": "ep", "topology": "h800-node", "gpus": 8, "tolerance": 0.15,
            "workload": {"kind": "ep-dispatch-combine", "kernel": "deepep-normal",
                         "tokens_per_rank": 4096, "hidden": 7168, "experts": 16384,
@@ -184,7 +172,7 @@ def test_recorded_run_sizes_are_bounded(tmp_path, changes, field):
         (run if name in run else run["workload"])[name] = value
     file = tmp_path / "runs.yaml"
     file.write_text(yaml.safe_dump({**VALID, "runs": [run]}))
-    line = _one_error_line(["regress", str(file)])
+    line = one_error_line(["regress", str(file)])
     assert line.startswith(f"moesim: error: {file}: {field}"), line
 
 
@@ -207,29 +195,29 @@ def _hostile_table(tmp_path, op: str | None = None, **columns) -> str:
     return str(path)
 
 
-def test_a_table_of_inf_gpus_or_huge_sizes_is_one_line_naming_the_column(tmp_path):
+def test_a_table_of_inf_gpus_or_huge_sizes_is_one_line_naming_the_column(tmp_path, one_error_line):
     inf = _hostile_table(tmp_path, gpus=[float("inf"), 1.0, 2.0])
-    line = _one_error_line(["regress", inf])
+    line = one_error_line(["regress", inf])
     assert line.startswith(f"moesim: error: {inf}: gpus: inf is not a whole number"), line
-    line = _one_error_line(["perfdb", "fit", inf, "--system", "b200_sxm",
+    line = one_error_line(["perfdb", "fit", inf, "--system", "b200_sxm",
                             "--out", str(tmp_path / "fit.yaml")])
     assert line.startswith(f"moesim: error: {inf}: gpus: inf is not a whole number"), line
     assert not (tmp_path / "fit.yaml").exists()
     huge = _hostile_table(tmp_path, experts=[10**12, 8, 8])
-    line = _one_error_line(["regress", huge])
+    line = one_error_line(["regress", huge])
     assert line.startswith(f"moesim: error: {huge}: experts: 1000000000000 (row id "), line
     assert line.endswith("(allowed: whole numbers from 0 to 16,384, or <NA>)")
     picks = _hostile_table(tmp_path, op="deepep_ll", nodes=[128, 1, 1], tokens=[4096, 4, 4],
                            topk=[1024, 2, 2])
-    line = _one_error_line(["regress", picks])
+    line = one_error_line(["regress", picks])
     assert line.startswith(f"moesim: error: {picks}: topk: "), line
     assert "routed picks to draw" in line
 
 
-def test_a_folder_without_runs_or_a_device_is_not_a_pass(tmp_path):
+def test_a_folder_without_runs_or_a_device_is_not_a_pass(tmp_path, one_error_line):
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert "a folder without recorded runs" in _one_error_line(["regress", str(empty)])
-    line = _one_error_line(["regress", "/dev/zero"])
+    assert "a folder without recorded runs" in one_error_line(["regress", str(empty)])
+    line = one_error_line(["regress", "/dev/zero"])
     assert line == ("moesim: error: /dev/zero: not a regular file or a folder (allowed: "
                     "recorded-run YAML or Parquet files, or folders of them)")

@@ -126,43 +126,31 @@ def test_the_placement_command_prints_and_writes_the_placement(tmp_path):
     assert wrong.exit_code == 2 and "--groups" in wrong.output
 
 
-def _one_error_line(args):
-    from typer.testing import CliRunner
-
-    from moesim.cli.main import app
-
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 2, result.output
-    lines = result.output.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("moesim: error: "), result.output
-    return lines[0]
-
-
 @pytest.mark.parametrize(("gpus", "slots", "allowed"), [
     ("8", "1000000000000", "multiples of 8 from 16 (one per expert) to 64 (4 per expert)"),
     ("8", "16777216", "to 64 (4 per expert)"),
     ("3200000000", "3200000000", "1 to 65,536"),
 ])
 def test_placement_sizes_are_bounded_before_anything_is_allocated(tmp_path, gpus, slots,
-                                                                  allowed):
+                                                                  allowed, one_error_line):
     loads = tmp_path / "loads.csv"
     loads.write_text(",".join(["5"] * 16) + "\n")
-    line = _one_error_line(["placement", str(loads), "--gpus", gpus, "--slots", slots])
+    line = one_error_line(["placement", str(loads), "--gpus", gpus, "--slots", slots])
     assert allowed in line
 
 
-def test_a_hot_expert_cannot_blow_up_the_log2phy_table(tmp_path):
+def test_a_hot_expert_cannot_blow_up_the_log2phy_table(tmp_path, one_error_line):
     loads = tmp_path / "hot.csv"
     loads.write_text("1" + ",0" * 4095 + "\n")  # every extra slot goes to expert 0
-    line = _one_error_line(["placement", str(loads), "--gpus", "8", "--slots", "16384",
+    line = one_error_line(["placement", str(loads), "--gpus", "8", "--slots", "16384",
                             "--mode", "global"])
     assert "--slots" in line and "log2phy" in line
 
 
-def test_a_loads_file_of_too_many_layers_is_refused_before_parsing(tmp_path):
+def test_a_loads_file_of_too_many_layers_is_refused_before_parsing(tmp_path, one_error_line):
     loads = tmp_path / "tall.csv"
     loads.write_text("1,2\n" * 1025)
-    line = _one_error_line(["placement", str(loads), "--gpus", "2", "--slots", "2"])
+    line = one_error_line(["placement", str(loads), "--gpus", "2", "--slots", "2"])
     assert line.endswith("1,025 rows (allowed: at most 1,024 rows, one per MoE layer)")
 
 

@@ -17,10 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 import moesim
-from moesim.cli.main import app
 from moesim.errors import InputError
 from moesim.tracefile import format as trace_format
 from moesim.tracefile import megatron
@@ -28,19 +26,7 @@ from moesim.tracefile.format import RoutingTrace
 from moesim.tracefile.megatron import import_megatron
 
 REPO = Path(__file__).resolve().parents[2]
-runner = CliRunner()
 E, K = 8, 2
-
-
-def one_error_line(args: list[str], *names: str) -> str:
-    """Run ``moesim args``; assert exit code 2 and one error line naming ``names``."""
-    result = runner.invoke(app, args)
-    lines = result.output.splitlines()
-    assert result.exit_code == 2, result.output
-    assert len(lines) == 1 and lines[0].startswith("moesim: error: "), result.output
-    for name in names:
-        assert name in lines[0], (name, lines[0])
-    return lines[0]
 
 
 def small_trace(**overrides) -> RoutingTrace:
@@ -82,7 +68,7 @@ def _npy(data: bytes) -> bytes:
     return buffer.getvalue()
 
 
-def test_metadata_nested_100000_deep_is_one_error_naming_the_file(tmp_path):
+def test_metadata_nested_100000_deep_is_one_error_naming_the_file(tmp_path, one_error_line):
     members = members_of(small_trace())
     deep = b"[" * 100_000 + b"]" * 100_000
     members["metadata.npy"] = _npy(deep)
@@ -91,7 +77,7 @@ def test_metadata_nested_100000_deep_is_one_error_naming_the_file(tmp_path):
     assert "32" in line
 
 
-def test_deep_metadata_through_a_scenario_is_one_error(tmp_path):
+def test_deep_metadata_through_a_scenario_is_one_error(tmp_path, one_error_line):
     members = members_of(small_trace())
     members["metadata.npy"] = _npy(b'{"a": ' * 50_000 + b"1" + b"}" * 50_000)
     path = write_archive(tmp_path / "deep.npz", members)
@@ -111,7 +97,7 @@ HUGE_HEADERS = {  # member: (declared shape, descr, bytes of data actually there
 @pytest.mark.parametrize("case", sorted(HUGE_HEADERS))
 @pytest.mark.parametrize("compression", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
 def test_a_declared_shape_larger_than_the_member_is_refused_unread(tmp_path, case,
-                                                                  compression):
+                                                                  compression, one_error_line):
     name, shape, descr, held = HUGE_HEADERS[case]
     members = members_of(small_trace())
     members[f"{name}.npy"] = npy_header(shape, descr) + bytes(held)
@@ -120,7 +106,7 @@ def test_a_declared_shape_larger_than_the_member_is_refused_unread(tmp_path, cas
     assert f"{held:,}" in line
 
 
-def test_more_layers_than_a_trace_may_hold_are_refused_from_the_header(tmp_path):
+def test_more_layers_than_a_trace_may_hold_are_refused_from_the_header(tmp_path, one_error_line):
     members = members_of(small_trace())
     members["expert_ids.npy"] = npy_header((1025, 1, 1)) + bytes(2 * 1025)
     path = write_archive(tmp_path / "layers.npz", members)
@@ -170,13 +156,13 @@ def import_args(tmp_path: Path, source: Path) -> list[str]:
             "--experts", str(E)]
 
 
-def test_a_megatron_line_nested_100000_deep_names_file_and_line(tmp_path):
+def test_a_megatron_line_nested_100000_deep_names_file_and_line(tmp_path, one_error_line):
     path = rank0(tmp_path, record(0, [[0, 1]]) + "[" * 100_000 + "]" * 100_000 + "\n")
     one_error_line(import_args(tmp_path, tmp_path), f"{path}:2", "nested deeper")
     assert not (tmp_path / "out.npz").exists()
 
 
-def test_a_megatron_file_of_dev_zero_stops_at_the_line_limit(tmp_path):
+def test_a_megatron_file_of_dev_zero_stops_at_the_line_limit(tmp_path, one_error_line):
     path = tmp_path / "router_trace_rank0.jsonl"
     path.symlink_to("/dev/zero")
     one_error_line(import_args(tmp_path, tmp_path), f"{path}:1", "longer than 64 MiB")
@@ -202,12 +188,12 @@ def test_only_the_imported_step_keeps_its_expert_ids(tmp_path):
     assert import_megatron(tmp_path, num_experts=E, step=5).expert_ids.tolist() == [[[2, 3]]]
 
 
-def test_a_step_of_zero_tokens_names_the_file(tmp_path):
+def test_a_step_of_zero_tokens_names_the_file(tmp_path, one_error_line):
     path = rank0(tmp_path, record(0, []) + record(1, []))
     one_error_line(import_args(tmp_path, tmp_path), str(path), "num_tokens", "no tokens")
 
 
-def test_a_repeated_expert_names_file_and_line(tmp_path):
+def test_a_repeated_expert_names_file_and_line(tmp_path, one_error_line):
     path = rank0(tmp_path, record(0, [[0, 1]]) + record(1, [[3, 3]]))
     one_error_line(import_args(tmp_path, tmp_path), f"{path}:2", "top_indices",
                    "same expert twice")
@@ -221,7 +207,8 @@ def test_a_repeated_expert_names_file_and_line(tmp_path):
     (["--tokens", "2147483648"], "--tokens"),
     (["--layers", "1024", "--tokens", "131072"], "--tokens"),
 ])
-def test_synth_refuses_traces_beyond_memory_before_allocating(tmp_path, flags, field):
+def test_synth_refuses_traces_beyond_memory_before_allocating(tmp_path, flags, field,
+                                                              one_error_line):
     out = tmp_path / "s.npz"
     start = time.perf_counter()
     one_error_line(["trace", "synth", "--out", str(out), "--experts", "64", "--top-k", "6",
@@ -230,7 +217,7 @@ def test_synth_refuses_traces_beyond_memory_before_allocating(tmp_path, flags, f
 
 
 @pytest.mark.parametrize("factor", ["inf", "1e300", "nan", "0", "10001"])
-def test_stats_refuses_a_capacity_factor_without_meaning(tmp_path, factor):
+def test_stats_refuses_a_capacity_factor_without_meaning(tmp_path, factor, one_error_line):
     path = tmp_path / "t.npz"
     small_trace().save(path)
     one_error_line(["trace", "stats", str(path), "--capacity-factor", factor],
