@@ -13,6 +13,8 @@ import io
 import json
 import os
 import string
+import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +46,8 @@ numbers = st.one_of(
 texts = st.one_of(st.text(string.printable, max_size=12),
                   st.sampled_from(["", "null", "~", "[]", "{}", "yes", "0x10", "1e3", "&a",
                                    "*a", "!!python/object:os.system", "../../etc/passwd",
-                                   "/dev/zero", "h800-node", "deepseek-v3", "fp8"]))
+                                   "/dev/zero", "h800-node", "deepseek-v3", "fp8",
+                                   "9" * 5000]))  # an integer past Python's own limit
 leaves = st.one_of(numbers, st.booleans(), st.none(), texts)
 values = st.recursive(leaves, lambda inner: st.one_of(
     st.lists(inner, max_size=3), st.dictionaries(st.text(string.ascii_lowercase, max_size=6),
@@ -211,7 +214,7 @@ ARRAYS = ["expert_ids", "weights", "scores", "seq_id", "pos", "metadata"]
 
 @FUZZ
 @given(st.sampled_from(ARRAYS),
-       st.sampled_from(["shape", "dtype", "values", "drop", "empty", "scalar"]),
+       st.sampled_from(["shape", "dtype", "values", "drop", "empty", "scalar", "header"]),
        st.integers(0, 2**31 - 1))
 def test_mutated_traces(tmp_path_factory, name, how, seed):
     rng = np.random.default_rng(seed)
@@ -233,12 +236,23 @@ def test_mutated_traces(tmp_path_factory, name, how, seed):
         del arrays[name]
     elif how == "empty":
         arrays[name] = a[:0]
-    else:
+    elif how == "scalar":
         arrays[name] = np.asarray(a.reshape(-1)[0])
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)
     path = tmp_path_factory.mktemp("trace") / "trace.npz"
     path.write_bytes(buffer.getvalue())
+    if how == "header":  # the member's .npy header declares far more than it holds
+        huge = tuple(int(rng.choice([10**12, 2**40, 3 * 2**30])) for _ in range(a.ndim or 1))
+        with zipfile.ZipFile(path, "a") as archive:
+            member = io.BytesIO()
+            np.lib.format.write_array_header_1_0(member, {
+                "descr": np.lib.format.dtype_to_descr(a.dtype), "fortran_order": False,
+                "shape": huge})
+            member.write(a.tobytes()[:64])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # a second member of the same name
+                archive.writestr(f"{name}.npy", member.getvalue())
     check(runner.invoke(app, ["trace", "stats", str(path), "--ep", "8"]))
     check(runner.invoke(app, ["simulate", str(REPO / "examples/dsmoe16b-trace.yaml"), "--set",
                               f"trace={path}", "--set", "engine=fast", "--set",
