@@ -208,14 +208,17 @@ class _Accumulator:
         self._src: list[np.ndarray] = []
         self._dst: list[np.ndarray] = []
         self._copies: list[np.ndarray] = []
-        self._links: list[np.ndarray] = []  # [P, hops <= _HOPS] per call
+        # Per call, the link of each hop [P] (-1 = none), None for a hop no pair takes:
+        # kept as columns, as loads need them one at a time (stacking them into [P, hops]
+        # cost two more P x hops copies per call).
+        self._hops: list[list[np.ndarray | None]] = []
 
-    def _add(self, src, dst, copies, columns: list[np.ndarray]) -> None:
-        links = np.stack(columns, axis=1).astype(np.int64)  # [P, hops], -1 = no link
+    def _add(self, src, dst, copies, columns: list[np.ndarray | None]) -> None:
+        assert len(columns) <= _HOPS
         self._src.append(src)
         self._dst.append(dst)
         self._copies.append(copies)
-        self._links.append(links)
+        self._hops.append(columns)
 
     def nvlink(self, src: np.ndarray, dst: np.ndarray, copies: np.ndarray) -> None:
         assert (self.topo.domain_of[src] == self.topo.domain_of[dst]).all()
@@ -231,9 +234,9 @@ class _Accumulator:
         other way. The NVLink hop and the NIC transfer are one flow: the kernels
         pipeline them chunk by chunk.
         """
-        topo, n, none = self.topo, self.n, np.full(len(src), -1, dtype=np.int64)
+        topo, n = self.topo, self.n
         sender = src
-        nvl_out, nvl_in = none, none
+        nvl_out = nvl_in = None
         if topo.multi_plane or (pxn and topo.rails > 1):
             # Another rail (plane) is reached through the node's GPU on that rail.
             local = topo.local_of[src]
@@ -256,22 +259,33 @@ class _Accumulator:
         ])
 
     def _rows(self):
-        if not self._links:
+        """``(src, dst, copies, links)``: every pair's path as one row [P, _HOPS]."""
+        if not self._hops:
             empty = np.zeros(0, dtype=np.int64)
             return empty, empty, np.zeros(0), np.zeros((0, _HOPS), dtype=np.int64)
+        links = np.full((sum(len(c) for c in self._copies), _HOPS), -1, dtype=np.int64)
+        start = 0
+        for copies, hops in zip(self._copies, self._hops, strict=True):
+            for h, column in enumerate(hops):
+                if column is not None:
+                    links[start:start + len(copies), h] = column
+            start += len(copies)
         return (np.concatenate(self._src).astype(np.int64),
                 np.concatenate(self._dst).astype(np.int64),
-                np.concatenate(self._copies),
-                np.concatenate([np.pad(links, ((0, 0), (0, _HOPS - links.shape[1])),
-                                       constant_values=-1) for links in self._links]))
+                np.concatenate(self._copies), links)
 
     def result(self) -> LinkLoads:
         per_link = np.zeros(n_links(self.n, self.leaves))
-        for copies, links in zip(self._copies, self._links, strict=True):
-            for column in links.T:  # one bincount per hop keeps memory at one column
+        for copies, hops in zip(self._copies, self._hops, strict=True):
+            for column in hops:  # one bincount per hop keeps memory at one column
+                if column is None:
+                    continue
                 used = column >= 0
-                per_link += np.bincount(column[used], weights=copies[used],
-                                        minlength=len(per_link))
+                if used.all():
+                    per_link += np.bincount(column, weights=copies, minlength=len(per_link))
+                else:
+                    per_link += np.bincount(column[used], weights=copies[used],
+                                            minlength=len(per_link))
         return _split(per_link, self.n, self.leaves)
 
     def flows(self) -> FlowSet:
