@@ -14,7 +14,6 @@ from moesim.errors import InputError
 
 trace_app = typer.Typer(help="Routing traces (schema moesim.trace/1).", no_args_is_help=True)
 
-MAX_CAPACITY_FACTOR = 10_000  # as a scenario's routing.capacity_factor
 # synthetic_trace's arguments, as `trace synth` spells them
 _SYNTH_FLAGS = {"num_experts": "--experts", "top_k": "--top-k", "num_layers": "--layers",
                 "num_tokens": "--tokens", "seq_len": "--seq-len", "skew": "--skew",
@@ -24,6 +23,8 @@ _SYNTH_FLAGS = {"num_experts": "--experts", "top_k": "--top-k", "num_layers": "-
 
 def _check_capacity_factor(value: float | None) -> None:
     # An infinite or astronomical factor overflows the integer capacity per device.
+    from moesim.config.routing import MAX_CAPACITY_FACTOR
+
     if value is not None and not (math.isfinite(value) and 0 < value <= MAX_CAPACITY_FACTOR):
         raise InputError(f"got {value!r}", field="--capacity-factor",
                          allowed=f"a finite number > 0 and <= {MAX_CAPACITY_FACTOR:,}")

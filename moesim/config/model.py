@@ -13,6 +13,8 @@ Positive = Field(gt=0)
 # Upper bounds keep every size a 24 GiB machine can simulate (README: Limits); the largest
 # published MoE models sit far inside them.
 MAX_EXPERTS = 16_384  # expert ids are int16 throughout routing
+MAX_LAYERS = 1024  # far beyond published models; README: Limits
+MAX_TOP_K = 1024
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)
@@ -28,13 +30,13 @@ class ModelShape(Checked):
     name: str
     source: str = ""
     hidden_size: int = Field(gt=0, le=65_536)
-    num_layers: int = Field(gt=0, le=1024)
-    first_dense_layers: int = Field(default=0, ge=0, le=1024)
+    num_layers: int = Field(gt=0, le=MAX_LAYERS)
+    first_dense_layers: int = Field(default=0, ge=0, le=MAX_LAYERS)
     dense_intermediate_size: int = Field(default=0, ge=0, le=1_048_576)
     moe_intermediate_size: int = Field(gt=0, le=1_048_576)
     routed_experts: int = Field(gt=0, le=MAX_EXPERTS)
     shared_experts: int = Field(default=0, ge=0, le=256)
-    top_k: int = Field(gt=0, le=1024)
+    top_k: int = Field(gt=0, le=MAX_TOP_K)
     expert_groups: int | None = Field(default=None, gt=0, le=MAX_EXPERTS)
     topk_groups: int | None = Field(default=None, gt=0, le=MAX_EXPERTS)
     vocab_size: int = Field(gt=0, le=16_777_216)

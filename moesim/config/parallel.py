@@ -12,6 +12,7 @@ from moesim.validation import STRICT, Checked
 
 KernelName = Literal[KERNEL_NAMES]
 MAX_GPUS = 65_536  # beyond every topology preset; README: Limits
+MAX_TOKENS_PER_GPU = 1_048_576
 
 
 @dataclass(frozen=True, kw_only=True, config=STRICT)
@@ -48,7 +49,7 @@ class ParallelConfig(Checked):
 
     ep: int = Field(gt=0, le=MAX_GPUS)
     gpus: int | None = Field(default=None, gt=0, le=MAX_GPUS)
-    tokens_per_gpu: int | None = Field(default=None, gt=0, le=1_048_576)
+    tokens_per_gpu: int | None = Field(default=None, gt=0, le=MAX_TOKENS_PER_GPU)
     seq_len: int = Field(default=4096, gt=0, le=16_777_216)
     micro_batches: int = Field(default=1, gt=0, le=64)
     comm_sms: int = Field(default=20, ge=0, le=10_000)

@@ -10,6 +10,8 @@ from pydantic.dataclasses import dataclass
 from moesim.config.gates import SCENARIO_GATES
 from moesim.validation import STRICT, Checked
 
+MAX_CAPACITY_FACTOR = 10_000  # more is no limit at all; README: Limits
+
 GateKind = Literal[SCENARIO_GATES]
 
 
@@ -57,7 +59,7 @@ class RoutingPolicy(Checked):
     gate: GateKind = "softmax-topk"
     max_devices: int | None = Field(default=None, gt=0, le=65_536)
     limit_scope: Literal["node", "device"] = "node"
-    capacity_factor: float | None = Field(default=None, gt=0, le=10_000)
+    capacity_factor: float | None = Field(default=None, gt=0, le=MAX_CAPACITY_FACTOR)
     drop_policy: Literal["probs", "position"] = "probs"
     capacity_scope: Literal["device", "expert"] = "device"
     assignment: Literal["uniform", "zipf", "power-law"] = "uniform"

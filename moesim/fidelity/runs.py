@@ -17,8 +17,8 @@ from typing import Annotated, Literal, Union
 
 from pydantic import ConfigDict, Field, ValidationError
 
-from moesim.config.model import MAX_EXPERTS
-from moesim.config.parallel import MAX_GPUS, KernelName
+from moesim.config.model import MAX_EXPERTS, MAX_TOP_K
+from moesim.config.parallel import MAX_GPUS, MAX_TOKENS_PER_GPU, KernelName
 from moesim.config.training import Precision, Schedule
 from moesim.errors import InputError
 from moesim.inputs import read_yaml
@@ -31,7 +31,7 @@ KNOWN_GAPS = "known_gaps.yaml"  # runs the model is known to miss; run only on r
 # its sizes reach numpy allocations (an array per expert, per GPU, per routed pick).
 Gpus = Annotated[int, Field(gt=0, le=MAX_GPUS)]
 Experts = Annotated[int, Field(gt=0, le=MAX_EXPERTS)]
-Tokens = Annotated[int, Field(gt=0, le=1_048_576)]  # per rank / GPU
+Tokens = Annotated[int, Field(gt=0, le=MAX_TOKENS_PER_GPU)]  # per rank / GPU
 Width = Annotated[int, Field(gt=0, le=65_536)]  # hidden size, top-k, SMs, pipeline stages
 Rows = Annotated[int, Field(gt=0, le=2**24)]  # a GEMM's M, a batch, a sequence
 Inner = Annotated[int, Field(gt=0, le=2**20)]  # a GEMM's N and K
@@ -55,7 +55,7 @@ class EpDispatchCombine(StrictModel):
     tokens_per_rank: Tokens
     hidden: Width
     experts: Experts
-    top_k: Annotated[int, Field(gt=0, le=1024)]  # the scenario's model.top_k limit
+    top_k: Annotated[int, Field(gt=0, le=MAX_TOP_K)]
     topk_groups: Gpus | None = None  # max nodes a token may reach; None = no limit
     routing: Literal["uniform-random"] = "uniform-random"
     comm_sms: Width | None = None  # SMs the kernel ran on (DeepEP: slower below its need)

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import numpy as np
 
+from moesim.config.model import MAX_EXPERTS, MAX_LAYERS
 from moesim.errors import InputError
 from moesim.inputs import read_text
 
 # The scenario's own limits (README "Limits"): checked before a number is parsed, so a
 # 16 MiB file of one-digit loads never becomes millions of Python floats.
-MAX_LAYERS = 1024
-MAX_EXPERTS = 16384
 
 
 def read_loads(path: str | Path, *, experts: int | None = None) -> np.ndarray:

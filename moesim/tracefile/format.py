@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 
 from moesim.config.feasibility import MAX_ASSIGNMENTS
+from moesim.config.model import MAX_LAYERS
 from moesim.errors import InputError
 from moesim.inputs import MAX_DEPTH, MAX_FILE_BYTES, load_json
 
@@ -57,7 +58,6 @@ _READ_ERRORS = (zipfile.BadZipFile, ValueError, OSError, EOFError, zlib.error,
 # anything is allocated: a simulation's own bounds on layers and on one layer's routed
 # assignments (moesim.config: 1,024 and MAX_ASSIGNMENTS), and for members read into
 # memory rather than mapped (deflated ones, small ones) a total that fits beside a run.
-MAX_LAYERS = 1024
 MAX_READ_BYTES = 4 * 2**30
 _LAYERED = ("expert_ids", "weights", "scores", "bias")  # axis 0: layers
 _PER_TOKEN = ("seq_id", "pos", "src_rank")
@@ -429,7 +429,7 @@ def _check_choices(ids: np.ndarray, n_experts: int) -> None:
         _fail(f"expert ids range {min(low_l)}..{max(high_l)}", "expert_ids",
               f"-1 (dropped) or 0..{n_experts - 1}")
     for layer in ids:
-        repeated = _repeats(layer)
+        repeated = repeats_an_expert(layer)
         release_pages(layer)
         if repeated:
             _fail("a token chooses the same expert twice", "expert_ids",
@@ -440,7 +440,7 @@ def _check_choices(ids: np.ndarray, n_experts: int) -> None:
                   "at least one routed assignment per layer")
 
 
-def _repeats(ids_tk: np.ndarray) -> bool:
+def repeats_an_expert(ids_tk: np.ndarray) -> bool:
     """Whether a token (row) names an expert (>= 0) twice: slot against earlier slots
     for a few slots (contiguous compares), by sorting each row for many."""
     top_k = ids_tk.shape[1]

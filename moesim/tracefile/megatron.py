@@ -43,7 +43,7 @@ import numpy as np
 
 from moesim.errors import InputError
 from moesim.inputs import load_json
-from moesim.tracefile.format import RoutingTrace
+from moesim.tracefile.format import RoutingTrace, repeats_an_expert
 
 _FILE_RE = re.compile(r"router_trace_rank(\d+)\.jsonl$")
 _FIELDS = ("step", "block", "layer", "rank", "num_tokens", "topk", "top_indices")
@@ -129,7 +129,7 @@ def _parse_record(line: str, where: str, *, num_experts: int) -> _Record:
         raise InputError(f"expert ids range {ids_tk.min()}..{ids_tk.max()}",
                          field="top_indices", source=where,
                          allowed=f"0..{num_experts - 1} (num_experts = {num_experts})")
-    if _repeats(ids_tk):
+    if repeats_an_expert(ids_tk):
         raise InputError("a token chooses the same expert twice", field="top_indices",
                          source=where, allowed=f"{topk} distinct experts per token")
 
@@ -151,12 +151,6 @@ def _parse_record(line: str, where: str, *, num_experts: int) -> _Record:
         logits = (offset, n_bytes)
     return _Record(where=where, step=step, key=key, rank=rank, topk=topk,
                    ids_tk=ids_tk.astype(np.int16), logits=logits)
-
-
-def _repeats(ids_tk: np.ndarray) -> bool:
-    """Whether a token (row) names an expert twice."""
-    ordered = np.sort(ids_tk, axis=1)
-    return bool((ordered[:, 1:] == ordered[:, :-1]).any())
 
 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:

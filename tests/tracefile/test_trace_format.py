@@ -380,7 +380,7 @@ def test_damaged_files_on_disk_are_rejected_or_harmless(tmp_path):
 def test_repeated_experts_are_found_whatever_the_top_k(data):
     """The slot-by-slot check (K <= 16) and the sorting one (larger K) agree with the
     definition: some row names an expert >= 0 twice."""
-    from moesim.tracefile.format import _repeats
+    from moesim.tracefile.format import repeats_an_expert
 
     top_k = data.draw(st.integers(1, 20))
     rows = data.draw(st.integers(1, 30))
@@ -388,4 +388,4 @@ def test_repeated_experts_are_found_whatever_the_top_k(data):
     ids = rng.integers(-1, data.draw(st.integers(1, 40)), (rows, top_k)).astype(np.int16)
     expected = any(len({e for e in row if e >= 0}) < sum(e >= 0 for e in row)
                    for row in ids.tolist())
-    assert _repeats(ids) == expected
+    assert repeats_an_expert(ids) == expected

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from moesim.config.model import MAX_EXPERTS, MAX_TOP_K
+from moesim.config.parallel import MAX_GPUS
 from moesim.errors import InputError
 from moesim.inputs import load_json
 
@@ -56,9 +58,9 @@ INT_COLUMNS = ("m", "n", "k", "tokens", "hidden", "inter", "topk", "experts", "m
 # and per GPU, so a row of 10**12 experts must stop here.
 MAX_INTS: dict[str, int] = {
     "m": 2**24, "n": 2**20, "k": 2**20, "tokens": 2**24, "hidden": 65_536, "inter": 2**20,
-    "topk": 1024, "experts": 16_384, "moe_tp": 65_536, "moe_ep": 65_536,
+    "topk": MAX_TOP_K, "experts": MAX_EXPERTS, "moe_tp": 65_536, "moe_ep": 65_536,
     "batch": 2**24, "isl": 2**24, "step": 2**24, "heads": 4096, "kv_heads": 4096,
-    "head_dim": 65_536, "window": 2**24, "tp": 65_536, "gpus": 65_536, "bytes": 2**40,
+    "head_dim": 65_536, "window": 2**24, "tp": 65_536, "gpus": MAX_GPUS, "bytes": 2**40,
     "nodes": 8192, "sms": 10_000,
 }
 TEXT_COLUMNS = ("dtype", "kv_dtype", "distribution", "kernel", "framework",
