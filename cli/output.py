@@ -51,6 +51,13 @@ def _remove_leftovers(path: Path, suffix: str) -> None:
                     leftover.unlink()
 
 
+def _umask() -> int:
+    """This process's umask (reading it means setting it, so it is set back)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
 def _running(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -73,9 +80,7 @@ def write_atomic(path: Path, write: Callable[[Path], None]) -> None:
         raise InputError(f"cannot write here ({err.strerror or err})",
                          source=str(path)) from None
     os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would surprise whoever reads the results
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would surprise whoever reads the results
     try:
         write(Path(tmp))
         os.replace(tmp, path)
@@ -123,9 +128,7 @@ def staged_folder(out: Path, *, adding: bool = False) -> Iterator[Path]:
 def _replace_folder(out: Path, stage: Path) -> None:
     """Rename ``stage`` to ``out``; an ``out`` already there (a results folder or an
     empty one) is renamed aside first and removed once the new one is in place."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would hide the results from others
+    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp's 0700 would hide the results from others
     earlier = None
     if out.exists():
         earlier = Path(tempfile.mkdtemp(prefix=_temporary_prefix(out), suffix=".partial",

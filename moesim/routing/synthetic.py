@@ -66,19 +66,7 @@ def sample_topk(
     ``max_units`` units. One seed is taken from ``rng``; the draw itself is the compiled
     :func:`moesim.routing.kernels.draw_topk`.
     """
-    from moesim.routing.kernels import draw_topk
-
-    tables, max_units = _tables(popularity_e, top_k=top_k, unit_size=unit_size,
-                                max_units=max_units)
-    seed = int(rng.integers(2**63))
-    return draw_topk(*tables, n_tokens=n_tokens, top_k=top_k, max_units=max_units, seed=seed)
-
-
-def _tables(popularity_e: np.ndarray, *, top_k: int, unit_size: int | None,
-            max_units: int | None) -> tuple[tuple[np.ndarray, ...], int]:
-    """``(p_e, prob_e, alias_e, prob_ux, alias_ux, mass_u)``, the popularity and its
-    alias tables the compiled draw takes, and the unit limit (no limit: one unit)."""
-    from moesim.routing.kernels import alias_table
+    from moesim.routing.kernels import alias_table, draw_topk
 
     popularity_e = np.ascontiguousarray(popularity_e, dtype=np.float64)
     n_experts = popularity_e.shape[0]
@@ -94,4 +82,6 @@ def _tables(popularity_e: np.ndarray, *, top_k: int, unit_size: int | None,
     prob_e, alias_e = alias_table(popularity_e)
     prob_ux = np.stack([prob for prob, _ in tables])
     alias_ux = np.stack([alias for _, alias in tables])
-    return (popularity_e, prob_e, alias_e, prob_ux, alias_ux, mass_u), max_units
+    seed = int(rng.integers(2**63))
+    return draw_topk(popularity_e, prob_e, alias_e, prob_ux, alias_ux, mass_u,
+                     n_tokens=n_tokens, top_k=top_k, max_units=max_units, seed=seed)

@@ -18,12 +18,7 @@ import numpy as np
 from moesim.config.feasibility import layer_draws, limit_units
 from moesim.config.scenario import Scenario
 from moesim.placement.layout import LayerPlacement, scenario_placement
-from moesim.routing.batch import (
-    BatchCounts,
-    RoutedBatch,
-    count_in_scenario,
-    expert_loads,
-)
+from moesim.routing.batch import BatchCounts, RoutedBatch, count_in_scenario, expert_loads
 from moesim.routing.dropping import Capacity, capacity_of, routed_batch
 from moesim.routing.synthetic import expert_popularity, sample_topk
 
