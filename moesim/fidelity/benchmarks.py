@@ -27,6 +27,12 @@ SAMPLED_TOKENS = 2048  # per rank; larger batches are this draw scaled (loads ar
 _ANALYTICAL = NETWORK_MODELS["analytical"]
 
 
+def sampled_picks(gpus, tokens_per_rank, top_k):
+    """(token, expert) picks the routing draw of an exchange benchmark makes: every
+    rank's sampled tokens (scalars or arrays alike)."""
+    return gpus * np.minimum(tokens_per_rank, SAMPLED_TOKENS) * top_k
+
+
 @dataclass(frozen=True, kw_only=True)
 class EpExchange:
     counts: BatchCounts  # of the sampled tokens

@@ -246,9 +246,9 @@ def _check_ep(run: Run, at: str, source: str) -> None:
                          field=f"{at}.workload.top_k", source=source,
                          allowed=f"1..{w.experts}")
     from moesim.config.feasibility import MAX_ASSIGNMENTS
-    from moesim.fidelity.benchmarks import SAMPLED_TOKENS
+    from moesim.fidelity.benchmarks import SAMPLED_TOKENS, sampled_picks
 
-    picks = run.gpus * min(w.tokens_per_rank, SAMPLED_TOKENS) * w.top_k
+    picks = int(sampled_picks(run.gpus, w.tokens_per_rank, w.top_k))
     if picks > MAX_ASSIGNMENTS:  # the routing is drawn for every rank's sampled tokens
         raise InputError(f"{picks:,} routed picks to draw", field=f"{at}.workload.top_k",
                          source=source, allowed=f"gpus x min(tokens_per_rank, "

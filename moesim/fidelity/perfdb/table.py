@@ -151,7 +151,7 @@ def _check_exchanges(out: dict[str, pd.Series], ids: pd.Series, source: str) -> 
     """A DeepEP row is predicted by drawing its routing on every rank: its picks must fit
     the scenario limit, or the draw would not fit in memory."""
     from moesim.config.feasibility import MAX_ASSIGNMENTS
-    from moesim.fidelity.benchmarks import SAMPLED_TOKENS
+    from moesim.fidelity.benchmarks import SAMPLED_TOKENS, sampled_picks
     from moesim.fidelity.perfdb.predict import GPUS_PER_NODE
 
     def sizes(name: str) -> np.ndarray:  # <NA> as NaN: predict() leaves such a row out
@@ -159,8 +159,7 @@ def _check_exchanges(out: dict[str, pd.Series], ids: pd.Series, source: str) -> 
 
     deepep = out["op"].isin(["deepep_normal", "deepep_ll"]).to_numpy()
     # The columns are bounded, so the product stays below 2**53: exact in float64.
-    gpus = GPUS_PER_NODE * sizes("nodes")
-    picks = gpus * np.minimum(sizes("tokens"), SAMPLED_TOKENS) * sizes("topk")
+    picks = sampled_picks(GPUS_PER_NODE * sizes("nodes"), sizes("tokens"), sizes("topk"))
     with np.errstate(invalid="ignore"):
         bad = deepep & (picks > MAX_ASSIGNMENTS)
     if bad.any():
