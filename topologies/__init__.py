@@ -18,7 +18,8 @@ from .analysis import bisection_bandwidth
 from .build import Topology, build_topology
 from .spec import TopologySpec, domains_for, preset_names, read_spec
 
-__all__ = ["Topology", "TopologySpec", "bisection_bandwidth", "load_topology", "preset_names"]
+__all__ = ["Topology", "TopologySpec", "bisection_bandwidth", "load_topology", "preset_names",
+           "read_spec"]
 
 
 def load_topology(name_or_path: str | os.PathLike[str], *, gpus: int | None = None) -> Topology:

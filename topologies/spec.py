@@ -7,6 +7,7 @@ mistake still names its field.
 
 from __future__ import annotations
 
+import functools
 import os
 import typing
 from importlib import resources
@@ -93,9 +94,8 @@ def read_spec(name_or_path: str | os.PathLike[str]) -> tuple[TopologySpec, str]:
     name_or_path = os.fspath(name_or_path)
     names = preset_names()
     if name_or_path in names:
-        source = name_or_path
-        text = resources.files(_PACKAGE).joinpath(f"{name_or_path}.yaml").read_text("utf-8")
-    elif _looks_like_path(name_or_path):
+        return _preset(name_or_path), name_or_path
+    if _looks_like_path(name_or_path):
         source = name_or_path
         if not Path(name_or_path).exists():
             raise InputError(
@@ -109,6 +109,14 @@ def read_spec(name_or_path: str | os.PathLike[str]) -> tuple[TopologySpec, str]:
             f"unknown topology preset {name_or_path!r}", field="topology", allowed=", ".join(names)
         )
     return parse_spec(text, source=source), source
+
+
+@functools.cache
+def _preset(name: str) -> TopologySpec:
+    """A shipped preset's checked spec, read once per process (a sweep reads it for every
+    point; the spec is frozen)."""
+    text = resources.files(_PACKAGE).joinpath(f"{name}.yaml").read_text("utf-8")
+    return parse_spec(text, source=name)
 
 
 def _looks_like_path(text: str) -> bool:

@@ -200,11 +200,11 @@ def _hardware_file(value: str) -> str | dict:
 
 
 def _hardware_of_topology(topology: Any) -> str:
-    from moesim.topologies import load_topology  # networkx stays off the import path
+    from moesim.topologies import read_spec  # networkx stays off the import path
 
     if not isinstance(topology, str):
         raise InputError("expected a topology preset name or file path", field="topology")
-    return load_topology(topology).gpu
+    return read_spec(topology)[0].gpu  # the GPU is the file's: no cluster to build
 
 
 def scenario_from_dict(

@@ -122,32 +122,46 @@ def check_summary(summary: dict) -> Summary:
     return summary  # type: ignore[return-value]
 
 
-def _overlap_with(intervals_start, intervals_end, starts, ends) -> np.ndarray:
-    """Length of each [starts, ends) covered by the sorted, disjoint intervals."""
-    busy = np.concatenate(([0.0], np.cumsum(intervals_end - intervals_start)))
+def _overlap_with(begin_gi: np.ndarray, end_gi: np.ndarray, starts_gj: np.ndarray,
+                  ends_gj: np.ndarray) -> np.ndarray:
+    """[G, J]: the length of each ``[starts_gj, ends_gj)`` covered by the intervals
+    ``[begin_gi, end_gi)`` of its row (sorted and disjoint within a row)."""
+    n_rows, n = begin_gi.shape
+    length_gi = end_gi - begin_gi
+    busy_gi = np.concatenate((np.zeros((n_rows, 1)), np.cumsum(length_gi, axis=1)), axis=1)
+    # One search for every row: row r's times are shifted past all of row r-1's. Equal
+    # times shift alike, so ties (an exchange ending as a GEMM starts) stay ties.
+    low = min(begin_gi.min(), starts_gj.min())
+    shift_g1 = (np.arange(n_rows) * (max(end_gi.max(), ends_gj.max()) - low + 1.0) - low)[:, None]
+    flat = (begin_gi + shift_g1).ravel()
+    rows_g1 = np.arange(n_rows)[:, None]
 
-    def covered_until(t):
-        i = np.searchsorted(intervals_start, t, side="right")  # intervals started by t
-        inside = np.clip(t - intervals_start[np.maximum(i - 1, 0)], 0,
-                         (intervals_end - intervals_start)[np.maximum(i - 1, 0)])
-        return busy[np.maximum(i - 1, 0)] + np.where(i > 0, inside, 0.0)
+    def covered_until(t_gj):
+        i_gj = np.searchsorted(flat, t_gj + shift_g1, side="right") - rows_g1 * n
+        prev = np.maximum(i_gj - 1, 0)  # the last interval started by t
+        inside = np.clip(t_gj - begin_gi[rows_g1, prev], 0, length_gi[rows_g1, prev])
+        return busy_gi[rows_g1, prev] + np.where(i_gj > 0, inside, 0.0)
 
-    return covered_until(ends) - covered_until(starts)
+    return covered_until(ends_gj) - covered_until(starts_gj)
 
 
 def exposed_comm_seconds(ops: list[Op], timeline: Timeline) -> np.ndarray:
     """Per GPU: time the communication stream is busy while the compute stream is idle."""
-    comm = np.array([op.stream == COMM for op in ops])
-    calc = np.array([op.stream == COMPUTE for op in ops])
-    n_gpus = timeline.start_og.shape[1]
-    exposed = np.zeros(n_gpus)
-    for g in range(n_gpus):
-        cs, ce = timeline.start_og[calc, g], timeline.end_og[calc, g]
-        order = np.argsort(cs, kind="stable")
-        ms, me = timeline.start_og[comm, g], timeline.end_og[comm, g]
-        hidden = _overlap_with(cs[order], ce[order], ms, me)
-        exposed[g] = float((me - ms).sum() - hidden.sum())
-    return exposed
+    comm = np.array([op.stream == COMM for op in ops], dtype=bool)
+    calc = np.array([op.stream == COMPUTE for op in ops], dtype=bool)
+    start_og, end_og = timeline.start_og, timeline.end_og
+    if not comm.any():
+        return np.zeros(start_og.shape[1])
+    sent = (end_og[comm] - start_og[comm]).sum(axis=0)
+    if not calc.any():
+        return sent
+    # A GPU per row, so that each GPU's times lie together for the search.
+    begin_gc, end_gc = start_og[calc].T, end_og[calc].T
+    order = np.argsort(begin_gc, axis=1, kind="stable")
+    begin_gc = np.take_along_axis(begin_gc, order, axis=1)
+    end_gc = np.take_along_axis(end_gc, order, axis=1)
+    hidden_gm = _overlap_with(begin_gc, end_gc, start_og[comm].T, end_og[comm].T)
+    return sent - hidden_gm.sum(axis=1)
 
 
 def _per_gpu_sum(ops, begin_og: np.ndarray, end_og: np.ndarray, predicate) -> np.ndarray:

@@ -14,22 +14,23 @@ class RoutedBatch:
     Token ``t`` lives on rank ``t // tokens_per_rank`` of the group; ``ids_tk`` are the
     physical expert slots it reaches (the experts themselves under contiguous placement;
     slot ``s`` on GPU ``s // (S / ep)``) and ``kept_tk`` says which assignments survived
-    capacity dropping. An id of ``-1`` (never kept) is a slot a replayed trace recorded
-    as already dropped. ``phy2log_s`` [S] names each slot's logical expert (None: slot
-    ``s`` holds expert ``s``).
+    capacity dropping (None: no capacity applied, every id is kept). An id of ``-1``
+    (never kept) is a slot a replayed trace recorded as already dropped. ``phy2log_s``
+    [S] names each slot's logical expert (None: slot ``s`` holds expert ``s``).
     """
 
     ids_tk: np.ndarray
-    kept_tk: np.ndarray
+    kept_tk: np.ndarray | None
     tokens_per_rank: int
     phy2log_s: np.ndarray | None = None
     affinity_tk: np.ndarray | None = None  # a real gate's weights (None: synthetic picks)
     score_mass: tuple[float, float] | None = None  # (chosen, unrestricted top-K) affinity
 
     def __post_init__(self) -> None:
-        assert self.ids_tk.shape == self.kept_tk.shape
         assert self.ids_tk.shape[0] % self.tokens_per_rank == 0
-        assert not self.kept_tk[self.ids_tk < 0].any(), "a kept slot without an expert"
+        if self.kept_tk is not None:
+            assert self.ids_tk.shape == self.kept_tk.shape
+            assert not self.kept_tk[self.ids_tk < 0].any(), "a kept slot without an expert"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +81,8 @@ def count_batch(
     assert not ids_tk.size or ids_tk.max() < n_experts, "an id past the slots"
     gpu_s = np.arange(n_experts) // (n_experts // ep)
     node_g = np.arange(ep) // gpus_per_node
-    kept_tk = (np.zeros((0, 0), dtype=bool) if batch.kept_tk.all()
+    kept_tk = (np.zeros((0, 0), dtype=bool)  # the loop's "every id kept"
+               if batch.kept_tk is None or batch.kept_tk.all()
                else np.ascontiguousarray(batch.kept_tk))
     kept_ss, dropped_ss, pairs_sg, reach_gpu_sg, reach_node_sn, unknown_s = count_by_source(
         ids_tk, kept_tk, n_tokens // ep, gpu_s, node_g)
@@ -95,7 +97,8 @@ def count_batch(
     if batch.affinity_tk is not None:
         picked = batch.ids_tk >= 0
         weight_routed = float(batch.affinity_tk[picked].sum())
-        weight_dropped = float(batch.affinity_tk[picked & ~batch.kept_tk].sum())
+        weight_dropped = (0.0 if batch.kept_tk is None
+                          else float(batch.affinity_tk[picked & ~batch.kept_tk].sum()))
     return BatchCounts(
         weight_routed=weight_routed,
         weight_dropped=weight_dropped,

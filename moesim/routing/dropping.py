@@ -116,10 +116,10 @@ def routed_batch(ids_tk: np.ndarray, weights_tk: np.ndarray | None, *, tokens_pe
     """
     from moesim.routing.batch import RoutedBatch
 
-    pos_t = np.arange(ids_tk.shape[0]) % tokens_per_rank
-    common = dict(capacity=capacity, pos_t=pos_t, tokens_per_rank=tokens_per_rank,
-                  seq_id_t=seq_id_t, seed=seed)
-    kept_tk = ids_tk >= 0
+    kept_tk = None  # no capacity: every id is kept
+    if capacity is not None:
+        common = dict(capacity=capacity, pos_t=np.arange(ids_tk.shape[0]) % tokens_per_rank,
+                      tokens_per_rank=tokens_per_rank, seq_id_t=seq_id_t, seed=seed)
     if capacity is not None and capacity.scope == "expert":
         kept_tk = keep_within_capacity(ids_tk, weights_tk, bins=experts, **common)
     phy2log_s = None

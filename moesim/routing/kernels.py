@@ -113,21 +113,54 @@ def _alias(prob, alias, u):
     return i if j - i < prob[i] else other
 
 
-def alias_table(weight_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Walker's alias table (``prob_x`` float64, ``alias_x`` int64) of ``weight_x`` [X]
-    (non-negative, positive sum): category ``i`` with chance ``prob_x[i]``, else
-    ``alias_x[i]``, after a uniform pick of ``i``."""
-    n = weight_x.shape[0]
-    scaled = weight_x / weight_x.sum() * n  # n / sum overflows for a subnormal sum
-    prob, alias = np.ones(n), np.arange(n)
-    small = [i for i in range(n) if scaled[i] < 1.0]
-    large = [i for i in range(n) if scaled[i] >= 1.0]
-    while small and large:
-        s, g = small.pop(), large.pop()
-        prob[s], alias[s] = scaled[s], g
-        scaled[g] -= 1.0 - scaled[s]
-        (small if scaled[g] < 1.0 else large).append(g)
-    return prob, alias  # leftovers keep prob 1: only rounding put them in either list
+def alias_tables(weight_rx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Walker's alias table of each row of ``weight_rx`` [R, X] (non-negative; a row
+    summing to zero is taken as uniform): ``prob_rx`` float64 and ``alias_rx`` int64, so
+    that row ``r`` draws category ``i`` with chance ``prob_rx[r, i]``, else
+    ``alias_rx[r, i]``, after a uniform pick of ``i``."""
+    weight_rx = np.asarray(weight_rx, dtype=np.float64)
+    n_rows, n = weight_rx.shape
+    total_r = weight_rx.sum(axis=1, keepdims=True)
+    # n / sum overflows for a subnormal sum, so divide first
+    scaled_rx = np.where(total_r > 0, weight_rx / np.where(total_r > 0, total_r, 1.0), 1.0 / n)
+    scaled_rx = np.ascontiguousarray(scaled_rx * n)
+    prob_rx = np.ones((n_rows, n))
+    alias_rx = np.empty((n_rows, n), dtype=np.int64)
+    _fill_alias(scaled_rx, prob_rx, alias_rx, np.empty(n, dtype=np.int64),
+                np.empty(n, dtype=np.int64))
+    return prob_rx, alias_rx
+
+
+@njit(nogil=True, cache=True, _nrt=False)
+def _fill_alias(scaled_rx, prob_rx, alias_rx, small, large):
+    """Vose's pairing of each row (``prob_rx`` all ones on entry; ``small`` and
+    ``large`` are stacks of category indices, scratch): a category under its share is
+    topped up by one over it, which becomes its alias."""
+    n = scaled_rx.shape[1]
+    for r in range(scaled_rx.shape[0]):
+        scaled = scaled_rx[r]
+        n_small = n_large = 0
+        for i in range(n):
+            alias_rx[r, i] = i
+            if scaled[i] < 1.0:
+                small[n_small] = i
+                n_small += 1
+            else:
+                large[n_large] = i
+                n_large += 1
+        while n_small and n_large:
+            n_small -= 1
+            n_large -= 1
+            s, g = small[n_small], large[n_large]
+            prob_rx[r, s], alias_rx[r, s] = scaled[s], g
+            scaled[g] -= 1.0 - scaled[s]
+            if scaled[g] < 1.0:
+                small[n_small] = g
+                n_small += 1
+            else:
+                large[n_large] = g
+                n_large += 1
+        # leftovers keep prob 1: only rounding put them in either stack
 
 
 @njit(_nrt=False)

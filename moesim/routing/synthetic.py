@@ -66,7 +66,7 @@ def sample_topk(
     ``max_units`` units. One seed is taken from ``rng``; the draw itself is the compiled
     :func:`moesim.routing.kernels.draw_topk`.
     """
-    from moesim.routing.kernels import alias_table, draw_topk
+    from moesim.routing.kernels import alias_tables, draw_topk
 
     popularity_e = np.ascontiguousarray(popularity_e, dtype=np.float64)
     n_experts = popularity_e.shape[0]
@@ -77,11 +77,8 @@ def sample_topk(
     assert max_units <= n_experts // unit_size and max_units * unit_size >= top_k
     weight_ux = popularity_e.reshape(-1, unit_size)
     mass_u = weight_ux.sum(axis=1)
-    tables = [alias_table(w) if m > 0 else alias_table(np.ones_like(w))
-              for w, m in zip(weight_ux, mass_u, strict=True)]
-    prob_e, alias_e = alias_table(popularity_e)
-    prob_ux = np.stack([prob for prob, _ in tables])
-    alias_ux = np.stack([alias for _, alias in tables])
+    prob_ux, alias_ux = alias_tables(weight_ux)  # a unit without mass: uniform
+    (prob_e,), (alias_e,) = alias_tables(popularity_e[None])
     seed = int(rng.integers(2**63))
     return draw_topk(popularity_e, prob_e, alias_e, prob_ux, alias_ux, mass_u,
                      n_tokens=n_tokens, top_k=top_k, max_units=max_units, seed=seed)

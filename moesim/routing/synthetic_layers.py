@@ -50,17 +50,16 @@ def draw_batch(
     (sequences of ``seq_len`` tokens, or one per rank)."""
     ids_tk = sample_topk(popularity_e, n_tokens=n_tokens, top_k=top_k, rng=rng,
                          unit_size=unit_size, max_units=max_units)
-    weights_tk, seed = None, 0
+    weights_tk, seq_id_t, seed = None, None, 0
     if capacity is not None:
         # Synthetic tokens carry no affinities: their gate weights are exchangeable, so
         # the lowest-weight assignments are a random set.
         weights_tk = rng.random(ids_tk.shape) if capacity.drop_policy == "probs" else None
         seed = int(rng.integers(2**31))
-    sequence = min(seq_len or tokens_per_rank, tokens_per_rank)
+        seq_id_t = np.arange(n_tokens) // min(seq_len or tokens_per_rank, tokens_per_rank)
     return routed_batch(ids_tk, weights_tk, tokens_per_rank=tokens_per_rank,
                         experts=popularity_e.shape[0], placement=placement,
-                        capacity=capacity, seq_id_t=np.arange(n_tokens) // sequence,
-                        seed=seed)
+                        capacity=capacity, seq_id_t=seq_id_t, seed=seed)
 
 
 def synthetic_counts(
