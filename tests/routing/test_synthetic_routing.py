@@ -231,6 +231,25 @@ def test_draws_follow_the_gates_exact_law(n_experts, unit_size, max_units, top_k
     assert (np.abs(counts - expected) <= 5 * np.sqrt(expected) + 1).all()
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0.0, 1e-300, 1e-9, 0.3, 1.0, 7.0]), min_size=5,
+                         max_size=5), min_size=1, max_size=4))
+def test_alias_tables_give_each_category_its_share(rows):
+    """Every row's table gives category ``i`` (kept by its own pick, or reached as the
+    alias of others) exactly its share of the row's weight; a row without weight is
+    uniform."""
+    from moesim.routing.kernels import alias_tables
+
+    weight_rx = np.array(rows)
+    prob_rx, alias_rx = alias_tables(weight_rx)
+    n = weight_rx.shape[1]
+    for weight, prob, alias in zip(weight_rx, prob_rx, alias_rx, strict=True):
+        assert ((prob >= 0) & (prob <= 1)).all() and ((alias >= 0) & (alias < n)).all()
+        share = prob + np.bincount(alias, weights=1.0 - prob, minlength=n)
+        wanted = weight / weight.sum() if weight.sum() > 0 else np.full(n, 1.0 / n)
+        assert np.allclose(share / n, wanted, atol=1e-12)
+
+
 def test_draws_do_not_depend_on_the_number_of_threads(monkeypatch):
     """Every token has its own random stream: one thread or three give the same ids."""
     popularity = zipf(64, 1.0)
