@@ -43,6 +43,65 @@ def candidate_record(plan, c) -> dict:
     return record
 
 
+def read_plan_document(path: Path) -> dict:
+    """``plan.json`` read back (for a report): the document :func:`plan_document` wrote,
+    checked field by field; anything else is one InputError naming the field."""
+    from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+    from moesim.cli.folders import RERUN, read_json
+    from moesim.errors import InputError
+    from moesim.validation import STRICT, input_error
+
+    class Record(BaseModel):  # a candidate's row: these fields and any summary key
+        model_config = ConfigDict(**(STRICT | {"extra": "allow"}))
+        setup: str
+        cost: float
+        tokens_per_s: float
+        tokens_per_s_per_gpu: float
+        step_time_s: float
+        memory_gib_per_gpu: float | None = None
+
+    class Axes(BaseModel):
+        model_config = STRICT
+        x: str
+        x_key: str
+        y: str
+        y_key: str
+
+    class PlanDocument(BaseModel):
+        model_config = STRICT
+        schema_: str = Field(alias="schema", pattern="^moesim.plan-result/1$")
+        plan: str
+        mode: str
+        cost_metric: str
+        cost_unit: str
+        target: dict[str, float]
+        points_total: int
+        points_simulated: int
+        counts: dict[str, int]
+        wall_time_s: float
+        winner: Record | None
+        runners_up: list[Record]
+        frontier_axes: Axes
+        frontier: list[Record]
+        explanation: list[str]
+
+    document = read_json(path)
+    try:
+        checked = PlanDocument.model_validate(document, strict=True)
+    except ValidationError as err:
+        raise input_error(err, schema=PlanDocument, source=str(path)) from None
+    axes = checked.frontier_axes
+    for i, record in enumerate(checked.frontier):
+        for key in (axes.x_key, axes.y_key):
+            value = getattr(record, key, None)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise InputError("not the plan moesim wrote", field=f"frontier.{i}.{key}",
+                                 source=str(path), allowed=f"a number; {RERUN}")
+    return document
+
+
 def plan_document(result, *, seconds: float, source: str) -> dict:
     """plan.json: the winner, runners-up, frontier, counts and the reasons."""
     plan = result.plan

@@ -30,43 +30,77 @@ def _simulation(folder: Path):
     from moesim.config.loading import scenario_from_dict
     from moesim.inputs import read_yaml
     from moesim.output.result import SimResult
+    from moesim.output.summary import summary_problem
+    from moesim.output.tables import TABLE_COLUMNS
 
     scenario = scenario_from_dict(read_yaml(folder / "scenario.yaml"),
                                   source=str(folder / "scenario.yaml"))
     summary = read_json(folder / "summary.json")
+    problem = summary_problem(summary, finite=True)
+    if problem is not None:
+        raise InputError("not the summary moesim wrote", field=problem[0],
+                         source=str(folder / "summary.json"),
+                         allowed=f"{problem[1]}; run `moesim simulate --out` again")
     warnings_file = folder / "warnings.json"
     warnings = tuple(read_json(warnings_file, kind=list)) if warnings_file.exists() else ()
     balance = folder / "balance.parquet"
-    return SimResult(scenario=scenario, summary=summary,
-                     spans=read_parquet(folder / "spans.parquet"),
-                     links=read_parquet(folder / "links.parquet"),
-                     experts=read_parquet(folder / "experts.parquet"),
+    tables = {name: read_parquet(folder / f"{name}.parquet", columns=columns)
+              for name, columns in TABLE_COLUMNS.items()}
+    return SimResult(scenario=scenario, summary=summary, **tables,
                      balance=read_parquet(balance) if balance.exists() else None,
                      warnings=warnings)
 
 
+# The columns of a sweep's results table that its report reads, and their kinds
+# (moesim.cli.folders.check_columns); memory columns and spreads are numbers where present.
+SWEEP_COLUMNS = {"error": "t", "step_time_s": "n", "tokens_per_s_per_gpu": "n",
+                 "dropped_token_fraction": "n"}
+
+
+def read_progress(path: Path) -> dict:
+    """A sweep's ``progress.json``: whether it completed, and its points stored of all."""
+    from moesim.cli.folders import RERUN, read_json
+
+    progress = read_json(path)
+    for key, kind in (("complete", bool), ("points_stored", int), ("points_total", int)):
+        if not isinstance(progress.get(key), kind):
+            raise InputError("not the progress moesim wrote", field=key, source=str(path),
+                             allowed=f"{'true or false' if kind is bool else 'an integer'}; "
+                                     f"{RERUN}")
+    return progress
+
+
 def build(folder: Path):
     """(blocks, figures, title) of whatever ``folder`` holds."""
-    from moesim.cli.folders import read_json, read_parquet
+    from moesim.cli.folders import RERUN, check_columns, read_parquet
     from moesim.inputs import read_yaml
 
     if (folder / "plan.json").exists():
+        from moesim.cli.plan import read_plan_document
         from moesim.reports.plan_report import build_plan_report
 
-        document = read_json(folder / "plan.json")
-        blocks, figures = build_plan_report(document, read_parquet(folder / "plan.parquet"))
+        document = read_plan_document(folder / "plan.json")
+        axes = document["frontier_axes"]
+        points = read_parquet(folder / "plan.parquet", columns={
+            "setup": "t", "status": "t", axes["x_key"]: "n", axes["y_key"]: "n"})
+        blocks, figures = build_plan_report(document, points)
         return blocks, figures, "moesim plan"
     if (folder / "results.parquet").exists():
         from moesim.reports.sweep_report import build_sweep_report
 
         spec = read_yaml(folder / "sweep.yaml", what="sweep file")
-        if not isinstance(spec, dict):
-            raise InputError("not a sweep file (a YAML mapping)", source=str(folder /
-                                                                            "sweep.yaml"))
+        if not isinstance(spec, dict) or not isinstance(spec.get("axes"), dict) \
+                or not spec["axes"]:
+            raise InputError("not a sweep file (a YAML mapping with axes)",
+                             source=str(folder / "sweep.yaml"), allowed=RERUN)
         progress = folder / "progress.json"
-        progress = read_json(progress) if progress.exists() else None
-        blocks, figures = build_sweep_report(read_parquet(folder / "results.parquet"), spec,
-                                             progress=progress)
+        progress = read_progress(progress) if progress.exists() else None
+        results = read_parquet(folder / "results.parquet",
+                               columns=dict.fromkeys(map(str, spec["axes"]), "") | SWEEP_COLUMNS)
+        check_columns(results, {name: "p" for name in results.columns
+                                if name.startswith("memory_") or name.endswith("_std")}
+                      | {"fits_in_memory": "B"}, source=folder / "results.parquet")
+        blocks, figures = build_sweep_report(results, spec, progress=progress)
         return blocks, figures, "moesim sweep"
     if (folder / "summary.json").exists():
         from moesim.reports.simulation_report import build_report

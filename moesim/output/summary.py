@@ -2,6 +2,7 @@
 (meanings in docs/metrics.md), and how they are computed from the timeline."""
 
 # No `from __future__ import annotations`: TypedDict reads NotRequired from live annotations.
+import math
 from collections import Counter
 from typing import get_origin, get_type_hints
 
@@ -107,18 +108,40 @@ class Summary(TypedDict):
     fits_in_memory: bool
 
 
-def check_summary(summary: dict) -> Summary:
-    """``summary`` unchanged, after asserting it has exactly the declared keys and types
-    (an int is a float too; a bool is only a bool; ``dict[str, float]`` is a dict)."""
+def summary_problem(summary: dict, *, finite: bool = False) -> tuple[str, str] | None:
+    """``(key, what it must be)`` for the first key that keeps ``summary`` from being a
+    :class:`Summary` (declared keys only, every required one, each of its declared type;
+    an int is a float too, a bool only a bool; with ``finite``, numbers are finite), or
+    None when it is one."""
     types = get_type_hints(Summary)
-    assert summary.keys() <= types.keys(), f"undeclared keys {summary.keys() - types.keys()}"
-    missing = Summary.__required_keys__ - summary.keys()
-    assert not missing, f"missing summary keys {missing}"
+    for key in summary.keys() - types.keys():
+        return key, "one of the summary keys (docs/metrics.md)"
+    for key in Summary.__required_keys__ - summary.keys():
+        return key, "present"
     for key, value in summary.items():
         declared = get_origin(types[key]) or types[key]
-        allowed = (int, float) if declared is float else declared
-        ok = isinstance(value, allowed) and (declared is bool) == isinstance(value, bool)
-        assert ok, (key, value)
+        if not _is_a(value, declared, finite=finite):
+            return key, _WANTED[declared]
+        if declared is dict and not all(isinstance(k, str) and _is_a(v, float, finite=finite)
+                                        for k, v in value.items()):
+            return key, "a mapping of names to numbers"
+    return None
+
+
+_WANTED = {float: "a number", int: "an integer", bool: "true or false", str: "text",
+           dict: "a mapping of names to numbers", list: "a list"}
+
+
+def _is_a(value, declared: type, *, finite: bool) -> bool:
+    allowed = (int, float) if declared is float else declared
+    ok = isinstance(value, allowed) and (declared is bool) == isinstance(value, bool)
+    return ok and not (finite and declared is float and not math.isfinite(value))
+
+
+def check_summary(summary: dict) -> Summary:
+    """``summary`` unchanged, after asserting that it is a :class:`Summary`."""
+    problem = summary_problem(summary)
+    assert problem is None, problem
     return summary  # type: ignore[return-value]
 
 

@@ -10,6 +10,16 @@ from moesim.config.scenario import Scenario
 from moesim.engine.program import Op
 from moesim.engine.simpy_engine import Timeline
 
+# Each table's columns and their kinds (``i`` integer, ``f`` finite float, ``b`` bool, ``T``
+# text or categories of text): what a results folder read back must hold.
+TABLE_COLUMNS: dict[str, dict[str, str]] = {
+    "spans": {"gpu": "i", "ep_group": "i", "layer": "i", "microbatch": "i", "phase": "T",
+              "stream": "T", "backward": "b", "arrive_s": "f", "start_s": "f", "end_s": "f"},
+    "links": {"link": "T", "src": "T", "dst": "T", "kind": "T", "bytes": "f", "busy_s": "f",
+              "utilization": "f"},
+    "experts": {"layer": "i", "expert": "i", "tokens": "i", "dropped": "i"},
+}
+
 
 def plain_records(frame: pd.DataFrame) -> list[dict]:
     """``frame``'s rows as plain dicts, a missing number (NaN) as ``None`` (JSON's null)."""

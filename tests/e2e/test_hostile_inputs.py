@@ -12,6 +12,7 @@ import copy
 import io
 import json
 import os
+import shutil
 import string
 import warnings
 import zipfile
@@ -258,6 +259,163 @@ def test_mutated_traces(tmp_path_factory, name, how, seed):
                               f"trace={path}", "--set", "engine=fast", "--set",
                               "model.num_layers=4", "--set", "parallel.ep=8", "--set",
                               "parallel.tokens_per_gpu=256", "--json"]))
+
+
+def megatron_records(rank: int) -> list[dict]:
+    """Two layers of one step of Megatron-Core's router trace for ``rank``, as its
+    tracer writes them (8 experts, top-2)."""
+    rng = np.random.default_rng(rank)
+    return [{"step": 0, "stage": "pre_dispatch", "block": "decoder", "layer": layer,
+             "rank": rank, "num_tokens": 3, "topk": 2,
+             "top_indices": [rng.choice(8, 2, replace=False).tolist() for _ in range(3)]}
+            for layer in (1, 3)]
+
+
+@FUZZ
+@given(st.lists(mutations, min_size=1, max_size=3), st.integers(0, 2),
+       st.sampled_from(["json", "cut", "bytes"]), st.integers(0, 10**6))
+def test_mutated_megatron_traces(tmp_path_factory, steps, rank, how, where):
+    folder = tmp_path_factory.mktemp("megatron")
+    for r in range(2):
+        records = megatron_records(r)
+        if r == rank:  # rank 2: a file of its own, beside the two good ones
+            for step in steps:
+                records = mutate(records, *step)
+        lines = [json.dumps(x) for x in (records if isinstance(records, list) else [records])]
+        text = "".join(line + "\n" for line in lines)
+        if r == rank and how == "cut":  # a file cut short, mid-record
+            text = text[: where % (len(text) + 1)]
+        data = text.encode()
+        if r == rank and how == "bytes":  # bytes that are not UTF-8, or a NUL
+            i = where % (len(data) + 1)
+            data = data[:i] + bytes([0xFF, 0x00, 0xC3])[where % 3:] + data[i:]
+        (folder / f"router_trace_rank{r}.jsonl").write_bytes(data)
+    if rank == 2:
+        (folder / "router_trace_rank2.jsonl").write_text(
+            "".join(json.dumps(x) + "\n" for x in megatron_records(2)))
+    out = tmp_path_factory.mktemp("imported") / "trace.npz"
+    result = runner.invoke(app, ["trace", "import", str(folder), "--experts", "8",
+                                 "--out", str(out)])
+    check(result)
+    assert (result.exit_code == 0) == out.exists(), "an import that failed wrote its trace"
+
+
+loads_cells = st.one_of(st.integers(0, 1000).map(str), numbers.map(str), texts,
+                        st.sampled_from(["", " ", "1,2", "nan", "inf", "-0", "1e309"]))
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, 10**6), loads_cells), min_size=1, max_size=4),
+       st.sampled_from(["cells", "rows", "columns"]))
+def test_mutated_loads_files(tmp_path_factory, changes, how):
+    rows = [[str(v) for v in row] for row in np.arange(16).reshape(2, 8) * 7 + 1]
+    for where, cell in changes:
+        r = where % len(rows)
+        if how == "cells":
+            rows[r][where % len(rows[r])] = cell
+        elif how == "rows":
+            rows.insert(r, [cell] * (where % 12))
+        else:
+            rows[r] = rows[r][: where % 12] or [cell]
+    path = tmp_path_factory.mktemp("loads") / "loads.csv"
+    path.write_text("".join(",".join(row) + "\n" for row in rows))
+    out = path.parent / "placement.json"
+    result = runner.invoke(app, ["placement", str(path), "--gpus", "4", "--slots", "12",
+                                 "--nodes", "2", "--groups", "2", "--json", "--out", str(out)])
+    check(result)
+    assert (result.exit_code == 0) == out.exists(), "a placement that failed was written"
+
+
+_RESULTS: dict[str, Path] = {}
+
+
+def results_folder(tmp_path_factory, kind: str) -> Path:
+    """A results folder of ``kind`` (simulate, sweep or plan --out) of the tiny scenario,
+    written once per session."""
+    if kind not in _RESULTS:
+        folder = tmp_path_factory.mktemp(f"results-{kind}")
+        out = folder / "out"
+        if kind == "simulate":
+            args = ["simulate", *sum((["--set", t] for t in TINY), []), "--out", str(out)]
+        else:
+            spec = {"base": tiny_scenario(), "seeds": 2,
+                    ("axes" if kind == "sweep" else "search"): {"parallel.ep": [4, 8]}}
+            (folder / "spec.yaml").write_text(yaml.safe_dump(spec))
+            args = [kind, str(folder / "spec.yaml"), "--out", str(out), "--workers", "1"]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        _RESULTS[kind] = out
+    return _RESULTS[kind]
+
+
+RESULT_FILES = {
+    "simulate": ["summary.json", "scenario.yaml", "warnings.json", "spans.parquet",
+                 "links.parquet", "experts.parquet"],
+    "sweep": ["results.parquet", "sweep.yaml", "progress.json"],
+    "plan": ["plan.json", "plan.parquet"],
+}
+
+
+def _mutated_table(path: Path, how: int, rng: np.random.Generator) -> None:
+    """Rewrite a Parquet table with a column dropped, renamed, emptied or of another
+    type, or its rows gone."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    name = table.column_names[int(rng.integers(table.num_columns))]
+    i = table.column_names.index(name)
+    if how == 0:
+        table = table.drop_columns([name])
+    elif how == 1:
+        table = table.rename_columns([c if c != name else "x" for c in table.column_names])
+    elif how == 2:
+        table = table.slice(0, 0)
+    elif how == 3:
+        table = table.set_column(i, name, pa.array(["?"] * table.num_rows))
+    else:
+        values = rng.choice([np.nan, np.inf, -1.0, 1e300], size=table.num_rows)
+        table = table.set_column(i, name, pa.array(values))
+    pq.write_table(table, path)
+
+
+@FUZZ
+@given(st.sampled_from([(kind, name) for kind, names in RESULT_FILES.items()
+                        for name in names]),
+       st.sampled_from(["data", "cut", "bytes", "drop"]),
+       st.lists(mutations, min_size=1, max_size=2), st.integers(0, 2**31 - 1))
+def test_mutated_results_folders_for_report(tmp_path_factory, file, how, steps, seed):
+    kind, name = file
+    folder = tmp_path_factory.mktemp("report") / "run"
+    shutil.copytree(results_folder(tmp_path_factory, kind), folder)
+    path, rng = folder / name, np.random.default_rng(seed)
+    if how == "drop":
+        path.unlink()
+    elif how == "cut":
+        data = path.read_bytes()
+        path.write_bytes(data[: int(rng.integers(len(data) + 1))])
+    elif how == "bytes":
+        data = bytearray(path.read_bytes())
+        for i in rng.integers(0, len(data), size=min(len(data), 4)):
+            data[i] = int(rng.integers(256))
+        path.write_bytes(bytes(data))
+    elif name.endswith(".parquet"):
+        _mutated_table(path, int(rng.integers(5)), rng)
+    else:
+        text = path.read_text()
+        data = json.loads(text) if name.endswith(".json") else yaml.safe_load(text)
+        for step in steps:
+            data = mutate(data, *step)
+        path.write_text(json.dumps(data) if name.endswith(".json")
+                        else yaml.safe_dump(data, allow_unicode=True))
+    def files():
+        return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+    before = files()
+    result = runner.invoke(app, ["report", str(folder)])
+    check(result)
+    if result.exit_code == 2:  # nothing written, nothing lost
+        assert files() == before
 
 
 def test_the_fuzzer_reaches_every_kind_of_field():
