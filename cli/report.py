@@ -72,7 +72,7 @@ def read_progress(path: Path) -> dict:
 
 def build(folder: Path):
     """(blocks, figures, title) of whatever ``folder`` holds."""
-    from moesim.cli.folders import RERUN, check_columns, read_parquet
+    from moesim.cli.folders import check_columns, read_parquet
     from moesim.inputs import read_yaml
 
     if (folder / "plan.json").exists():
@@ -87,12 +87,10 @@ def build(folder: Path):
         return blocks, figures, "moesim plan"
     if (folder / "results.parquet").exists():
         from moesim.reports.sweep_report import build_sweep_report
+        from moesim.sweep.spec import parse_sweep
 
         spec = read_yaml(folder / "sweep.yaml", what="sweep file")
-        if not isinstance(spec, dict) or not isinstance(spec.get("axes"), dict) \
-                or not spec["axes"]:
-            raise InputError("not a sweep file (a YAML mapping with axes)",
-                             source=str(folder / "sweep.yaml"), allowed=RERUN)
+        parse_sweep(spec, source=str(folder / "sweep.yaml"))  # the sweep file as run
         progress = folder / "progress.json"
         progress = read_progress(progress) if progress.exists() else None
         results = read_parquet(folder / "results.parquet",

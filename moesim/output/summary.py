@@ -114,9 +114,9 @@ def summary_problem(summary: dict, *, finite: bool = False) -> tuple[str, str] |
     an int is a float too, a bool only a bool; with ``finite``, numbers are finite), or
     None when it is one."""
     types = get_type_hints(Summary)
-    for key in summary.keys() - types.keys():
+    for key in sorted(summary.keys() - types.keys()):  # sorted: the same key every run
         return key, "one of the summary keys (docs/metrics.md)"
-    for key in Summary.__required_keys__ - summary.keys():
+    for key in sorted(Summary.__required_keys__ - summary.keys()):
         return key, "present"
     for key, value in summary.items():
         declared = get_origin(types[key]) or types[key]

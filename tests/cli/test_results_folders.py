@@ -99,6 +99,7 @@ def _rewrite_column(path: Path, name: str, values) -> None:
     ("sweep", ("results.parquet", "memory_gib_per_gpu", "a lot"), "memory_gib_per_gpu",
      "(allowed: numbers >= 0 or empty"),
     ("sweep", ("progress.json", "complete", "yes"), "complete", "(allowed: true or false"),
+    ("sweep", ("sweep.yaml", "seeds", "two"), "seeds", "valid integer"),
     ("plan", ("plan.json", "frontier_axes", None), "frontier_axes", ""),
     ("plan", ("plan.json", "cost_unit", 3), "cost_unit", ""),
     ("plan", ("plan.parquet", "status", 1.0), "status", "(allowed: text or empty"),
@@ -108,8 +109,8 @@ def test_a_folder_moesim_wrote_then_damaged_is_one_line_naming_file_and_field(
     folder = _copy(written, kind, tmp_path)
     name, key, value = damage
     path = folder / name
-    if name.endswith(".json"):
-        data = json.loads(path.read_text())
+    if name.endswith((".json", ".yaml")):
+        data = yaml.safe_load(path.read_text())  # JSON is YAML
         data[key] = value
         path.write_text(json.dumps(data))
     else:
