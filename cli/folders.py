@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from moesim.errors import InputError
-from moesim.inputs import load_json, read_text
+from moesim.inputs import MAX_RESULT_MAGNITUDE, load_json, read_text
 
 RERUN = "the file moesim wrote there; run the command again to rewrite it"
 
@@ -23,7 +23,7 @@ def read_json(path: Path, *, kind: type = dict) -> Any:
     return value
 
 
-_KINDS = {"i": "integers", "f": "finite numbers", "b": "true or false", "T": "text",
+_KINDS = {"i": "integers", "f": "finite numbers up to 1e100", "b": "true or false", "T": "text",
           "n": "numbers or empty", "p": "numbers >= 0 or empty", "t": "text or empty",
           "B": "true, false or empty"}
 
@@ -84,5 +84,5 @@ def _holds(column, kind: str) -> bool:
         return False
     values = column.to_numpy(dtype=float)
     if kind == "f":
-        return bool(np.isfinite(values).all())
+        return bool((np.abs(values) <= MAX_RESULT_MAGNITUDE).all())  # False for NaN
     return kind != "p" or not (values < 0).any()  # n: NaN stands for a failed point's none

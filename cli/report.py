@@ -26,9 +26,9 @@ def write_report(out: Path, blocks, figures: dict, *, title: str) -> None:
 
 def _simulation(folder: Path):
     """The SimResult a `moesim simulate --out` folder holds."""
-    from moesim.cli.folders import read_json, read_parquet
+    from moesim.cli.folders import RERUN, read_json, read_parquet
     from moesim.config.loading import scenario_from_dict
-    from moesim.inputs import read_yaml
+    from moesim.inputs import MAX_RESULT_MAGNITUDE, read_yaml
     from moesim.output.result import SimResult
     from moesim.output.summary import summary_problem
     from moesim.output.tables import TABLE_COLUMNS
@@ -36,7 +36,7 @@ def _simulation(folder: Path):
     scenario = scenario_from_dict(read_yaml(folder / "scenario.yaml"),
                                   source=str(folder / "scenario.yaml"))
     summary = read_json(folder / "summary.json")
-    problem = summary_problem(summary, finite=True)
+    problem = summary_problem(summary, most=MAX_RESULT_MAGNITUDE)
     if problem is not None:
         raise InputError("not the summary moesim wrote", field=problem[0],
                          source=str(folder / "summary.json"),
@@ -46,6 +46,9 @@ def _simulation(folder: Path):
     balance = folder / "balance.parquet"
     tables = {name: read_parquet(folder / f"{name}.parquet", columns=columns)
               for name, columns in TABLE_COLUMNS.items()}
+    if tables["experts"].duplicated(["layer", "expert"]).any():
+        raise InputError("an expert twice in one layer", field="expert",
+                         source=str(folder / "experts.parquet"), allowed=RERUN)
     return SimResult(scenario=scenario, summary=summary, **tables,
                      balance=read_parquet(balance) if balance.exists() else None,
                      warnings=warnings)

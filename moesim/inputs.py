@@ -19,6 +19,9 @@ from moesim.errors import InputError
 MAX_FILE_BYTES = 16 * 2**20  # a scenario, topology or recorded-run file is a few kB
 MAX_DEPTH = 32  # the deepest schema (recorded runs) nests 5 levels
 MAX_DIGITS = 100  # an integer longer than this is a mistake (and Python's own limit is 4300)
+# A number read back from a results folder past this is damage, not a result: a report's
+# figures scale their axes by it, and 1e308 x 1.02 is no longer finite.
+MAX_RESULT_MAGNITUDE = 1e100
 
 
 def read_text(path: str | Path, *, what: str = "file",

@@ -2,7 +2,6 @@
 (meanings in docs/metrics.md), and how they are computed from the timeline."""
 
 # No `from __future__ import annotations`: TypedDict reads NotRequired from live annotations.
-import math
 from collections import Counter
 from typing import get_origin, get_type_hints
 
@@ -108,11 +107,35 @@ class Summary(TypedDict):
     fits_in_memory: bool
 
 
-def summary_problem(summary: dict, *, finite: bool = False) -> tuple[str, str] | None:
+_SERVING = ("requests_per_step", "attention_dp", "attention_tp", "moe_tp", "isl", "osl",
+            "kv_dtype", "attention_keys_per_token", "routed_tokens_per_gpu",
+            "kv_cache_bytes_per_gpu", "attention_tp_allreduce_time_s",
+            "moe_tp_allreduce_time_s")
+_WHOLE_STEP = ("pp", "vp", "dp", "micro_batches", "tokens_per_microbatch", "schedule",
+               "recompute", "precision", "pipeline_time_s", "pipeline_bubble_fraction",
+               "p2p_send_time_s", "elementwise_time_s", "recompute_time_s",
+               "dp_grad_reduce_time_s", "dp_param_gather_time_s", "dp_exposed_time_s",
+               "optimizer_time_s", "moe_layer_breakdown_s")
+_CAPACITY = ("capacity_factor", "capacity_scope", "never_drop_fraction")
+_BALANCE = ("expert_balance", "device_balance", "comm_balance")
+# Optional keys that come together: a summary holding any key of the first tuple holds
+# every key of the second.
+_TOGETHER = (
+    (("ttft_s", "input_tokens_per_s_per_gpu"), ("ttft_s", "input_tokens_per_s_per_gpu",
+                                                *_SERVING)),
+    (("tpot_s", "output_tokens_per_s_per_gpu"), ("tpot_s", "output_tokens_per_s_per_gpu",
+                                                 *_SERVING)),
+    (_SERVING, _SERVING), (_WHOLE_STEP, _WHOLE_STEP), (_CAPACITY, _CAPACITY),
+    (_BALANCE, _BALANCE),
+)
+
+
+def summary_problem(summary: dict, *, most: float | None = None) -> tuple[str, str] | None:
     """``(key, what it must be)`` for the first key that keeps ``summary`` from being a
     :class:`Summary` (declared keys only, every required one, each of its declared type;
-    an int is a float too, a bool only a bool; with ``finite``, numbers are finite), or
-    None when it is one."""
+    an int is a float too, a bool only a bool; with ``most``, numbers are at most that
+    large, NaN is not a number); the
+    optional keys of one mode or feature all together), or None when it is one."""
     types = get_type_hints(Summary)
     for key in sorted(summary.keys() - types.keys()):  # sorted: the same key every run
         return key, "one of the summary keys (docs/metrics.md)"
@@ -120,11 +143,19 @@ def summary_problem(summary: dict, *, finite: bool = False) -> tuple[str, str] |
         return key, "present"
     for key, value in summary.items():
         declared = get_origin(types[key]) or types[key]
-        if not _is_a(value, declared, finite=finite):
+        if not _is_a(value, declared, most=most):
             return key, _WANTED[declared]
-        if declared is dict and not all(isinstance(k, str) and _is_a(v, float, finite=finite)
+        if declared is dict and not all(isinstance(k, str) and _is_a(v, float, most=most)
                                         for k, v in value.items()):
             return key, "a mapping of names to numbers"
+    for when, needs in _TOGETHER:
+        given = next((key for key in when if key in summary), None)
+        missing = [key for key in needs if key not in summary]
+        if given is not None and missing:
+            return missing[0], f"present with {given}"
+    own = "routing_draws" if summary["routing_source"] == "synthetic" else "routing_trace"
+    if own not in summary:
+        return own, f"present with routing_source {summary['routing_source']}"
     return None
 
 
@@ -132,10 +163,10 @@ _WANTED = {float: "a number", int: "an integer", bool: "true or false", str: "te
            dict: "a mapping of names to numbers", list: "a list"}
 
 
-def _is_a(value, declared: type, *, finite: bool) -> bool:
+def _is_a(value, declared: type, *, most: float | None) -> bool:
     allowed = (int, float) if declared is float else declared
     ok = isinstance(value, allowed) and (declared is bool) == isinstance(value, bool)
-    return ok and not (finite and declared is float and not math.isfinite(value))
+    return ok and (most is None or declared is not float or abs(value) <= most)
 
 
 def check_summary(summary: dict) -> Summary:

@@ -55,7 +55,7 @@ def test_a_serving_step_adds_its_mode_keys(example, own):
 
 def test_an_undeclared_missing_or_mistyped_key_is_caught():
     summary = dict(moesim.simulate(moesim.load_scenario(overrides=SMALL)).summary)
-    assert summary_problem(summary, finite=True) is None
+    assert summary_problem(summary, most=1e100) is None
     assert check_summary(summary) is summary
     assert summary_problem({**summary, "step_time": 1.0}) == (
         "step_time", "one of the summary keys (docs/metrics.md)")
@@ -67,9 +67,14 @@ def test_an_undeclared_missing_or_mistyped_key_is_caught():
                                                                   "true or false")
     assert summary_problem({**summary, "memory_breakdown_gib": {"x": "1"}}) == (
         "memory_breakdown_gib", "a mapping of names to numbers")
-    # Read back from a folder, a number must be finite too.
+    # The keys of one mode or feature come together, and synthetic routing names its draws.
+    assert summary_problem({k: v for k, v in summary.items() if k != "routing_draws"}) == (
+        "routing_draws", "present with routing_source synthetic")
+    assert summary_problem({**summary, "capacity_factor": 1.0}) == (
+        "capacity_scope", "present with capacity_factor")
+    # Read back from a folder, a number must be finite and not absurdly large too.
     assert summary_problem({**summary, "mfu": float("inf")}) is None
-    assert summary_problem({**summary, "mfu": float("inf")}, finite=True) == ("mfu",
-                                                                              "a number")
+    for wrong in (float("inf"), float("nan"), 1e101):
+        assert summary_problem({**summary, "mfu": wrong}, most=1e100) == ("mfu", "a number")
     with pytest.raises(AssertionError, match="tokens_dropped"):
         check_summary({**summary, "tokens_dropped": 1.5})
