@@ -46,6 +46,10 @@ def _simulation(folder: Path):
     balance = folder / "balance.parquet"
     tables = {name: read_parquet(folder / f"{name}.parquet", columns=columns)
               for name, columns in TABLE_COLUMNS.items()}
+    for name in ("spans", "experts"):  # every step has ops and every MoE layer experts
+        if tables[name].empty:
+            raise InputError("no rows", source=str(folder / f"{name}.parquet"),
+                             allowed=RERUN)
     if tables["experts"].duplicated(["layer", "expert"]).any():
         raise InputError("an expert twice in one layer", field="expert",
                          source=str(folder / "experts.parquet"), allowed=RERUN)

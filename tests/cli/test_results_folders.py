@@ -126,6 +126,15 @@ def test_a_folder_moesim_wrote_then_damaged_is_one_line_naming_file_and_field(
     assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before
 
 
+@pytest.mark.parametrize("name", ["spans", "experts"])
+def test_a_table_without_rows_is_refused(written, tmp_path, name, one_error_line):
+    folder = _copy(written, "simulate", tmp_path)
+    path = folder / f"{name}.parquet"
+    pd.read_parquet(path).iloc[:0].to_parquet(path)
+    line = one_error_line(["report", str(folder)])
+    assert line.startswith(f"moesim: error: {path}: no rows"), line
+
+
 def test_an_undamaged_folder_of_each_kind_still_reports(written, tmp_path):
     for kind in ("simulate", "sweep", "plan"):
         folder = _copy(written, kind, tmp_path)
