@@ -142,25 +142,25 @@ def _fill_alias(scaled_rx, prob_rx, alias_rx, small, large):
         n_small = n_large = 0
         for i in range(n):
             alias_rx[r, i] = i
-            if scaled[i] < 1.0:
-                small[n_small] = i
-                n_small += 1
-            else:
-                large[n_large] = i
-                n_large += 1
+            n_small, n_large = _push(i, scaled[i], small, large, n_small, n_large)
         while n_small and n_large:
             n_small -= 1
             n_large -= 1
             s, g = small[n_small], large[n_large]
             prob_rx[r, s], alias_rx[r, s] = scaled[s], g
             scaled[g] -= 1.0 - scaled[s]
-            if scaled[g] < 1.0:
-                small[n_small] = g
-                n_small += 1
-            else:
-                large[n_large] = g
-                n_large += 1
+            n_small, n_large = _push(g, scaled[g], small, large, n_small, n_large)
         # leftovers keep prob 1: only rounding put them in either stack
+
+
+@njit(inline="always")
+def _push(i, share, small, large, n_small, n_large):
+    """Category ``i`` onto the stack of those under (``small``) or over their share."""
+    if share < 1.0:
+        small[n_small] = i
+        return n_small + 1, n_large
+    large[n_large] = i
+    return n_small, n_large + 1
 
 
 @njit(_nrt=False)
