@@ -10,9 +10,6 @@ from moesim.config.model import MAX_EXPERTS, MAX_LAYERS
 from moesim.errors import InputError
 from moesim.inputs import read_text
 
-# The scenario's own limits (README "Limits"): checked before a number is parsed, so a
-# 16 MiB file of one-digit loads never becomes millions of Python floats.
-
 
 def read_loads(path: str | Path, *, experts: int | None = None) -> np.ndarray:
     """``loads_le`` [L, E] from a CSV file without a header (tokens, or any non-negative
@@ -38,6 +35,8 @@ def read_loads(path: str | Path, *, experts: int | None = None) -> np.ndarray:
 
 
 def _check_size(rows: list[str], source: str) -> None:
+    """The scenario's own limits (README "Limits"), checked before a number is parsed, so
+    that a 16 MiB file of one-digit loads never becomes millions of Python floats."""
     if len(rows) > MAX_LAYERS:
         raise InputError(f"{len(rows):,} rows", source=source,
                          allowed=f"at most {MAX_LAYERS:,} rows, one per MoE layer")

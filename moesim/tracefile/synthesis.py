@@ -36,10 +36,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from moesim.config.model import MAX_LAYERS
 from moesim.errors import InputError
 from moesim.routing.batch import expert_loads
 from moesim.routing.synthetic import expert_popularity, sample_topk
-from moesim.tracefile.format import MAX_LAYERS, RoutingTrace
+from moesim.tracefile.format import RoutingTrace
 
 GENERATOR = "moesim.routing.synthetic_trace/1"
 _MAX_SKEW = 16.0
